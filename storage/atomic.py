@@ -1,0 +1,90 @@
+"""Atomic, durable writes: temp file in the same folder, fsync, rename, fsync the folder.
+A crash leaves either the old file or the new one under the final name, never a partial one."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(final: Path) -> Path:
+    # pid in the name: two processes never share a temp file, and a stale one is recognisable
+    return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_open(final: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside `final`; on clean exit fsync and rename it into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(final)
+    f = open(tmp, mode)
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(final, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(final: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
+    """Move a fully written and fsynced temp directory under its final name."""
+    for p in tmp_dir.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(tmp_dir)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old{TMP_SUFFIX}")
+        os.replace(final, old)
+        os.replace(tmp_dir, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final)
+    fsync_dir(final.parent)
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete temp files left by killed processes; returns how many were removed."""
+    n = 0
+    if not folder.exists():
+        return 0
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            n += 1
+    return n
