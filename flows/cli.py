@@ -1,0 +1,63 @@
+"""`langpwt` command line: one subcommand family per module, imported only when used.
+Each module listed in COMMANDS exposes `register(subparsers)`; handlers return an exit code."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# module -> subcommands it registers; listed so `langpwt --help` stays fast (no torch import)
+COMMANDS = {
+    "flows.cli_data": ["prepare", "tokenize", "status", "sql", "demo"],
+    "flows.cli_download": ["download"],
+    "flows.cli_train": ["train", "generate"],
+    "flows.cli_dashboard": ["dashboard", "server"],
+}
+
+
+def _defaults_env() -> None:
+    # a harmless "database is locked" traceback per run otherwise (shared/NOTES.md)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="langpwt", description="FineWeb-Edu -> tokens -> a small GPT")
+    p.add_argument("--home", help="state folder (default $LANGPWT_HOME or ./.langpwt)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod_name, names in COMMANDS.items():
+        if only and only not in names:
+            continue
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name == mod_name:
+                continue  # that area is not installed in this checkout
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _defaults_env()
+    first = next((a for a in argv if not a.startswith("-")), None)
+    # import only the module that owns the command, unless help is asked for
+    only = first if first and any(first in v for v in COMMANDS.values()) else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if args.home:
+        os.environ["LANGPWT_HOME"] = args.home
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

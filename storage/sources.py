@@ -1,0 +1,62 @@
+"""A source is a sorted list of parquet files, each with its size and sha256.
+Local folders and Hub downloads both end as `SourceFile`s recorded in `source_files`."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from storage import catalog
+from storage.paths import Home
+from storage.shards import file_sha256
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    file: str          # name relative to the source root, e.g. "sample/10BT/000_00000.parquet"
+    path: str          # absolute local path
+    size_bytes: int
+    sha256: str
+    position: int      # index in the sorted list: the shard id
+
+    @property
+    def shard_id(self) -> int:
+        return self.position
+
+
+def list_local(source_dir: str | Path, pattern: str = "*.parquet") -> list[SourceFile]:
+    """Every parquet file under `source_dir`, sorted by relative path, hashed."""
+    root = Path(source_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"--source {source_dir}: not a directory")
+    files = sorted(p for p in root.rglob(pattern) if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"--source {source_dir}: no files matching {pattern}")
+    return [
+        SourceFile(str(p.relative_to(root)), str(p), p.stat().st_size, file_sha256(p), i)
+        for i, p in enumerate(files)
+    ]
+
+
+def record(home: Home, files: list[SourceFile], status: str = "verified", *, dataset: str | None = None,
+           revision: str | None = None, urls: dict[str, str] | None = None,
+           seconds: dict[str, float] | None = None) -> None:
+    """Upsert the files' rows in `source_files` (one transaction)."""
+    if not files:
+        return
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    rows = [dict(asdict(f), status=status, error=None, dataset=dataset, revision=revision,
+                 url=(urls or {}).get(f.file), downloaded_at=now if urls else None,
+                 seconds=(seconds or {}).get(f.file)) for f in files]
+    tbl = pa.Table.from_pylist(rows)  # noqa: F841 (read by DuckDB's replacement scan)
+    with catalog.writer(home) as con:
+        con.execute("DELETE FROM source_files WHERE file IN (SELECT file FROM tbl)")
+        con.execute("""INSERT INTO source_files BY NAME SELECT file, position, path, size_bytes,
+                       sha256, status, error, dataset, revision, url, downloaded_at, seconds FROM tbl""")
+
+
+def mark(home: Home, file: str, status: str, error: str | None = None) -> None:
+    with catalog.writer(home) as con:
+        con.execute("UPDATE source_files SET status = ?, error = ? WHERE file = ?", [status, error, file])
