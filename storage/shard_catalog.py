@@ -1,0 +1,108 @@
+"""Catalog rows for the data pipeline: shards, documents, token counts, tokenizers, flow runs.
+A shard's rows change in one transaction, so a reader sees a shard fully or not at all."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+
+from storage import catalog
+from storage.paths import Home
+
+SHARD_COLUMNS = ["shard_id", "split", "source_file", "path", "n_docs", "n_tokens", "sha256",
+                 "source_sha256", "tokenizer_sha256", "config_hash", "status", "error",
+                 "started_at", "finished_at", "seconds", "flow_run_id"]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _shard_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{c: r.get(c) for c in SHARD_COLUMNS} for r in rows])
+
+
+def _replace_shard_rows(con, shard_id: int, rows: list[dict]) -> None:
+    tbl = _shard_table(rows)  # noqa: F841 (DuckDB reads the local by name)
+    con.execute("DELETE FROM shards WHERE shard_id = ?", [shard_id])
+    con.execute("INSERT INTO shards BY NAME SELECT * FROM tbl")
+
+
+def mark_running(home: Home, shard_id: int, source_file: str, source_sha256: str, config_hash: str,
+                 flow_run_id: str | None) -> dt.datetime:
+    """A `running` row per split: visible progress, never mistaken for finished work."""
+    started = utcnow()
+    rows = [dict(shard_id=shard_id, split=s, source_file=source_file, source_sha256=source_sha256,
+                 config_hash=config_hash, status="running", started_at=started, flow_run_id=flow_run_id)
+            for s in ("train", "val")]
+    with catalog.writer(home) as con:
+        _replace_shard_rows(con, shard_id, rows)
+    return started
+
+
+def record_done(home: Home, shard_id: int, rows: list[dict], documents: pa.Table, token_counts: pa.Table) -> None:
+    with catalog.writer(home) as con:
+        _replace_shard_rows(con, shard_id, rows)
+        con.execute("DELETE FROM documents WHERE shard_id = ?", [shard_id])
+        con.register("documents_tbl", documents)
+        con.execute("INSERT INTO documents BY NAME SELECT * FROM documents_tbl")
+        con.unregister("documents_tbl")
+        con.execute("DELETE FROM token_counts WHERE shard_id = ?", [shard_id])
+        con.register("counts_tbl", token_counts)
+        con.execute("INSERT INTO token_counts BY NAME SELECT * FROM counts_tbl")
+        con.unregister("counts_tbl")
+
+
+def record_failed(home: Home, shard_id: int, source_file: str, source_sha256: str | None,
+                  config_hash: str | None, error: str, started: dt.datetime | None,
+                  flow_run_id: str | None) -> None:
+    now = utcnow()
+    rows = [dict(shard_id=shard_id, split=s, source_file=source_file, source_sha256=source_sha256,
+                 config_hash=config_hash, status="failed", error=error, started_at=started or now,
+                 finished_at=now, seconds=(now - (started or now)).total_seconds(), flow_run_id=flow_run_id)
+            for s in ("train", "val")]
+    with catalog.writer(home) as con:
+        _replace_shard_rows(con, shard_id, rows)
+        con.execute("DELETE FROM documents WHERE shard_id = ?", [shard_id])
+        con.execute("DELETE FROM token_counts WHERE shard_id = ?", [shard_id])
+
+
+def shard_states(home: Home) -> dict[int, dict]:
+    """shard_id -> {status, source_sha256, config_hash} (a shard is done only if both splits are)."""
+    if not home.catalog.exists():
+        return {}
+    rows = catalog.query_rows(home, """
+        SELECT shard_id, min(status), max(status), any_value(source_sha256), any_value(config_hash)
+        FROM shards GROUP BY shard_id""")
+    return {r[0]: dict(status=r[1] if r[1] == r[2] else "partial", source_sha256=r[3], config_hash=r[4])
+            for r in rows}
+
+
+def mark_stale(home: Home, shard_ids: list[int]) -> None:
+    if shard_ids:
+        with catalog.writer(home) as con:
+            con.execute("UPDATE shards SET status = 'stale' WHERE status = 'done' AND list_contains(?, shard_id)",
+                        [shard_ids])
+
+
+def record_tokenizer(home: Home, sha256: str, path: str, vocab_size: int, origin: str, config: dict) -> None:
+    with catalog.writer(home) as con:
+        con.execute("DELETE FROM tokenizers WHERE sha256 = ?", [sha256])
+        con.execute("INSERT INTO tokenizers VALUES (?, ?, ?, ?, ?, ?)",
+                    [sha256, path, vocab_size, origin, json.dumps(config, sort_keys=True), utcnow()])
+
+
+def record_pipeline_run(home: Home, run_id: str, flow: str, params: dict, status: str,
+                        started_at: dt.datetime, counts: dict | None = None) -> None:
+    with catalog.writer(home) as con:
+        con.execute("DELETE FROM pipeline_runs WHERE run_id = ?", [run_id])
+        con.execute("INSERT INTO pipeline_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, flow, json.dumps(params, sort_keys=True, default=str), status, started_at,
+                     utcnow() if status != "running" else None, json.dumps(counts or {}, default=str)])
+
+
+def shard_table(home: Home) -> pa.Table:
+    return catalog.query(home, """
+        SELECT shard_id, split, source_file, status, n_docs, n_tokens, round(seconds, 2) AS seconds,
+               error FROM shards ORDER BY shard_id, split""")

@@ -1,0 +1,128 @@
+"""Train a byte-level BPE on a bounded sample of filtered text, and load a fast encoder for it.
+fastokens reads the same tokenizer.json and gives identical ids ~20x faster; `tokenizers` stays as
+the fallback for vocabularies fastokens refuses (shared/NOTES.md)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+
+from storage.atomic import atomic_write_text
+from storage.shards import file_sha256
+from storage.sources import SourceFile
+from tasks.filter import FilterConfig, rule_reason
+from tasks.read import iter_batches
+
+EOT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 48_951  # the original LangPWT's, <|endoftext|> included
+    sample_bytes: int = 48 * 2**20  # RAM of the BPE trainer grows fast with its input
+    max_doc_chars: int = 20_000
+    min_frequency: int = 2
+    max_token_length: int = 32  # fastokens refuses vocabularies with very long tokens
+
+
+def training_texts(sources: list[SourceFile], fcfg: FilterConfig, tcfg: TokenizerConfig) -> Iterator[str]:
+    """An equal byte budget per file, documents that pass the rules, each cut to max_doc_chars."""
+    budget = max(1, tcfg.sample_bytes // max(1, len(sources)))
+    for src in sources:
+        used = 0
+        for t in iter_batches(src.path, ["id", "text", "int_score", "language_score", "dump"]):
+            df = pl.from_arrow(t).filter(rule_reason(fcfg).is_null())
+            for text in df["text"].str.slice(0, tcfg.max_doc_chars):
+                yield text
+                used += len(text.encode("utf-8"))
+                if used >= budget:
+                    break
+            if used >= budget:
+                break
+
+
+def train_tokenizer(texts: Iterator[str], out: Path, cfg: TokenizerConfig) -> str:
+    """Train, save `out` atomically, return its sha256. No normaliser: decoding is byte-exact."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=cfg.max_token_length,
+        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    atomic_write_text(out, tok.to_str(pretty=False))
+    atomic_write_text(out.with_suffix(".config.json"), json.dumps(asdict(cfg), indent=2))
+    return file_sha256(out)
+
+
+class Encoder:
+    """Encodes batches of texts to one flat uint32 buffer; special-token text is encoded as text."""
+
+    def __init__(self, path: str | Path, backend: str = "auto"):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        self.ref = Tokenizer.from_file(str(self.path))
+        self.ref.encode_special_tokens = True  # "<|endoftext|>" inside a document is just text
+        eot = self.ref.token_to_id(EOT)
+        if eot is None:
+            raise ValueError(f"{self.path}: tokenizer has no {EOT} token")
+        self.eot = eot
+        self.vocab_size = self.ref.get_vocab_size()
+        self.fast = None
+        if backend in ("auto", "fastokens"):
+            try:
+                import fastokens
+
+                self.fast = fastokens.Tokenizer.from_file(str(self.path))
+            except Exception:
+                if backend == "fastokens":
+                    raise
+        self.backend = "fastokens" if self.fast is not None else "tokenizers"
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids uint32, offsets uint64 of len(texts)+1)."""
+        if self.fast is not None:
+            ids, offs = self.fast.encode_batch_flat(texts, add_special_tokens=False, split_special_tokens=True)
+            return np.frombuffer(ids, np.uint32), np.frombuffer(offs, np.uint64)
+        encs = self.ref.encode_batch(texts, add_special_tokens=False)
+        lens = np.fromiter((len(e.ids) for e in encs), np.uint64, len(encs))
+        offs = np.zeros(len(encs) + 1, np.uint64)
+        np.cumsum(lens, out=offs[1:])
+        ids = np.fromiter((i for e in encs for i in e.ids), np.uint32, int(offs[-1]))
+        return ids, offs
+
+    def decode(self, ids) -> str:
+        return self.ref.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig,
+                     tcfg: TokenizerConfig, given: str | None = None, retrain: bool = False) -> tuple[str, str]:
+    """Return (origin, sha256) of the home's tokenizer.json, training or copying it if needed.
+
+    A given file is copied into the home so training and generation find it later; an existing
+    trained tokenizer is reused unless its config differs or `retrain` is set."""
+    cfg_path = home_tokenizer.with_suffix(".config.json")
+    if given:
+        src = Path(given)
+        try:
+            data = src.read_text(encoding="utf-8")
+            json.loads(data)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--tokenizer {given}: not a readable tokenizer.json ({e})") from None
+        if not home_tokenizer.exists() or home_tokenizer.read_text(encoding="utf-8") != data:
+            atomic_write_text(home_tokenizer, data)
+            atomic_write_text(cfg_path, json.dumps({"given": str(src.resolve())}, indent=2))
+        Encoder(home_tokenizer)  # fails early, naming the file, if it has no <|endoftext|>
+        return f"given:{src.name}", file_sha256(home_tokenizer)
+    same_cfg = cfg_path.exists() and json.loads(cfg_path.read_text()) == asdict(tcfg)
+    if home_tokenizer.exists() and same_cfg and not retrain:
+        return "trained", file_sha256(home_tokenizer)
+    return "trained", train_tokenizer(training_texts(sources, fcfg, tcfg), home_tokenizer, tcfg)
