@@ -132,6 +132,10 @@ def tokenize(params: TokenizeParams) -> dict:
     home = Home.from_env(params.home).ensure()
     started = shard_catalog.utcnow()
     with exclusive(home.lock, params.wait):
+        if params.source is None:
+            params = params.model_copy(update={"source": shard_catalog.last_source(home)})
+            if params.source is None:
+                raise ValueError("--source: not given and no earlier run on this home to take it from")
         files = sources.list_local(params.source)
         sources.record(home, files, "verified")
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)

@@ -106,3 +106,13 @@ def shard_table(home: Home) -> pa.Table:
     return catalog.query(home, """
         SELECT shard_id, split, source_file, status, n_docs, n_tokens, round(seconds, 2) AS seconds,
                error FROM shards ORDER BY shard_id, split""")
+
+
+def last_source(home: Home) -> str | None:
+    """The `--source` of the newest pipeline run on this home, so `tokenize --reprocess 3` needs no repeat."""
+    if not home.catalog.exists():
+        return None
+    rows = catalog.query_rows(home, """SELECT json_extract_string(params, '$.source') FROM pipeline_runs
+                                       WHERE json_extract_string(params, '$.source') IS NOT NULL
+                                       ORDER BY started_at DESC LIMIT 1""")
+    return rows[0][0] if rows else None

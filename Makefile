@@ -1,0 +1,40 @@
+# Two set-up commands: `make demo` and `make test` (README). Everything else is a helper.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+.PHONY: install demo test test-fast chromium clean bench
+
+install: $(STAMP)
+
+# torch==2.13.0 first where no GPU is present: it is the CPU build, and the project's open range
+# then installs nothing more (a plain `torch` pulls a multi-GB CUDA build; shared/NOTES.md)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q 'torch>=2.4'; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	LANGPWT_HOME=$${LANGPWT_HOME:-.langpwt/demo} $(BIN)/langpwt demo
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v /usr/bin/chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: install chromium
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/pipeline_bench.py
+
+clean:
+	rm -rf $(VENV) .langpwt .pytest_cache

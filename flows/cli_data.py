@@ -1,0 +1,176 @@
+"""CLI for the data side: prepare, tokenize, status, sql, demo.
+Thin argument parsing over the flows; errors become one line on stderr and a non-zero exit code."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def add_tokenize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", help="folder of parquet files laid out like the Hub subset")
+    p.add_argument("--workers", type=int, default=2, help="shards tokenized concurrently")
+    p.add_argument("--tokenizer", help="use this tokenizer.json (e.g. GPT-2's) instead of training one")
+    p.add_argument("--vocab-size", type=int, default=48_951)
+    p.add_argument("--tokenizer-sample-mb", type=int, default=48)
+    p.add_argument("--retrain-tokenizer", action="store_true")
+    p.add_argument("--min-int-score", type=int, default=3)
+    p.add_argument("--min-language-score", type=float)
+    p.add_argument("--min-chars", type=int)
+    p.add_argument("--max-chars", type=int)
+    p.add_argument("--dumps", nargs="+", metavar="DUMP", help="keep only these crawls")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false")
+    p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--reprocess", nargs="+", metavar="SHARD_ID", help="redo exactly these shards")
+    p.add_argument("--force", action="store_true", help="redo every shard (keeps the tokenizer)")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another run on this home")
+
+
+def tokenize_params(args: argparse.Namespace):
+    from flows.tokenize import TokenizeParams
+    from storage.paths import parse_shard_id
+
+    return TokenizeParams(
+        source=args.source, home=args.home, workers=args.workers, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb,
+        retrain_tokenizer=args.retrain_tokenizer, min_int_score=args.min_int_score,
+        min_language_score=args.min_language_score, min_chars=args.min_chars, max_chars=args.max_chars,
+        dumps=args.dumps, dedup=args.dedup, val_fraction=args.val_fraction,
+        reprocess=[parse_shard_id(s) for s in args.reprocess] if args.reprocess else None,
+        force=args.force, wait=args.wait)
+
+
+def err(msg: str) -> int:
+    print(f"langpwt: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _report(summary: dict) -> int:
+    from storage.paths import Home
+
+    print_shards(Home.from_env())
+    print(f"{summary['built']} shards built, {summary['skipped']} up to date, {summary['tokens']:,} tokens, "
+          f"{summary['kept']}/{summary['docs_in']} documents kept, dropped {summary['dropped']}, "
+          f"{summary['seconds']} s")
+    for file, reason in summary["failed"].items():
+        print(f"langpwt: error: {reason}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+def run_flow(kind: str, args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        params = tokenize_params(args)
+        if kind == "tokenize":
+            from flows.tokenize import tokenize
+            return _report(tokenize(params))
+        from flows.prepare import PrepareParams, prepare
+        extra = {k: getattr(args, k) for k in PrepareParams.model_fields if k not in params.model_fields
+                 and getattr(args, k, None) is not None}
+        return _report(prepare(PrepareParams(**params.model_dump(), **extra)))
+    except ValidationError as e:
+        first = e.errors()[0]
+        return err(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}")
+    except (ValueError, OSError, RuntimeError) as e:
+        return err(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def print_shards(home) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from storage import shard_catalog
+    from storage.catalog import CatalogMissing
+
+    try:
+        tbl = shard_catalog.shard_table(home).to_pylist()
+    except CatalogMissing as e:
+        print(str(e))
+        return
+    t = Table(title=f"shards in {home.root}")
+    for c in ("shard", "split", "file", "status", "docs", "tokens", "seconds", "error"):
+        t.add_column(c, justify="right" if c in ("docs", "tokens", "seconds") else "left")
+    for r in tbl:
+        t.add_row(f"{r['shard_id']:06d}", r["split"], r["source_file"], r["status"],
+                  f"{r['n_docs'] or 0:,}", f"{r['n_tokens'] or 0:,}", f"{r['seconds'] or 0:.2f}",
+                  (r["error"] or "")[:60])
+    Console(width=160).print(t)
+
+
+def cmd_status(args) -> int:
+    from storage.paths import Home
+
+    print_shards(Home.from_env())
+    return 0
+
+
+def cmd_sql(args) -> int:
+    import duckdb
+
+    from storage import catalog
+    from storage.paths import Home
+
+    try:
+        tbl = catalog.query(Home.from_env(), args.query, sandboxed=True)
+    except catalog.CatalogMissing as e:
+        return err(str(e))
+    except duckdb.Error as e:
+        return err(str(e).splitlines()[0])
+    if args.format == "csv":
+        import pyarrow.csv as pcsv
+        pcsv.write_csv(tbl, sys.stdout.buffer)
+    elif args.format == "json":
+        for row in tbl.to_pylist():
+            print(json.dumps(row, default=str))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        t = Table()
+        for c in tbl.column_names:
+            t.add_column(c)
+        for row in tbl.to_pylist():
+            t.add_row(*("" if v is None else str(v) for v in row.values()))
+        Console(width=200).print(t)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Prepare the bundled sample, then (when the training code is present) train `tiny` and generate."""
+    args.source = str(SAMPLE)
+    if args.vocab_size == 48_951:
+        args.vocab_size = 8192  # the sample's 4 M characters cannot fill the full vocabulary
+    rc = run_flow("prepare", args)
+    if rc:
+        return rc
+    try:
+        from flows.cli_train import demo_train
+    except ImportError:
+        return 0
+    return demo_train(args)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prepare", help="download (or take --source) and tokenize into shards")
+    add_tokenize_args(p)
+    try:
+        from flows.cli_download import add_download_args
+        add_download_args(p)
+    except ImportError:
+        pass
+    p.set_defaults(handler=lambda a: run_flow("prepare", a))
+    p = sub.add_parser("tokenize", help="tokenize local parquet files into shards")
+    add_tokenize_args(p)
+    p.set_defaults(handler=lambda a: run_flow("tokenize", a))
+    p = sub.add_parser("status", help="per-shard table")
+    p.set_defaults(handler=cmd_status)
+    p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(handler=cmd_sql)
+    p = sub.add_parser("demo", help="the whole job on the bundled sample, offline")
+    add_tokenize_args(p)
+    p.set_defaults(handler=cmd_demo)
