@@ -48,7 +48,7 @@ def record(home: Home, files: list[SourceFile], status: str = "verified", *, dat
         return
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     rows = [dict(asdict(f), status=status, error=None, dataset=dataset, revision=revision,
-                 url=(urls or {}).get(f.file), downloaded_at=now if urls else None,
+                 url=(urls or {}).get(f.file), downloaded_at=now if urls and status == "verified" else None,
                  seconds=(seconds or {}).get(f.file)) for f in files]
     tbl = pa.Table.from_pylist(rows)  # noqa: F841 (read by DuckDB's replacement scan)
     with catalog.writer(home) as con:

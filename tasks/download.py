@@ -1,0 +1,266 @@
+"""Download a FineWeb-Edu subset from the Hub into $LANGPWT_HOME/raw: plan, fetch each file verified, record.
+Plain functions do the work and run without Prefect; the @task wrappers only name them for flows."""
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import constants
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+from storage import catalog, sources
+from storage.hub import Hub, HubError, HubFile, check_space, part_path, subset_pattern
+from storage.paths import Home
+from storage.shards import file_sha256
+from storage.sources import SourceFile
+
+_CATALOG = threading.Lock()  # DuckDB allows one writer: threads of one process take turns here
+
+
+class DownloadError(HubError):
+    """Some files failed; the message lists each with its reason."""
+
+
+class DownloadParams(BaseModel):
+    """Parameters of `langpwt download` and of the download half of `prepare`."""
+    model_config = ConfigDict(extra="forbid")
+    dataset: str = "HuggingFaceFW/fineweb-edu"
+    subset: str = Field("sample-10BT", description="sample-10BT|sample-100BT|sample-350BT|CC-MAIN-YYYY-WW")
+    revision: str = Field("main", description="branch, tag or commit; resolved to one commit for every file")
+    include: str | None = Field(None, description="glob on repo paths, within the subset")
+    max_files: int | None = Field(None, ge=1)
+    workers: int = Field(4, ge=1, le=64, description="concurrent file downloads")
+    endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    token: SecretStr | None = Field(None, exclude=True, description="default: HF_TOKEN or the stored login")
+    min_free_bytes: int = Field(1 << 30, ge=0, description="disk space to leave free after the download")
+    retries: int = Field(8, ge=0, description="attempts per file without progress, on 429/5xx/timeouts")
+    backoff_s: float = Field(1.0, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+    progress: bool = True
+
+    @field_validator("subset")
+    @classmethod
+    def _known_subset(cls, v: str) -> str:
+        subset_pattern(v)
+        return v
+
+    def hub(self) -> Hub:
+        return Hub(self.dataset, self.endpoint, self.token.get_secret_value() if self.token else None,
+                   self.timeout_s, self.retries, self.backoff_s)
+
+
+@dataclass(frozen=True)
+class Item:
+    file: HubFile
+    position: int      # index in the subset's full sorted listing: the shard id, whatever --include picks
+    dest: str
+    url: str
+    done: bool         # verified earlier: nothing to fetch
+
+    def source(self, sha256: str | None = None) -> SourceFile:
+        return SourceFile(self.file.path, self.dest, self.file.size, sha256 or self.file.sha256 or "", self.position)
+
+
+@dataclass(frozen=True)
+class Plan:
+    dataset: str
+    revision: str      # the commit sha every file is pinned to
+    items: list[Item]
+    need_bytes: int
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def todo(self) -> list[Item]:
+        return [i for i in self.items if not i.done]
+
+    @property
+    def verified(self) -> list[SourceFile]:
+        return [i.source() for i in self.items if i.done]
+
+
+class ByteBar:
+    """One bar over the bytes still missing, with bytes/s and ETA; closes itself after the last file."""
+
+    def __init__(self, total: int, files: int):
+        self.left = files
+        self.lock = threading.Lock()
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                          TimeRemainingColumn(), console=Console(stderr=True))
+        self.task = self.p.add_task(f"download 0/{files} files", total=total)
+        self.files = files
+        self.p.start()
+
+    def advance(self, n: int) -> None:
+        self.p.advance(self.task, n)
+
+    def file_done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            self.p.update(self.task, description=f"download {self.files - self.left}/{self.files} files")
+            if self.left <= 0:
+                self.p.stop()
+
+
+_BARS: dict[str, ByteBar] = {}
+
+
+def _verified_rows(home: Home, dataset: str) -> dict[str, tuple]:
+    """file -> (sha256, revision, position) of the rows already verified."""
+    if not home.catalog.exists():
+        return {}
+    rows = catalog.query_rows(home, "SELECT file, sha256, revision, position FROM source_files "
+                                    "WHERE status = 'verified' AND dataset = ?", [dataset])
+    return {r[0]: r[1:] for r in rows}
+
+
+def _select(params: DownloadParams, paths: list[str]) -> list[str]:
+    chosen = [p for p in paths if not params.include or fnmatch.fnmatchcase(p, params.include)]
+    if params.include and not chosen:
+        raise HubError(f"--include {params.include}: matches none of the {len(paths)} files of "
+                       f"--subset {params.subset} ({subset_pattern(params.subset)})")
+    return chosen[:params.max_files]
+
+
+def plan_download(home: Home, params: DownloadParams) -> Plan:
+    """Pin the revision, list files with size and sha256, check disk space, record `pending` rows."""
+    pattern = subset_pattern(params.subset)
+    home.raw.mkdir(parents=True, exist_ok=True)
+    if constants.is_offline_mode():
+        return _offline_plan(home, params, pattern)
+    hub = params.hub()
+    sha = hub.resolve(params.revision)
+    files = hub.list_files(sha, pattern)
+    if not files:
+        raise HubError(f"--subset {params.subset}: no file matches {pattern} in {params.dataset}@{sha[:12]}")
+    position = {f.path: i for i, f in enumerate(files)}
+    by_path = {f.path: f for f in files}
+    known = _verified_rows(home, params.dataset)
+    items = []
+    for path in _select(params, list(by_path)):
+        f, dest = by_path[path], home.raw / path
+        row = known.get(path)
+        done = (row is not None and dest.is_file() and dest.stat().st_size == f.size
+                and (row[0] == f.sha256 if f.sha256 else row[1] == sha))
+        items.append(Item(f, position[path], str(dest), hub.url(sha, path), done))
+    todo = [i for i in items if not i.done]
+    need = sum(i.file.size - (part_path(Path(i.dest)).stat().st_size if part_path(Path(i.dest)).exists() else 0)
+               for i in todo)
+    check_space(home.raw, need, params.min_free_bytes)  # before any byte is fetched
+    if todo:
+        with _CATALOG:
+            sources.record(home, [i.source() for i in todo], "pending", dataset=params.dataset, revision=sha,
+                           urls={i.file.path: i.url for i in todo})
+    return Plan(params.dataset, sha, items, need)
+
+
+def _offline_plan(home: Home, params: DownloadParams, pattern: str) -> Plan:
+    """HF_HUB_OFFLINE=1: what was verified before is all there is; nothing is fetched."""
+    known = _verified_rows(home, params.dataset)
+    paths = sorted(p for p in known if fnmatch.fnmatchcase(p, pattern) and (home.raw / p).is_file())
+    if not paths:
+        raise HubError(f"--subset {params.subset}: offline mode (HF_HUB_OFFLINE=1) and no verified file of "
+                       f"{params.dataset} matching {pattern} in {home.catalog}")
+    items = [Item(HubFile(p, (home.raw / p).stat().st_size, known[p][0], ""), known[p][2], str(home.raw / p), "",
+                  True) for p in _select(params, paths)]
+    return Plan(params.dataset, known[paths[0]][1], items, 0)
+
+
+def fetch_file(home: Home, plan: Plan, item: Item, params: DownloadParams, on_bytes=None) -> SourceFile:
+    """Fetch and verify one planned file, keeping its catalog row true at each step; raise HubError if not."""
+    if item.done:
+        return item.source()
+    f, dest = item.file, Path(item.dest)
+    with _CATALOG:
+        sources.mark(home, f.path, "downloading")
+    t0 = time.monotonic()
+    try:
+        if dest.exists():  # a file nobody recorded as verified (e.g. killed between rename and record)
+            if f.sha256 and dest.stat().st_size == f.size and file_sha256(dest) == f.sha256:
+                return _verified(home, plan, item, f.sha256, time.monotonic() - t0)
+            dest.unlink()
+        hub = params.hub()
+        hub.check_head(plan.revision, f)
+        digest = hub.fetch(plan.revision, f, dest, on_bytes)
+    except HubError as e:
+        with _CATALOG:
+            sources.mark(home, f.path, "failed", str(e))
+        raise
+    return _verified(home, plan, item, digest, time.monotonic() - t0)
+
+
+def _verified(home: Home, plan: Plan, item: Item, digest: str, seconds: float) -> SourceFile:
+    src = item.source(digest)
+    with _CATALOG:
+        sources.record(home, [src], "verified", dataset=plan.dataset, revision=plan.revision,
+                       urls={src.file: item.url}, seconds={src.file: round(seconds, 3)})
+    return src
+
+
+def failures_message(errors: list[str], total: int) -> str:
+    return errors[0] if len(errors) == 1 else f"{len(errors)} of {total} files failed: " + "; ".join(errors)
+
+
+def download(home: Home, params: DownloadParams) -> list[SourceFile]:
+    """Every selected file verified under home.raw, sorted by position; DownloadError if any is not."""
+    plan = plan_download(home, params)
+    todo = plan.todo
+    bar = ByteBar(plan.need_bytes, len(todo)) if params.progress and todo else None
+
+    def one(item: Item) -> SourceFile:
+        try:
+            return fetch_file(home, plan, item, params, bar.advance if bar else None)
+        finally:
+            if bar:
+                bar.file_done()
+
+    with ThreadPoolExecutor(params.workers, thread_name_prefix="download") as pool:
+        futures = [pool.submit(one, i) for i in todo]
+    got, errors = list(plan.verified), []
+    for fut in futures:
+        try:
+            got.append(fut.result())
+        except HubError as e:
+            errors.append(str(e))
+    if errors:
+        raise DownloadError(failures_message(errors, len(plan.items)))
+    return sorted(got, key=lambda s: s.position)
+
+
+# -- Prefect tasks: thin names over the functions above, so a flow can overlap them with tokenize --
+
+@task(name="download-plan", cache_policy=NONE)
+def plan_download_task(home: Home, params: DownloadParams) -> Plan:
+    plan = plan_download(home, params)
+    if params.progress and plan.todo:
+        _BARS[plan.key] = ByteBar(plan.need_bytes, len(plan.todo))
+    get_run_logger().info(f"{params.dataset}@{plan.revision[:12]}: {len(plan.items)} files, "
+                          f"{len(plan.todo)} to fetch ({plan.need_bytes / 1e9:.2f} GB)")
+    return plan
+
+
+@task(name="download-file", cache_policy=NONE, task_run_name="download-{item.position:06d}")
+def fetch_file_task(home: Home, plan: Plan, item: Item, params: DownloadParams) -> SourceFile:
+    bar = _BARS.get(plan.key)
+    try:
+        src = fetch_file(home, plan, item, params, bar.advance if bar else None)
+    except HubError as e:
+        get_run_logger().error(str(e))
+        raise
+    finally:
+        if bar and not item.done:
+            bar.file_done()
+            if bar.left <= 0:
+                _BARS.pop(plan.key, None)
+    get_run_logger().info(f"verified {src.file} ({src.size_bytes / 1e6:.1f} MB)")
+    return src
