@@ -171,7 +171,7 @@ def _finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, writers: di
                 rows_in=res.rows_in, kept=res.kept, dropped=res.dropped)
     atomic_write_text(home.shard_meta(sid), json.dumps(meta, indent=2, sort_keys=True))
     token_counts = pa.concat_tables([
-        pa.table({"shard_id": pa.array(np.full(nz.size, sid), pa.int32()), "split": pa.array([s] * nz.size),
+        pa.table({"shard_id": pa.array(np.full(nz.size, sid), pa.int32()), "split": pa.array([s] * nz.size, pa.string()),
                   "token_id": pa.array(nz.astype(np.int32)), "count": pa.array(c[nz])})
         for s, c in counts.items() for nz in [np.flatnonzero(c)]])
     docs_arrow = documents.to_arrow() if documents.height else None

@@ -1,0 +1,58 @@
+"""fastokens must give exactly the ids of `tokenizers` for our tokenizer.json, and decoding is byte-exact."""
+import numpy as np
+import pytest
+
+from tasks.tokenizer import EOT, Encoder, TokenizerConfig, train_tokenizer
+from tests.conftest import sample_rows
+
+ODD = ["", "a", "héllo wörld — naïve café", "日本語のテキストと中文文本", "emoji 🎉👍🏽 👨‍👩‍👧 🇫🇷",
+       "x" * 100_000, "word " * 20_000, "ctrl \x00\x01\x7f\t\r\n end", "literal <|endoftext|> inside",
+       "<|endoftext|>", "  leading and trailing spaces  ", "\n\n\n", "ǅ ﬁ ℌ Ⅻ ⁂ ∑∫", "é" * 50_000]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    texts = [r["text"] for r in sample_rows()]
+    train_tokenizer(iter(texts), out, TokenizerConfig(vocab_size=4096))
+    return out
+
+
+def test_fastokens_ids_identical_to_tokenizers(tokenizer_path):
+    enc = Encoder(tokenizer_path)
+    assert enc.backend == "fastokens"
+    ref = Encoder(tokenizer_path, backend="tokenizers")
+    texts = [r["text"] for r in sample_rows()] + ODD
+    ids, offs = enc.encode_flat(texts)
+    rids, roffs = ref.encode_flat(texts)
+    assert np.array_equal(offs, roffs)
+    assert np.array_equal(ids, rids)
+    # and per document, against tokenizers' own single-text encode
+    for i, t in enumerate(ODD):
+        k = len(texts) - len(ODD) + i
+        assert ids[offs[k]:offs[k + 1]].tolist() == ref.ref.encode(t, add_special_tokens=False).ids
+
+
+def test_decode_is_byte_exact(tokenizer_path):
+    enc = Encoder(tokenizer_path)
+    texts = [r["text"] for r in sample_rows()[:300]] + ODD
+    ids, offs = enc.encode_flat(texts)
+    for k, t in enumerate(texts):
+        assert enc.decode(ids[offs[k]:offs[k + 1]]) == t
+
+
+def test_eot_in_text_is_not_the_separator(tokenizer_path):
+    enc = Encoder(tokenizer_path)
+    ids, _ = enc.encode_flat(["a <|endoftext|> b"])
+    assert enc.eot not in ids.tolist()
+    assert enc.ref.token_to_id(EOT) == enc.eot
+
+
+def test_training_is_deterministic_and_bounded(tmp_path):
+    texts = [r["text"] for r in sample_rows()]
+    a = train_tokenizer(iter(texts), tmp_path / "a.json", TokenizerConfig(vocab_size=2048, max_token_length=16))
+    b = train_tokenizer(iter(texts), tmp_path / "b.json", TokenizerConfig(vocab_size=2048, max_token_length=16))
+    assert a == b
+    import json
+    vocab = json.loads((tmp_path / "a.json").read_text())["model"]["vocab"]
+    assert len(vocab) == 2048 and max(len(t) for t in vocab) <= 16

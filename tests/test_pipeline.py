@@ -1,0 +1,122 @@
+"""The tokenize/prepare flows end to end on real text: exact round trip, reruns, reprocess, staleness."""
+import json
+from collections import Counter
+
+import numpy as np
+import polars as pl
+import pytest
+
+from flows.prepare import PrepareParams, prepare
+from flows.tokenize import TokenizeParams, tokenize
+from storage import catalog
+from storage.shards import open_shard
+from tasks.tokenizer import Encoder
+from tests.conftest import sample_rows, write_parquet
+
+VOCAB = 4096
+
+
+def _state(home):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(home.shards.iterdir())}
+
+
+def _decoded_docs(home):
+    enc = Encoder(home.tokenizer)
+    out = Counter()
+    for p in sorted(home.shards.glob("*.bin")):
+        s = open_shard(p)
+        assert all(s.tokens[int(o)] == enc.eot for o in s.offsets[:-1])
+        out.update(enc.decode(s.doc(k)) for k in range(s.n_docs))
+    return out
+
+
+def test_shards_decode_to_exactly_the_kept_documents(prefect_api, home, sample_source):
+    summary = prepare(PrepareParams(source=str(sample_source), vocab_size=VOCAB))
+    assert summary["built"] == 2 and not summary["failed"]
+    rows = pl.DataFrame(sample_rows())
+    # what the rules and dedup must keep, computed independently of the pipeline's own code
+    rows = rows.with_row_index("pos")
+    ok = rows.filter(pl.col("int_score") >= 3)
+    ok = ok.filter(pl.col("id").is_first_distinct()).filter(pl.col("text").is_first_distinct())
+    expected = Counter(ok["text"].to_list())
+    assert _decoded_docs(home) == expected
+    con_rows = catalog.query_rows(home, "SELECT count(*), count(*) FILTER (WHERE kept), "
+                                        "sum(n_tokens) FILTER (WHERE kept) FROM documents")[0]
+    assert con_rows[0] == rows.height and con_rows[1] == sum(expected.values())
+    shard_tokens = catalog.query_rows(home, "SELECT sum(n_tokens), sum(n_docs) FROM shards WHERE status='done'")[0]
+    assert shard_tokens == (con_rows[2] + con_rows[1], con_rows[1])  # + one <|endoftext|> per document
+    counts = catalog.query_rows(home, "SELECT sum(count) FROM token_counts")[0][0]
+    assert counts == shard_tokens[0]
+    reasons = dict(catalog.query_rows(home, "SELECT drop_reason, count(*) FROM documents WHERE NOT kept GROUP BY 1"))
+    assert reasons["low_int_score"] == int((rows["int_score"] < 3).sum())
+    assert reasons["dup_id"] + reasons["dup_text"] == rows.height - reasons["low_int_score"] - ok.height
+    meta = json.loads(home.shard_meta(1).read_text())
+    assert meta["earlier"] == [0] and meta["filter"]["min_int_score"] == 3
+
+
+def test_rerun_does_nothing_and_reprocess_touches_only_named(prefect_api, home, sample_source):
+    params = TokenizeParams(source=str(sample_source), vocab_size=VOCAB)
+    tokenize(params)
+    before = _state(home)
+    again = tokenize(params)
+    assert again["built"] == 0 and again["skipped"] == 2
+    assert _state(home) == before
+    redo = tokenize(params.model_copy(update={"reprocess": [1]}))
+    assert redo["built"] == 1
+    after = _state(home)
+    changed = {n for n in before if before[n][0] != after[n][0]}
+    assert changed and all(n.startswith("shard_000001") for n in changed)
+    assert all(before[n][1] == after[n][1] for n in before)  # same bytes
+    n = catalog.query_rows(home, "SELECT count(*) FROM shards")[0][0]
+    assert n == 4  # one row per shard and split, never duplicated
+
+
+def test_filter_change_marks_stale_and_rebuilds(prefect_api, home, sample_source):
+    params = TokenizeParams(source=str(sample_source), vocab_size=VOCAB)
+    tokenize(params)
+    docs_before = catalog.query_rows(home, "SELECT count(*) FROM documents WHERE kept")[0][0]
+    out = tokenize(params.model_copy(update={"min_int_score": 4}))
+    assert out["built"] == 2
+    docs_after = catalog.query_rows(home, "SELECT count(*) FROM documents WHERE kept")[0][0]
+    assert docs_after < docs_before
+    assert catalog.query_rows(home, "SELECT DISTINCT status FROM shards") == [("done",)]
+    runs = catalog.query_rows(home, "SELECT count(*) FROM pipeline_runs WHERE status='completed'")[0][0]
+    assert runs == 2
+
+
+def test_same_inputs_give_identical_bytes(prefect_api, tmp_path, sample_source, monkeypatch):
+    digests = []
+    for name in ("a", "b"):
+        h = tmp_path / name
+        tokenize(TokenizeParams(source=str(sample_source), home=str(h), vocab_size=VOCAB))
+        digests.append({p.name: p.read_bytes() for p in sorted((h / "shards").iterdir())})
+        digests[-1]["tokenizer.json"] = (h / "tokenizer" / "tokenizer.json").read_bytes()
+    assert digests[0] == digests[1]
+
+
+def test_odd_but_valid_values(prefect_api, home, tmp_path):
+    base = sample_rows()[:50]
+    odd_texts = ["日本語の文書です。" * 50, "emoji 🎉👍🏽 👨‍👩‍👧 " * 30, "ctrl \x00\x01\x1f chars", "z" * 100_000,
+                 "literal <|endoftext|> in a document", None, "", "ok"]
+    rows = [dict(base[i], text=t, id=f"<urn:odd:{i}>", int_score=4) for i, t in enumerate(odd_texts)]
+    rows[1]["dump"] = None
+    rows[2]["url"] = None
+    write_parquet(tmp_path / "odd" / "000_00000.parquet", base + rows)
+    out = tokenize(TokenizeParams(source=str(tmp_path / "odd"), vocab_size=1024, val_fraction=0.0))
+    assert not out["failed"]
+    got = _decoded_docs(home)
+    for t in odd_texts:
+        if t:
+            assert got[t] == 1
+    reasons = dict(catalog.query_rows(home, "SELECT drop_reason, count(*) FROM documents GROUP BY 1"))
+    assert reasons["null_text"] == 1 and reasons["empty_text"] == 1
+
+
+def test_token_counts_match_shards(prefect_api, home, sample_source):
+    tokenize(TokenizeParams(source=str(sample_source), vocab_size=VOCAB))
+    for sid in (0, 1):
+        toks = open_shard(home.shard(sid, "train")).tokens
+        want = np.bincount(toks, minlength=VOCAB)
+        got = dict(catalog.query_rows(home, "SELECT token_id, count FROM token_counts WHERE shard_id=? AND split='train'",
+                                      [sid]))
+        assert {i: int(c) for i, c in enumerate(want) if c} == got

@@ -1,0 +1,59 @@
+"""The shard format: llm.c headers, uint16/uint32 by vocab, offsets sidecar, atomic completion."""
+import numpy as np
+import pytest
+
+from storage.shards import (HEADER_BYTES, MAGIC_U16, MAGIC_U32, ShardWriter, idx_path, open_shard,
+                            open_tokens, read_header)
+
+
+def llmc_load(path):
+    """The loader of llm.c / modded-nanogpt (`_load_data_shard`), restated: header then uint16."""
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[0] == 20240520 and header[1] == 1
+    n = int(header[2])
+    with open(path, "rb") as f:
+        f.seek(256 * 4)
+        tokens = np.frombuffer(f.read(), dtype=np.uint16)
+    assert tokens.size == n
+    return tokens
+
+
+@pytest.mark.parametrize("vocab,magic,dtype", [(50_257, MAGIC_U16, np.uint16), (100_000, MAGIC_U32, np.uint32)])
+def test_roundtrip_and_header(tmp_path, vocab, magic, dtype):
+    rng = np.random.default_rng(0)
+    w = ShardWriter(tmp_path / "shard_000000.train.bin", vocab)
+    docs = [rng.integers(1, vocab, size=n) for n in (5, 0, 17, 3)]
+    for d in docs:
+        w.append(np.concatenate([[0], d]), np.array([0]))
+    sha = w.close()
+    path = tmp_path / "shard_000000.train.bin"
+    assert np.fromfile(path, np.int32, 1)[0] == magic
+    assert read_header(path) == (np.dtype(dtype), sum(d.size + 1 for d in docs))
+    s = open_shard(path)
+    assert isinstance(s.tokens, np.memmap) and s.n_docs == len(docs)
+    for k, d in enumerate(docs):
+        assert s.doc(k).tolist() == d.tolist()
+    import hashlib
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    if dtype == np.uint16:
+        assert llmc_load(path).tolist() == s.tokens.tolist()
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_abort_leaves_nothing(tmp_path):
+    path = tmp_path / "shard_000001.val.bin"
+    w = ShardWriter(path, 1000)
+    w.append(np.array([0, 5, 6]), np.array([0]))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_shard_is_rejected(tmp_path):
+    path = tmp_path / "s.bin"
+    w = ShardWriter(path, 1000)
+    w.append(np.arange(10), np.array([0]))
+    w.close()
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="size"):
+        open_tokens(path)
+    assert idx_path(path).exists() and HEADER_BYTES == 1024
