@@ -1,0 +1,132 @@
+"""Typed configs for the model (GPTConfig) and the training run (TrainConfig), plus presets.
+Plain dataclasses serialised as JSON so a checkpoint carries its config without pickled code."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+VOCAB_MULTIPLE = 128  # 48,951 -> 49,152 measured +12 % on the H100 (shared/NOTES.md)
+
+
+def padded(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 8
+    n_embd: int = 512
+    block_size: int = 512
+    vocab_size: int = 50257  # the tokenizer's; the embedding holds `padded_vocab` rows
+    dropout: float = 0.1
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+
+    @property
+    def padded_vocab(self) -> int:
+        return padded(self.vocab_size)
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd}: must be a multiple of n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}: must lie in [0, 1)")
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"{k}={getattr(self, k)}: must be positive")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "seed"
+    seed: int = 1337
+    max_steps: int = 5000
+    schedule_steps: int | None = None  # cosine length; None -> max_steps of the first start
+    batch_tokens: int = 65536  # per optimizer step, all ranks and micro-steps together
+    micro_batch: int = 128  # sequences per forward on one rank
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 1000
+    eval_batches: int = 10
+    sample_tokens: int = 48
+    sample_prompt: str = "The"
+    ckpt_every: int = 2500
+    keep_last: int = 2
+    log_every: int = 10  # steps between host syncs on CUDA; every step still gets a row
+    device: str = "auto"
+    compile: bool = True
+    head: str = "auto"  # output layer + loss: plain | fused | fp8 (auto: fused on CUDA, plain on CPU)
+    peak_tflops: float | None = None  # None: measured at start on CUDA
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.head not in ("auto", "plain", "fused", "fp8"):
+            raise ValueError(f"--head {self.head}: expected auto, plain, fused or fp8")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device}: expected auto, cpu or cuda")
+        for k in ("max_steps", "batch_tokens", "micro_batch", "eval_every", "ckpt_every", "keep_last", "log_every"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"--{k.replace('_', '-')} {getattr(self, k)}: must be positive")
+        if self.lr != self.lr or self.lr < 0:
+            raise ValueError(f"--lr {self.lr}: must be a non-negative number")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        model = GPTConfig(**d.pop("model", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(model=model, **{k: v for k, v in d.items() if k in known})
+
+    def override(self, values: dict) -> "TrainConfig":
+        """Apply `values` (flat; model keys allowed) and return a new validated config."""
+        d = self.to_dict()
+        model_keys = {f.name for f in dataclasses.fields(GPTConfig)}
+        for k, v in values.items():
+            if v is None:
+                continue
+            if k in model_keys:
+                d["model"][k] = v
+            elif k in d:
+                d[k] = v
+            else:
+                raise ValueError(f"unknown training parameter {k!r}")
+        cfg = TrainConfig.from_dict(d)
+        cfg.validate()
+        return cfg
+
+
+PRESETS: dict[str, dict] = {
+    # the original run: 5000 steps x 65,536 tokens at seq 512 (327.7M tokens)
+    "seed": dict(max_steps=5000, batch_tokens=65536, micro_batch=128, lr=1e-3, warmup_steps=200,
+                 eval_every=1000, eval_batches=10, ckpt_every=2500,
+                 model=dict(n_layer=4, n_head=8, n_embd=512, block_size=512, dropout=0.1)),
+    # trains in seconds on two CPU cores: tests and `make demo`
+    "tiny": dict(max_steps=60, batch_tokens=2048, micro_batch=16, lr=3e-3, warmup_steps=5,
+                 eval_every=20, eval_batches=2, ckpt_every=20, sample_tokens=16, log_every=1,
+                 model=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.1)),
+}
+
+
+def preset(name: str, vocab_size: int | None = None) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
+    p = json.loads(json.dumps(PRESETS[name]))  # deep copy
+    model = GPTConfig(**p.pop("model"))
+    if vocab_size is not None:
+        model.vocab_size = vocab_size
+    cfg = TrainConfig(preset=name, model=model, **p)
+    cfg.validate()
+    return cfg

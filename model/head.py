@@ -1,0 +1,111 @@
+"""Output layer + cross-entropy with the loss gradient computed during the forward pass.
+The 49k-way logits are written once and turned into their own gradient in place (one Triton
+kernel, ~2 passes over memory instead of ~4); optional FP8 forward matmul. Costs: the logits'
+memory is held until backward (as in the plain step), and FP8 rounds the forward logits."""
+from __future__ import annotations
+
+import torch
+
+try:  # triton exists only where CUDA does; the CPU path uses the torch reference below
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+if triton is not None:
+    @triton.jit
+    def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, scale,
+                        BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        offs = tl.arange(0, BLOCK)
+        # finite sentinel: exp(m - m_new) of two -inf lanes would be NaN
+        m = tl.full([BLOCK], -1e30, tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        for start in tl.range(0, V, BLOCK):
+            cols = start + offs
+            ok = cols < V
+            x = tl.load(base + cols, mask=ok, other=-1e30).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            s = s * tl.exp(m - m_new) + tl.where(ok, tl.exp(x - m_new), 0.0)
+            m = m_new
+        mx = tl.max(m, 0)
+        lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+        tgt = tl.load(targets_ptr + row).to(tl.int64)
+        x_t = tl.load(base + tgt).to(tl.float32)
+        tl.store(loss_ptr + row, (lse - x_t) * scale)
+        # second read of the row: it was read microseconds ago, so mostly served from L2
+        for start in tl.range(0, VP, BLOCK):
+            cols = start + offs
+            x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
+            p = tl.where(cols < V, tl.exp(x - lse), 0.0)
+            p = tl.where(cols == tgt, p - 1.0, p)
+            tl.store(base + cols, (p * scale).to(logits_ptr.dtype.element_ty), mask=cols < VP)
+
+
+def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
+    """Per-row `scale * CE` over the first `vocab_size` columns; `logits` becomes scale * dCE/dlogits."""
+    n, vp = logits.shape
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    if logits.is_cuda and triton is not None:
+        assert logits.stride(1) == 1
+        _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, scale,
+                              BLOCK=4096, num_warps=8)
+        return loss
+    x = logits[:, :vocab_size].float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss.copy_((lse - x.gather(1, targets.view(-1, 1)).squeeze(1)) * scale)
+    p = torch.exp(x - lse[:, None])
+    p[torch.arange(n, device=p.device), targets] -= 1.0
+    logits[:, :vocab_size] = (p * scale).to(logits.dtype)
+    logits[:, vocab_size:] = 0
+    return loss
+
+
+def fp8_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h @ w.T with both operands in float8_e4m3fn, per-tensor scales from their amax."""
+    sh = (h.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+    sw = (w.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+    h8 = (h / sh).to(torch.float8_e4m3fn)
+    w8 = (w / sw).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(h8, w8.t(), scale_a=sh, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size: int, fp8: bool):
+        dtype = torch.bfloat16 if h.is_cuda else h.dtype
+        hb = h.reshape(-1, h.size(-1)).to(dtype)
+        t = targets.reshape(-1)
+        if fp8:
+            logits = fp8_linear(hb, weight.to(torch.bfloat16))
+        else:
+            logits = hb @ weight.to(dtype).t()
+        rows = ce_grad_inplace(logits, t, vocab_size, 1.0 / t.numel())
+        ctx.save_for_backward(hb, weight, logits)
+        ctx.h_shape, ctx.h_dtype = h.shape, h.dtype
+        return rows.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        hb, weight, dlogits = ctx.saved_tensors
+        wb = weight.to(hb.dtype)
+        gx = (dlogits @ wb).mul_(g.to(hb.dtype))
+        gw = (dlogits.t() @ hb).to(weight.dtype).mul_(g)
+        return gx.view(ctx.h_shape).to(ctx.h_dtype), gw, None, None, None
+
+
+def make_head_loss(kind: str):
+    """`None` for the plain (autograd + compile) loss, else a loss function the model calls."""
+    if kind == "plain":
+        return None
+    fp8 = kind == "fp8"
+
+    @torch.compiler.disable
+    def head_loss(h, weight, targets, vocab_size):
+        return FusedHeadLoss.apply(h, weight, targets, vocab_size, fp8)
+
+    return head_loss

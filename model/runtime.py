@@ -1,0 +1,222 @@
+"""What the training loop needs around it: config resolution (preset, flags, checkpoint), devices,
+ranks, RNG state, and the event/metrics writer. Kept apart so train.py reads as the loop alone."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import args as cli_args
+from model.config import TrainConfig, preset
+from storage import checkpoints as ckpts
+from storage.atomic import atomic_write_text
+from storage.paths import Home
+
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+
+def setup_dist() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    d = Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def pick_device(name: str, d: Dist) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible")
+    return torch.device(name if ":" in name else f"cuda:{d.local_rank}")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(path: Path):
+    """(tokenizer, sha256 of its file, vocab size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer; run `langpwt prepare` first")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return tok, file_sha256(path), tok.get_vocab_size()
+
+
+def resolve_config(ns, home: Home, tok_vocab: int, tok_sha: str, tok_path: Path) -> tuple[TrainConfig, str, Path | None]:
+    """(config, run id, checkpoint to resume from): preset < checkpoint < explicit flags."""
+    ov = cli_args.overrides(ns)
+    if ns.resume:
+        runs = [home.run_dir(ns.run_id)] if ns.run_id else ckpts.runs_newest_first(home)
+        info = ckpts.latest(runs[0] / ckpts.CKPT_DIR) if runs else None
+        if info is None:
+            where = runs[0] if runs else home.runs
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {where}")
+        saved = json.loads((Path(info.path) / "config.json").read_text())
+        cfg = TrainConfig.from_dict(saved["train"])
+        if cfg.model.vocab_size != tok_vocab:
+            raise ValueError(f"{tok_path}: vocab size {tok_vocab} differs from {cfg.model.vocab_size} "
+                             f"of checkpoint {info.path}")
+        if saved.get("tokenizer_sha256") != tok_sha:
+            raise ValueError(f"{tok_path}: sha256 {tok_sha[:12]} differs from the tokenizer checkpoint "
+                             f"{info.path} was trained with ({str(saved.get('tokenizer_sha256'))[:12]})")
+        for k in ARCH_KEYS:
+            if k in ov and ov[k] != getattr(cfg.model, k):
+                raise ValueError(f"--{k.replace('_', '-')} {ov[k]}: a resumed run keeps its model "
+                                 f"({k}={getattr(cfg.model, k)})")
+        return cfg.override(ov), runs[0].name, Path(info.path)
+    if "vocab_size" in ov and ov["vocab_size"] != tok_vocab:
+        raise ValueError(f"--vocab-size {ov['vocab_size']}: tokenizer {tok_path} has {tok_vocab}")
+    cfg = preset(ns.preset or "seed", tok_vocab).override(ov)
+    if cfg.schedule_steps is None:
+        cfg.schedule_steps = cfg.max_steps  # fixed from here on, so a resume keeps the same curve
+    run_id = ns.run_id or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dist.is_initialized():  # every rank must use rank 0's name
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+        run_id = box[0]
+    if ckpts.latest(ckpts.checkpoint_root(home, run_id)) is not None:
+        raise ValueError(f"--run-id {run_id}: that run already has checkpoints; add --resume or pick another id")
+    return cfg, run_id, None
+
+
+def accum_steps(cfg: TrainConfig, world: int) -> int:
+    per = cfg.micro_batch * cfg.model.block_size * world
+    if cfg.batch_tokens % per or cfg.batch_tokens < per:
+        raise ValueError(f"--batch-tokens {cfg.batch_tokens}: must be a multiple of micro-batch x block x ranks "
+                         f"= {cfg.micro_batch} x {cfg.model.block_size} x {world} = {per}")
+    return cfg.batch_tokens // per
+
+
+def measure_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """bf16 matmul rate on this device, the MFU denominator (measured, not the datasheet)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e12
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def get_rng() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng(rng: dict, rank: int, seed: int, step: int) -> None:
+    py = rng["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = rng["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    if rank:  # only rank 0's state is saved; other ranks re-derive theirs
+        torch.manual_seed(seed * 1009 + rank + step)
+
+
+def train_state(step: int, sched, cfg: TrainConfig, best: float | None, shards: dict) -> dict:
+    return {"step": step, "scheduler": sched.state_dict(), "rng": get_rng(), "best_val": best,
+            "data": {"seed": cfg.seed, "next_step": step, "train_shards": [p.name for p in shards["train"]]}}
+
+
+def ckpt_config(cfg: TrainConfig, run_id: str, tok_sha: str, step: int | None, world: int) -> dict:
+    return {"format": 1, "train": cfg.to_dict(), "tokenizer_sha256": tok_sha, "run_id": run_id,
+            "step": step, "world_size": world}
+
+
+def write_run_config(run_dir: Path, cfg: TrainConfig, run_id: str, tok_sha: str) -> None:
+    atomic_write_text(run_dir / "config.json", json.dumps(ckpt_config(cfg, run_id, tok_sha, None, 1), indent=1))
+
+
+def json_event(kind: str, **data) -> str:
+    return json.dumps({"event": kind, **data}, default=str)
+
+
+class Emitter:
+    """Rank 0's outputs: JSON events on stdout, rows in metrics.jsonl and samples.jsonl."""
+
+    def __init__(self, run_dir: Path, active: bool):
+        self.active = active
+        if active:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics = open(run_dir / "metrics.jsonl", "a")
+            self.samples = open(run_dir / "samples.jsonl", "a")
+
+    def event(self, kind: str, **data) -> None:
+        if self.active:
+            print(json_event(kind, **data), flush=True)
+
+    def say(self, text: str) -> None:
+        if self.active:
+            print(text, flush=True)
+
+    def rows(self, rows: list[dict]) -> None:
+        if self.active:
+            self.metrics.write("".join(json.dumps(r) + "\n" for r in rows))
+            self.metrics.flush()
+
+    def eval_row(self, step: int, val_loss: float, prompt: str, text: str) -> None:
+        self.rows([{"step": step, "val_loss": val_loss}])
+        if self.active:
+            self.samples.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+            self.samples.flush()
+        self.event("eval", step=step, val_loss=val_loss, prompt=prompt, text=text)
+
+    def fail(self, kind: str, message: str) -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        self.event("error", kind=kind, message=message)
+
+    def close(self) -> None:
+        if self.active:
+            self.metrics.close()
+            self.samples.close()

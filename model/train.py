@@ -1,0 +1,217 @@
+"""The training loop, runnable alone as `python -m model.train` (or under torchrun) with torch + numpy.
+Rank 0 appends one metrics row per step to the run's JSONL and prints JSON events on stdout for the
+parent; on CUDA the host syncs only every `log_every` steps, so rows arrive in small bursts."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model import args as cli_args
+from model import runtime as rt
+from model.config import TrainConfig
+from model.data import Prefetcher, TokenWindows, load_shard_list
+from model.generate import sample
+from model.gpt import GPT
+from model.head import make_head_loss
+from model.optim import WarmupCosine, make_optimizer
+from storage import checkpoints as ckpts
+from storage.paths import Home
+
+EXIT_BAD_INPUT, EXIT_NAN, EXIT_OOM = 2, 3, 4
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.train", description="train the LangPWT GPT")
+    p.add_argument("--home", help="state folder (default $LANGPWT_HOME or ./.langpwt)")
+    p.add_argument("--run-id", help="run folder name under HOME/runs (default: preset-timestamp)")
+    p.add_argument("--resume", action="store_true", help="continue the newest run (or --run-id)")
+    p.add_argument("--shard-list", type=Path, help="JSON {train: [...], val: [...]} (default: glob HOME/shards)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default HOME/tokenizer/tokenizer.json)")
+    cli_args.add_config_args(p)
+    return p
+
+
+def evaluate(model: GPT, val: torch.Tensor, micro: int, device, autocast) -> float:
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad(), autocast():
+        for i in range(0, val.size(0), micro):
+            b = val[i:i + micro].to(device)
+            total += float(model(b[:, :-1], b[:, 1:])) * b.size(0)
+            n += b.size(0)
+    model.train(was)
+    return total / max(n, 1)
+
+
+def train(ns: argparse.Namespace) -> int:
+    home = Home.from_env(ns.home)
+    d = rt.setup_dist()
+    tok_path = ns.tokenizer or home.tokenizer
+    tok, tok_sha, tok_vocab = rt.load_tokenizer(tok_path)
+    cfg, run_id, resume_from = rt.resolve_config(ns, home, tok_vocab, tok_sha, tok_path)
+    device = rt.pick_device(cfg.device, d)
+    run_dir = home.run_dir(run_id)
+    emit = rt.Emitter(run_dir, d.rank == 0)
+    is_cuda = device.type == "cuda"
+    T, micro = cfg.model.block_size, cfg.micro_batch
+    accum = rt.accum_steps(cfg, d.world)
+    head = cfg.head if cfg.head != "auto" else ("fused" if is_cuda else "plain")
+
+    shards = load_shard_list(ns.shard_list, home.shards)
+    train_w = TokenWindows(shards["train"], T, cfg.model.vocab_size, "train")
+    val_w = TokenWindows(shards["val"], T, cfg.model.vocab_size, "val")
+    val = torch.from_numpy(val_w.fixed(cfg.eval_batches * micro))
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    raw = GPT(cfg.model).to(device)
+    opt = make_optimizer(raw, cfg, device)
+    sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, cfg.schedule_steps or cfg.max_steps, cfg.min_lr_ratio)
+    start = 0
+    best = None
+    torch.manual_seed(cfg.seed + d.rank)
+    if resume_from is not None:
+        st = ckpts.load_train_state(resume_from, map_location=device)
+        raw.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["state"]["scheduler"])
+        start, best = int(st["state"]["step"]), st["state"].get("best_val")
+        rt.set_rng(st["state"]["rng"], d.rank, cfg.seed, start)
+    if is_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    train_head = raw.head_loss = make_head_loss(head)  # one object: compile guards on its identity
+    eval_head = make_head_loss("fused" if is_cuda else "plain")
+    model = torch.compile(raw) if (is_cuda and cfg.compile) else raw
+    if d.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[d.local_rank] if is_cuda else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if is_cuda else contextlib.nullcontext
+    peak = cfg.peak_tflops or (rt.measure_peak_tflops(device) if is_cuda else None)
+    flops_tok = raw.flops_per_token(T)
+    step_tokens = micro * T * accum * d.world
+    prompt_ids = tok.encode(cfg.sample_prompt).ids if tok is not None else [0]
+
+    emit.event("start", run_id=run_id, run_dir=str(run_dir), step=start, max_steps=cfg.max_steps,
+               device=rt.device_name(device), world=d.world, accum=accum, head=head,
+               compile=bool(is_cuda and cfg.compile), peak_tflops=peak, params=raw.num_params(),
+               tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None)
+    if d.rank == 0:
+        rt.write_run_config(run_dir, cfg, run_id, tok_sha)
+    emit.say(f"run {run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} x{d.world}, "
+             f"{step_tokens} tokens/step ({micro}x{T}x{accum} accum x{d.world} ranks), head={head}")
+
+    pf = Prefetcher(train_w, cfg.seed, micro, d.world, d.rank, accum, start, device)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+    t_window, t0 = time.perf_counter(), time.perf_counter()
+    last_ckpt = ckpts.latest(ckpts.checkpoint_root(home, run_id))
+
+    def flush() -> None:
+        nonlocal t_window
+        if not pending:
+            return
+        vals = torch.stack([torch.stack([l, g]) for _, l, g, _ in pending]).float().tolist()
+        now = time.perf_counter()
+        tps = step_tokens * len(pending) / max(now - t_window, 1e-9)
+        mem = rt.memory_gb(device)
+        rows = []
+        for (s, _, _, lr), (loss, gnorm) in zip(pending, vals):
+            rows.append(dict(step=s, train_loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps,
+                             mfu=(tps * flops_tok / (peak * 1e12 * d.world)) if peak else None,
+                             memory_gb=mem, tokens=s * step_tokens, elapsed_s=now - t0))
+        pending.clear()
+        t_window = now
+        emit.rows(rows)
+        bad = next((r for r in rows if not rt.finite(r["train_loss"]) or not rt.finite(r["grad_norm"])), None)
+        if bad:
+            raise NonFiniteLoss(f"step {bad['step']}: loss {bad['train_loss']}, grad norm {bad['grad_norm']}")
+        last = rows[-1]
+        if d.rank == 0 and (last["step"] % max(cfg.log_every, 1) == 0 or last["step"] == cfg.max_steps):
+            emit.event("step", **last)
+
+    try:
+        for it in range(start, cfg.max_steps):
+            step = it + 1
+            lr = sched.apply()
+            loss_acc = torch.zeros((), device=device)
+            for m in range(accum):
+                x, y = pf.next()
+                sync = m == accum - 1
+                ctx = model.no_sync() if (d.ddp and not sync) else contextlib.nullcontext()
+                with ctx, autocast():
+                    loss = model(x, y) / accum
+                loss.backward()
+                loss_acc += loss.detach()
+            if d.ddp:
+                dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
+            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            pending.append((step, loss_acc, gnorm, lr))
+            do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+            do_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+            if step % cfg.log_every == 0 or do_eval or do_ckpt or not is_cuda:
+                flush()
+            if d.rank == 0 and (do_eval or do_ckpt):
+                val_loss = None
+                if do_eval:
+                    raw.head_loss = eval_head
+                    val_loss = evaluate(raw, val, micro, device, autocast)
+                    raw.head_loss = train_head
+                    best = val_loss if best is None else min(best, val_loss)
+                    text = tok.decode(list(sample(raw, prompt_ids, cfg.sample_tokens, top_k=50,
+                                                  seed=cfg.seed + step))) if tok is not None else ""
+                    emit.eval_row(step, val_loss, cfg.sample_prompt, text)
+                if do_ckpt:
+                    info = ckpts.save(ckpts.checkpoint_root(home, run_id), step,
+                                      model_state=raw.state_dict(), optim_state=opt.state_dict(),
+                                      train_state=rt.train_state(step, sched, cfg, best, shards),
+                                      config=rt.ckpt_config(cfg, run_id, tok_sha, step, d.world),
+                                      val_loss=val_loss, run_id=run_id)
+                    removed = ckpts.prune(ckpts.checkpoint_root(home, run_id), cfg.keep_last)
+                    last_ckpt = info
+                    emit.event("checkpoint", **info.to_dict(), removed=removed)
+                t_window = time.perf_counter()  # eval and saving are not training throughput
+    except NonFiniteLoss as e:
+        where = last_ckpt.path if last_ckpt else "none written"
+        emit.fail("nan", f"non-finite loss, training stopped ({e}); last good checkpoint: {where}")
+        return EXIT_NAN
+    except torch.cuda.OutOfMemoryError:
+        emit.fail("oom", f"CUDA out of memory with --micro-batch {micro} (x {T} tokens); lower --micro-batch: "
+                         f"--batch-tokens {cfg.batch_tokens} is kept by gradient accumulation")
+        return EXIT_OOM
+    finally:
+        pf.close()
+        emit.close()
+    emit.event("done", run_id=run_id, step=cfg.max_steps, elapsed_s=time.perf_counter() - t0,
+               checkpoint=last_ckpt.path if last_ckpt else None, best_val=best)
+    if d.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return train(ns)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(rt.json_event("error", kind="bad_input", message=str(e)), flush=True)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Checkpoint directories `step_NNNNNN/`: written to a temp dir, fsynced, renamed, then marked COMPLETE.
+A directory without its marker is ignored (a crash mid-write), so `latest` is always loadable;
+the price is one extra small file and a full rewrite of the optimizer state every time."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from storage.atomic import atomic_replace_dir, atomic_write_text, remove_stale_temps, tmp_path_for
+from storage.paths import Home, step_dir_name
+
+MARKER = "COMPLETE"
+WEIGHTS = "model.safetensors"
+CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: str
+    val_loss: float | None
+    sha256: str  # of model.safetensors
+    size_bytes: int
+    created_at: str
+    run_id: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def checkpoint_root(home: Home, run_id: str) -> Path:
+    return home.run_dir(run_id) / CKPT_DIR
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 24):
+            h.update(b)
+    return h.hexdigest()
+
+
+def export_weights(path: Path, state_dict: dict, config: dict) -> None:
+    """Weights alone, for inference; the tied lm_head is stored once (as wte)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k != "lm_head.weight"}
+    save_file(tensors, str(path), metadata={"config": json.dumps(config, sort_keys=True)})
+
+
+def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_state: dict,
+         config: dict, val_loss: float | None, run_id: str | None = None) -> CheckpointInfo:
+    """Write `root/step_NNNNNN/` atomically; the COMPLETE marker is the last file to appear."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
+    final = root / step_dir_name(step)
+    tmp = tmp_path_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(model_state, tmp / "model.pt")
+    torch.save(optim_state, tmp / "optimizer.pt")
+    torch.save(train_state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    export_weights(tmp / WEIGHTS, model_state, config)
+    atomic_replace_dir(tmp, final)
+    size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
+    info = CheckpointInfo(step=step, path=str(final), val_loss=val_loss, sha256=_sha256(final / WEIGHTS),
+                          size_bytes=size, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                          run_id=run_id)
+    atomic_write_text(final / MARKER, json.dumps(info.to_dict(), indent=1))
+    return info
+
+
+def read_info(step_dir: Path) -> CheckpointInfo | None:
+    marker = Path(step_dir) / MARKER
+    if not marker.is_file():
+        return None
+    d = json.loads(marker.read_text())
+    d["path"] = str(Path(step_dir))  # the run folder may have moved since
+    return CheckpointInfo(**d)
+
+
+def list_complete(root: Path) -> list[CheckpointInfo]:
+    if not root.is_dir():
+        return []
+    infos = [read_info(p) for p in sorted(root.glob("step_*")) if p.is_dir()]
+    return sorted((i for i in infos if i is not None), key=lambda i: i.step)
+
+
+def latest(root: Path) -> CheckpointInfo | None:
+    infos = list_complete(root)
+    return infos[-1] if infos else None
+
+
+def best(root: Path) -> CheckpointInfo | None:
+    infos = [i for i in list_complete(root) if i.val_loss is not None]
+    return min(infos, key=lambda i: (i.val_loss, i.step)) if infos else None
+
+
+def prune(root: Path, keep_last: int) -> list[int]:
+    """Delete complete checkpoints other than the newest `keep_last` and the best; returns their steps."""
+    infos = list_complete(root)
+    keep = {i.step for i in infos[-keep_last:]}
+    b = best(root)
+    if b is not None:
+        keep.add(b.step)
+    removed = []
+    for i in infos:
+        if i.step not in keep:
+            # the marker goes first: a half-deleted directory must never look complete
+            os.remove(Path(i.path) / MARKER)
+            shutil.rmtree(i.path, ignore_errors=True)
+            removed.append(i.step)
+    return removed
+
+
+def load_train_state(step_dir: Path, map_location="cpu") -> dict:
+    step_dir = Path(step_dir)
+    if read_info(step_dir) is None:
+        raise FileNotFoundError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
+    return {
+        "model": torch.load(step_dir / "model.pt", map_location=map_location, weights_only=True),
+        "optimizer": torch.load(step_dir / "optimizer.pt", map_location=map_location, weights_only=True),
+        "state": torch.load(step_dir / "state.pt", map_location=map_location, weights_only=True),
+        "config": json.loads((step_dir / "config.json").read_text()),
+    }
+
+
+def load_weights(step_dir: Path, device="cpu") -> tuple[dict, dict]:
+    """(config, state_dict) from the safetensors export, the tied lm_head restored."""
+    from safetensors.torch import load_file
+
+    step_dir = Path(step_dir)
+    if read_info(step_dir) is None:
+        raise FileNotFoundError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
+    sd = load_file(str(step_dir / WEIGHTS), device=str(device))
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return json.loads((step_dir / "config.json").read_text()), sd
+
+
+def runs_newest_first(home: Home) -> list[Path]:
+    """Run folders ordered by their newest complete checkpoint's time (newest first)."""
+    found = []
+    for run in home.runs.glob("*") if home.runs.is_dir() else []:
+        last = latest(run / CKPT_DIR)
+        if last is not None:
+            found.append((last.created_at, run))
+    return [r for _, r in sorted(found, reverse=True)]
+
+
+def resolve(spec: str, home: Home) -> Path:
+    """`latest`, a run id, a run folder or a step folder -> a complete step folder."""
+    if spec == "latest":
+        runs = runs_newest_first(home)
+        if not runs:
+            raise FileNotFoundError(f"--checkpoint latest: no complete checkpoint under {home.runs}")
+        return Path(latest(runs[0] / CKPT_DIR).path)
+    p = Path(spec)
+    if not p.exists() and (home.runs / spec).is_dir():
+        p = home.runs / spec
+    if (p / MARKER).is_file():
+        return p
+    for root in (p / CKPT_DIR, p):
+        last = latest(root)
+        if last is not None:
+            return Path(last.path)
+    raise FileNotFoundError(f"--checkpoint {spec}: no complete checkpoint there")
