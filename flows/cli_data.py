@@ -158,7 +158,7 @@ def register(sub) -> None:
     add_tokenize_args(p)
     try:
         from flows.cli_download import add_download_args
-        add_download_args(p)
+        add_download_args(p, workers_flag="--download-workers")
     except ImportError:
         pass
     p.set_defaults(handler=lambda a: run_flow("prepare", a))

@@ -19,7 +19,7 @@ from storage.sources import SourceFile
 from tasks.filter import FilterConfig
 from tasks.plan import plan_shards
 from tasks.read import BadInput
-from tasks.scan import scan_file
+from tasks.scan import ScanCounts, scan_file
 from tasks.tokenize import ShardJob, tokenize_file
 from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer
 
@@ -61,7 +61,7 @@ def scan_task(home: Home, src: SourceFile, cfg: FilterConfig):
                                     flow_run.id)
         sources.mark(home, src.file, "failed", str(e))
         get_run_logger().error(str(e))
-        return None
+        return ScanCounts(src.shard_id, 0, 0, skipped=False, error=str(e))
 
 
 @task(name="train-tokenizer")
@@ -95,9 +95,9 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile]) -> dict:
     log = get_run_logger()
     t0 = time.time()
     fcfg = params.filter_config()
-    scans = [scan_task.submit(home, f, fcfg) for f in files]
-    usable = [f for f, s in zip(files, scans) if s.result() is not None]
-    failed = {f.file: "unreadable" for f, s in zip(files, scans) if s.result() is None}
+    scans = [s.result() for s in [scan_task.submit(home, f, fcfg) for f in files]]
+    usable = [f for f, s in zip(files, scans) if s.error is None]
+    failed = {f.file: s.error for f, s in zip(files, scans) if s.error}
     if not usable:
         raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files)}")
     _, tok_sha = tokenizer_task(home, usable, params)

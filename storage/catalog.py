@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -55,6 +56,11 @@ CREATE TABLE IF NOT EXISTS samples (
 """
 
 
+# DuckDB refuses a read-only and a read-write handle on one file in one process at the same time,
+# so threads of this process take turns; each turn lasts one short unit of work.
+_PROCESS_LOCK = threading.RLock()
+
+
 class CatalogMissing(FileNotFoundError):
     pass
 
@@ -81,18 +87,19 @@ def _open(path: Path, read_only: bool, timeout: float, config: dict | None) -> d
 def writer(home: Home, timeout: float = WRITE_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
     """One transaction on the catalog; commits on success, rolls back on error."""
     home.root.mkdir(parents=True, exist_ok=True)
-    con = _open(home.catalog, False, timeout, None)
-    try:
-        con.execute(SCHEMA)
-        con.execute("BEGIN TRANSACTION")
+    with _PROCESS_LOCK:
+        con = _open(home.catalog, False, timeout, None)
         try:
-            yield con
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    finally:
-        con.close()
+            con.execute(SCHEMA)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
 
 
 @contextlib.contextmanager
@@ -101,11 +108,12 @@ def reader(home: Home, timeout: float = READ_TIMEOUT_S, sandboxed: bool = False)
     if not home.catalog.exists():
         raise CatalogMissing(f"{home.catalog}: no catalog yet; run `langpwt prepare` first")
     config = {"enable_external_access": "false"} if sandboxed else None
-    con = _open(home.catalog, True, timeout, config)
-    try:
-        yield con
-    finally:
-        con.close()
+    with _PROCESS_LOCK:
+        con = _open(home.catalog, True, timeout, config)
+        try:
+            yield con
+        finally:
+            con.close()
 
 
 def query(home: Home, sql: str, params: Sequence | None = None, sandboxed: bool = False) -> pa.Table:

@@ -24,6 +24,7 @@ class ScanCounts:
     rows: int
     passed_rules: int
     skipped: bool
+    error: str | None = None
 
 
 def index_key(src: SourceFile, cfg: FilterConfig) -> str:
