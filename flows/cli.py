@@ -12,7 +12,8 @@ COMMANDS = {
     "flows.cli_data": ["prepare", "tokenize", "status", "sql", "demo"],
     "flows.cli_download": ["download"],
     "flows.cli_train": ["train", "generate"],
-    "flows.cli_dashboard": ["dashboard", "server"],
+    "flows.cli_dashboard": ["dashboard"],
+    "flows.cli_server": ["server"],
 }
 
 
