@@ -92,11 +92,18 @@ class Plan:
 class ByteBar:
     """One bar over the bytes still missing, with bytes/s and ETA; closes itself after the last file."""
 
-    def __init__(self, total: int, files: int):
+    @classmethod
+    def maybe(cls, plan: "Plan", params: DownloadParams) -> "ByteBar | None":
+        console = Console(stderr=True)
+        # on a pipe or in a log file a live bar is noise: the one-line summary and errors say it all
+        return cls(plan.need_bytes, len(plan.todo), console) if params.progress and plan.todo and \
+            console.is_terminal else None
+
+    def __init__(self, total: int, files: int, console: Console):
         self.left = files
         self.lock = threading.Lock()
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                          TimeRemainingColumn(), console=Console(stderr=True))
+                          TimeRemainingColumn(), console=console)
         self.task = self.p.add_task(f"download 0/{files} files", total=total)
         self.files = files
         self.p.start()
@@ -215,7 +222,7 @@ def download(home: Home, params: DownloadParams) -> list[SourceFile]:
     """Every selected file verified under home.raw, sorted by position; DownloadError if any is not."""
     plan = plan_download(home, params)
     todo = plan.todo
-    bar = ByteBar(plan.need_bytes, len(todo)) if params.progress and todo else None
+    bar = ByteBar.maybe(plan, params)
 
     def one(item: Item) -> SourceFile:
         try:
@@ -242,8 +249,8 @@ def download(home: Home, params: DownloadParams) -> list[SourceFile]:
 @task(name="download-plan", cache_policy=NONE)
 def plan_download_task(home: Home, params: DownloadParams) -> Plan:
     plan = plan_download(home, params)
-    if params.progress and plan.todo:
-        _BARS[plan.key] = ByteBar(plan.need_bytes, len(plan.todo))
+    if bar := ByteBar.maybe(plan, params):
+        _BARS[plan.key] = bar
     get_run_logger().info(f"{params.dataset}@{plan.revision[:12]}: {len(plan.items)} files, "
                           f"{len(plan.todo)} to fetch ({plan.need_bytes / 1e9:.2f} GB)")
     return plan

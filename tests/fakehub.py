@@ -35,6 +35,7 @@ class Entry:
     size: int
     sha256: str
     blob_oid: str             # git blob sha1, what the Hub returns as `oid`
+    lfs: bool                 # parquet lives in LFS/xet; small text files live in git
 
 
 @dataclass
@@ -73,7 +74,8 @@ class FakeHub:
         for path, disk in sorted(files.items()):
             disk = Path(disk)
             s256, s1 = _hashes(disk)
-            self.entries[path] = Entry(path, disk, disk.stat().st_size, s256, s1)
+            self.entries[path] = Entry(path, disk, disk.stat().st_size, s256, s1,
+                                       lfs and not path.endswith((".md", ".json", ".gitattributes")))
         self.by_sha = {e.sha256: e for e in self.entries.values()}
         self.faults: dict[str, Fault] = {}
         self.log: list[Hit] = []
@@ -91,7 +93,7 @@ class FakeHub:
         self._server, self._cdn = (ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2))
         for srv in (self._server, self._cdn):
             srv.daemon_threads = True
-            threading.Thread(target=srv.serve_forever, daemon=True, name="fakehub").start()
+            threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True, name="fakehub").start()
         return self
 
     def stop(self) -> None:
@@ -133,7 +135,7 @@ class FakeHub:
 
     def tree_entry(self, e: Entry) -> dict:
         d = {"type": "file", "oid": e.blob_oid, "size": e.size, "path": e.path}
-        if self.lfs:
+        if e.lfs:
             d["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": 134}
         return d
 
@@ -265,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
             if status:
                 return self._send(status, b"simulated failure", dict(fault.status_headers), file)
         common = {"X-Repo-Commit": self.fake.sha, "Accept-Ranges": "bytes"}
-        if self.fake.redirect and self.fake.lfs:
+        if self.fake.redirect and e.lfs:
             # as the real Hub: LFS content lives elsewhere; metadata rides on the redirect itself
             return self._send(302, b"", {**common, "Location": f"{self.fake.cdn}/cdn/{e.sha256}", "ETag": f'"{e.blob_oid}"',
                                          "X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)}, file)
@@ -288,7 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(end, e.size - 1)
             status = 206
         n = end - start + 1
-        etag = e.sha256 if self.fake.lfs else e.blob_oid
+        etag = e.sha256 if e.lfs else e.blob_oid
         self.send_response(status)
         for k, v in {**(extra or {}), "Content-Type": "application/octet-stream", "Content-Length": str(n),
                      "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}.items():
@@ -343,3 +345,27 @@ class _Handler(BaseHTTPRequestHandler):
                 except OSError:
                     pass
             return sent
+
+
+def build_fineweb_tree(root: Path) -> dict[str, Path]:
+    """A small FineWeb-Edu-shaped repo from the bundled real text: sample/10BT (4 small files and one of
+    ~4 MB, uncompressed, for the interruption tests), one file each of sample/100BT and a crawl, a README."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import SCHEMA, sample_rows, write_parquet
+
+    rows = sample_rows()
+    files: dict[str, Path] = {}
+    for i in range(4):
+        files[f"sample/10BT/{i:03d}_00000.parquet"] = write_parquet(
+            root / f"sample/10BT/{i:03d}_00000.parquet", rows[i * 300:(i + 1) * 300])
+    big = root / "sample/10BT/004_00000.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), big, compression="none")
+    files["sample/10BT/004_00000.parquet"] = big
+    files["sample/100BT/000_00000.parquet"] = write_parquet(root / "sample/100BT/000_00000.parquet", rows[:50])
+    files["data/CC-MAIN-2024-10/000_00000.parquet"] = write_parquet(
+        root / "data/CC-MAIN-2024-10/000_00000.parquet", rows[50:100])
+    (root / "README.md").write_text("# fake fineweb-edu\n")
+    files["README.md"] = root / "README.md"
+    return files
