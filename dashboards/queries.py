@@ -1,0 +1,284 @@
+"""Every catalog query the dashboard runs, as plain functions over a Home (no Streamlit: tested alone).
+Each page's queries share one short-lived read-only connection and return small aggregates, so DuckDB
+does the work over millions of rows and a writer waits at most one page's worth of reads (~0.1 s)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from storage import catalog
+from storage.paths import Home
+
+Views = dict[str, pa.Table]
+SQL_MAX_ROWS = 10_000
+SQL_TIMEOUT_S = 10.0  # a runaway query must not keep the pipeline's writer waiting for long
+ALLOWED_SQL = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+class SqlRefused(ValueError):
+    """A statement that would write, or more than one statement."""
+
+
+@dataclass(frozen=True)
+class HomeState:
+    catalog: bool
+    shards: int = 0
+    documents: int = 0
+    runs: int = 0
+    checkpoints: int = 0
+    tokenizer: bool = False
+
+
+def catalog_version(home: Home) -> tuple[int, int]:
+    """Changes whenever a writer commits (DuckDB touches the file or its WAL): a cache key."""
+    out = []
+    for p in (home.catalog, Path(f"{home.catalog}.wal")):
+        try:
+            out.append(p.stat().st_mtime_ns)
+        except FileNotFoundError:
+            out.append(0)
+    return out[0], out[1]
+
+
+def home_state(home: Home) -> HomeState:
+    if not home.catalog.exists():
+        return HomeState(catalog=False, tokenizer=home.tokenizer.exists())
+    with catalog.reader(home) as con:
+        row = con.execute("""SELECT (SELECT count(DISTINCT shard_id) FROM shards),
+                                    (SELECT count(*) FROM documents), (SELECT count(*) FROM runs),
+                                    (SELECT count(*) FROM checkpoints)""").fetchone()
+    return HomeState(True, *row, tokenizer=home.tokenizer.exists())
+
+
+def _tables(home: Home, queries: dict[str, str | tuple[str, list]]) -> Views:
+    with catalog.reader(home) as con:
+        out = {}
+        for name, q in queries.items():
+            sql, params = q if isinstance(q, tuple) else (q, None)
+            out[name] = con.sql(sql, params=params).to_arrow_table()
+        return out
+
+
+def pipeline_alive(home: Home) -> bool:
+    """Whether the process that last took the home's pipeline lock still exists.
+    Reads the pid it wrote instead of probing the flock: a probe could make a starting run fail."""
+    try:
+        pid = int(home.lock.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- Pipeline page -------------------------------------------------------------------------------
+
+SHARDS_SQL = """
+WITH s AS (
+    SELECT shard_id, any_value(source_file) AS source_file,
+           CASE WHEN min(status) = max(status) THEN min(status) ELSE 'partial' END AS status,
+           sum(n_docs)::BIGINT AS docs_kept, sum(n_tokens)::BIGINT AS tokens,
+           sum(n_tokens) FILTER (WHERE split = 'train')::BIGINT AS train_tokens,
+           sum(n_tokens) FILTER (WHERE split = 'val')::BIGINT AS val_tokens,
+           max(seconds) AS seconds, min(started_at) AS started_at, max(finished_at) AS finished_at,
+           any_value(error) FILTER (WHERE error IS NOT NULL) AS error
+    FROM shards GROUP BY shard_id),
+d AS (SELECT shard_id, count(*) AS docs_in, count(*) FILTER (WHERE NOT kept) AS docs_dropped
+      FROM documents GROUP BY shard_id)
+SELECT s.shard_id, s.source_file, s.status, d.docs_in, s.docs_kept, d.docs_dropped, s.tokens,
+       s.train_tokens, s.val_tokens, round(s.seconds, 3) AS seconds,
+       round(s.tokens / nullif(s.seconds, 0)) AS tokens_per_s, s.started_at, s.finished_at, s.error
+FROM s LEFT JOIN d USING (shard_id) ORDER BY s.shard_id"""
+
+FILES_SQL = """
+SELECT f.position AS shard_id, f.file, f.status, f.size_bytes, f.sha256, f.dataset, f.revision,
+       f.downloaded_at, round(f.seconds, 2) AS download_seconds, f.error
+FROM source_files f ORDER BY f.position, f.file"""
+
+OUTCOMES_SQL = """
+SELECT CASE WHEN kept THEN 'kept' ELSE coalesce(drop_reason, 'dropped') END AS outcome,
+       count(*) AS documents, sum(n_chars)::BIGINT AS chars
+FROM documents GROUP BY 1 ORDER BY outcome = 'kept' DESC, documents DESC"""
+
+RUNS_SQL = """
+SELECT run_id, flow, status, started_at, finished_at,
+       round(epoch(coalesce(finished_at, now()::TIMESTAMP) - started_at), 1) AS seconds,
+       TRY_CAST(json_extract(counts, '$.tokens') AS BIGINT) AS tokens,
+       TRY_CAST(json_extract(counts, '$.built') AS BIGINT) AS built,
+       TRY_CAST(json_extract(counts, '$.skipped') AS BIGINT) AS skipped,
+       json_extract(counts, '$.failed')::VARCHAR AS failed,
+       json_extract_string(counts, '$.error') AS error,
+       json_extract_string(params, '$.source') AS source
+FROM pipeline_runs ORDER BY started_at DESC LIMIT 50"""
+
+
+def pipeline(home: Home) -> Views:
+    """Tables `shards`, `files`, `outcomes`, `runs` and a one-row `totals`."""
+    v = _tables(home, {
+        "shards": SHARDS_SQL, "files": FILES_SQL,
+        "outcomes": OUTCOMES_SQL, "runs": RUNS_SQL,
+    })
+    sh = v["shards"].to_pylist()
+    done = [r for r in sh if r["status"] == "done"]
+    tokens = sum(r["tokens"] or 0 for r in done)
+    secs = sum(r["seconds"] or 0 for r in done)
+    v["totals"] = pa.Table.from_pylist([dict(
+        shards=len(sh), done=len(done), failed=sum(r["status"] == "failed" for r in sh),
+        stale=sum(r["status"] == "stale" for r in sh), running=sum(r["status"] == "running" for r in sh),
+        tokens=tokens, docs_kept=sum(r["docs_kept"] or 0 for r in done),
+        docs_dropped=sum(r["docs_dropped"] or 0 for r in sh), shard_seconds=round(secs, 2),
+        tokens_per_s=round(tokens / secs) if secs else None)])
+    return v
+
+
+def is_running(views: Views) -> bool:
+    return (views["totals"]["running"][0].as_py() > 0
+            or "running" in views["runs"]["status"].to_pylist())
+
+
+# ---- Token stats page ----------------------------------------------------------------------------
+
+HIST_SQL = """
+WITH k AS (SELECT n_tokens FROM documents WHERE kept AND n_tokens IS NOT NULL),
+b AS (SELECT greatest(1, ceil(quantile_cont(n_tokens, 0.99) / ?))::BIGINT AS width FROM k)
+SELECT least(n_tokens // width, ?) * width AS lo,
+       CASE WHEN n_tokens // width >= ? THEN NULL ELSE (n_tokens // width + 1) * width END AS hi,
+       count(*) AS documents
+FROM k, b GROUP BY ALL ORDER BY lo"""
+
+
+def token_stats(home: Home, top_n: int = 40, bins: int = 40) -> Views:
+    """Tokens by dump and by int_score, a document-length histogram (last bin: the top 1 %),
+    and the most frequent token ids with their share of all tokens."""
+    return _tables(home, {
+        "by_dump": """SELECT dump, count(*) AS documents, sum(n_tokens)::BIGINT AS tokens FROM documents
+                      WHERE kept GROUP BY dump ORDER BY dump""",
+        "by_int_score": """SELECT int_score, count(*) FILTER (WHERE kept) AS documents_kept,
+                           count(*) FILTER (WHERE NOT kept) AS documents_dropped,
+                           coalesce(sum(n_tokens) FILTER (WHERE kept)::BIGINT, 0) AS tokens
+                           FROM documents GROUP BY int_score ORDER BY int_score""",
+        "length_hist": (HIST_SQL, [bins, bins, bins]),
+        "top_tokens": ("""WITH t AS (SELECT token_id, sum(count)::BIGINT AS count FROM token_counts GROUP BY token_id)
+                          SELECT token_id, count, count / sum(count) OVER () AS share
+                          FROM t ORDER BY count DESC, token_id LIMIT ?""", [top_n]),
+    })
+
+
+def decode_tokens(tokenizer_path: Path, ids: list[int]) -> list[tuple[str, str]]:
+    """(vocabulary piece, decoded text) per id; text is shown with visible whitespace."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    out = []
+    for i in ids:
+        text = tok.decode([i], skip_special_tokens=False)
+        out.append((tok.id_to_token(i) or "", text.replace(" ", "␠").replace("\n", "⏎").replace("\t", "⇥")))
+    return out
+
+
+# ---- SQL box -------------------------------------------------------------------------------------
+
+def check_read_only(sql: str) -> None:
+    """Refuse anything but one SELECT-like statement (the connection is read-only besides)."""
+    try:
+        stmts = duckdb.extract_statements(sql)
+    except duckdb.Error:
+        return  # a syntax error: let the query itself report DuckDB's message
+    if not stmts:
+        raise SqlRefused("empty query")
+    if len(stmts) > 1:
+        raise SqlRefused(f"one statement at a time (got {len(stmts)})")
+    if stmts[0].type not in ALLOWED_SQL:
+        kind = str(stmts[0].type).rsplit(".", 1)[-1]
+        raise SqlRefused(f"refused: {kind} would change the catalog or the files; only read-only "
+                         "queries (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) run here")
+
+
+@dataclass
+class SqlResult:
+    table: pa.Table
+    truncated: bool
+    seconds: float
+
+
+def run_sql(home: Home, sql: str, max_rows: int = SQL_MAX_ROWS, timeout_s: float = SQL_TIMEOUT_S) -> SqlResult:
+    """A user's query: read-only, no file or network access, at most `max_rows` rows and `timeout_s`.
+    Raises SqlRefused, catalog.CatalogMissing or duckdb.Error (whose message is shown as is)."""
+    check_read_only(sql)
+    t0 = time.perf_counter()
+    with catalog.reader(home, sandboxed=True) as con:
+        con.execute("SET enable_progress_bar = false")  # it would print to the server's terminal
+        timer = threading.Timer(timeout_s, con.interrupt)
+        timer.start()
+        try:
+            batches, n = [], 0
+            # stop reading once past the cap: a million-row SELECT costs no more than the cap
+            rel = con.sql(sql)
+            for batch in rel.to_arrow_reader(min(max_rows + 1, 100_000)) if rel is not None else []:
+                batches.append(batch)
+                n += batch.num_rows
+                if n > max_rows:
+                    break
+            tbl = pa.Table.from_batches(batches) if batches else rel.to_arrow_table()
+        except duckdb.InterruptException as e:
+            raise duckdb.InterruptException(f"stopped after {timeout_s:.0f} s: {e}") from None
+        finally:
+            timer.cancel()
+    truncated = tbl.num_rows > max_rows
+    return SqlResult(tbl.slice(0, max_rows) if truncated else tbl, truncated, time.perf_counter() - t0)
+
+
+# ---- Training, checkpoints, samples --------------------------------------------------------------
+
+RUN_SUMMARY_SQL = """
+WITH m AS (SELECT run_id, max(step) AS last_step, arg_max(train_loss, step) AS train_loss,
+                  min(val_loss) AS best_val_loss, max(tokens) AS tokens, median(tokens_per_s) AS tokens_per_s,
+                  median(mfu) AS mfu, max(elapsed_s) AS elapsed_s
+           FROM metrics GROUP BY run_id)
+SELECT r.run_id, r.preset, r.status, r.device, m.last_step, m.train_loss, m.best_val_loss, m.tokens,
+       round(m.tokens_per_s) AS tokens_per_s, m.mfu, round(m.elapsed_s, 1) AS elapsed_s,
+       r.started_at, r.finished_at, r.flow_run_id, r.error
+FROM runs r LEFT JOIN m USING (run_id) ORDER BY r.started_at DESC NULLS LAST, r.run_id"""
+
+# train-side series are averaged in buckets so a 100k-step run still sends ~max_points rows
+CURVE_SQL = """
+WITH m AS (SELECT * FROM metrics WHERE list_contains(?, run_id)),
+n AS (SELECT run_id, greatest(1, ceil(max(step) / ?))::BIGINT AS k FROM m GROUP BY run_id)
+SELECT run_id, max(step) AS step, avg(train_loss) AS train_loss, avg(lr) AS lr,
+       avg(tokens_per_s) AS tokens_per_s, avg(mfu) AS mfu, max(tokens) AS tokens
+FROM m JOIN n USING (run_id) GROUP BY run_id, step // k ORDER BY run_id, step"""
+
+
+def runs(home: Home) -> pa.Table:
+    return _tables(home, {"runs": RUN_SUMMARY_SQL})["runs"]
+
+
+def training(home: Home, run_ids: list[str], max_points: int = 1000) -> Views:
+    """`curves` (bucketed train loss, lr, tokens/s, MFU), `val` (every evaluation), `samples`."""
+    return _tables(home, {
+        "curves": (CURVE_SQL, [run_ids, max_points]),
+        "val": ("""SELECT run_id, step, val_loss FROM metrics WHERE list_contains(?, run_id)
+                   AND val_loss IS NOT NULL ORDER BY run_id, step""", [run_ids]),
+        "samples": ("""SELECT run_id, step, prompt, text FROM samples WHERE list_contains(?, run_id)
+                       ORDER BY run_id, step DESC""", [run_ids]),
+    })
+
+
+def checkpoints(home: Home) -> pa.Table:
+    return _tables(home, {"ckpt": """
+        SELECT c.run_id, c.step, c.val_loss, c.size_bytes, c.sha256, c.created_at, c.path,
+               coalesce(c.flow_run_id, r.flow_run_id) AS flow_run_id, r.preset, r.status AS run_status
+        FROM checkpoints c LEFT JOIN runs r USING (run_id)
+        ORDER BY c.created_at DESC NULLS LAST, c.run_id, c.step DESC"""})["ckpt"]
