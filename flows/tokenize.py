@@ -8,6 +8,7 @@ import time
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
@@ -52,27 +53,22 @@ class TokenizeParams(BaseModel):
         return TokenizerConfig(vocab_size=self.vocab_size, sample_bytes=self.tokenizer_sample_mb * 2**20)
 
 
-@task(name="scan", retries=1)
-def scan_task(home: Home, src: SourceFile, cfg: FilterConfig):
+@task(name="scan", retries=1, task_run_name="scan-{src.shard_id:06d}")
+def scan_task(home: Home, src: SourceFile, cfg: FilterConfig) -> ScanCounts:
     try:
         return scan_file(home, src, cfg)
     except BadInput as e:
-        shard_catalog.record_failed(home, src.shard_id, src.file, src.sha256, None, str(e), None,
-                                    flow_run.id)
-        sources.mark(home, src.file, "failed", str(e))
         get_run_logger().error(str(e))
         return ScanCounts(src.shard_id, 0, 0, skipped=False, error=str(e))
 
 
 @task(name="train-tokenizer")
-def tokenizer_task(home: Home, usable: list[SourceFile], params: TokenizeParams) -> tuple[str, str]:
+def tokenizer_task(home: Home, usable: list[SourceFile], params: TokenizeParams) -> tuple[str, str, int]:
     origin, sha = ensure_tokenizer(home.tokenizer, usable, params.filter_config(), params.tokenizer_config(),
                                    params.tokenizer, params.retrain_tokenizer)
     vocab = Encoder(home.tokenizer).vocab_size
-    shard_catalog.record_tokenizer(home, sha, str(home.tokenizer), vocab, origin,
-                                   params.tokenizer_config().__dict__)
     get_run_logger().info(f"tokenizer {origin} vocab={vocab} sha256={sha[:12]}")
-    return origin, sha
+    return origin, sha, vocab
 
 
 # retries re-run the whole shard: outputs are keyed by its config hash, so a retry writes the same bytes
@@ -90,22 +86,45 @@ def tokenize_task(home: Home, job: ShardJob):
 
 
 def run_tokenize(params: TokenizeParams, files: list[SourceFile]) -> dict:
-    """The body shared by `tokenize` and `prepare`: scan, tokenizer, plan, shards, report."""
+    """The body shared by `tokenize` and `prepare`: scan, tokenizer, plan, shards, report.
+
+    Tasks may run on other machines (Dask); only this process writes the catalog."""
     home = Home.from_env(params.home).ensure()
     log = get_run_logger()
     t0 = time.time()
     fcfg = params.filter_config()
     scans = [s.result() for s in [scan_task.submit(home, f, fcfg) for f in files]]
-    usable = [f for f, s in zip(files, scans) if s.error is None]
-    failed = {f.file: s.error for f, s in zip(files, scans) if s.error}
+    failed = {}
+    for f, sc in zip(files, scans):
+        if sc.error:
+            failed[f.file] = sc.error
+            shard_catalog.record_failed(home, f.shard_id, f.file, f.sha256, None, sc.error, None, flow_run.id)
+            sources.mark(home, f.file, "failed", sc.error)
+    usable = [f for f, sc in zip(files, scans) if sc.error is None]
     if not usable:
         raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files)}")
-    _, tok_sha = tokenizer_task(home, usable, params)
+    origin, tok_sha, vocab = tokenizer_task(home, usable, params)
+    shard_catalog.record_tokenizer(home, tok_sha, str(home.tokenizer), vocab, origin,
+                                   params.tokenizer_config().__dict__)
     plan = plan_shards(home, usable, fcfg, str(home.tokenizer), tok_sha, params.reprocess, params.force,
                        flow_run.id)
     log.info(f"{len(plan.jobs)} shards to build, {len(plan.skipped)} up to date, {len(plan.stale)} stale")
-    results = [f.result() for f in [tokenize_task.submit(home, job) for job in plan.jobs]]
-    failed.update({r.source_file: r.error for r in results if r.error})
+    for job in plan.jobs:
+        shard_catalog.mark_running(home, job.source.shard_id, job.source.file, job.source.sha256,
+                                   job.config_hash, job.flow_run_id)
+    futures = [tokenize_task.submit(home, job) for job in plan.jobs]
+    results = []
+    for fut in as_completed(futures):  # record each shard as it lands, so viewers see progress
+        res = fut.result()
+        results.append(res)
+        if res.error:
+            failed[res.source_file] = res.error
+            job = next(j for j in plan.jobs if j.source.shard_id == res.shard_id)
+            shard_catalog.record_failed(home, res.shard_id, res.source_file, job.source.sha256,
+                                        job.config_hash, res.error, None, flow_run.id)
+            sources.mark(home, res.source_file, "failed", res.error)
+        else:
+            shard_catalog.record_shard(home, res.shard_id, res.timing)
     summary = summarize(results, plan.skipped, failed, time.time() - t0)
     create_table_artifact(key="tokenize-summary", table=summary["table"],
                           description=f"{len(plan.jobs)} shards built, {len(plan.skipped)} skipped")

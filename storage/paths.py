@@ -79,6 +79,13 @@ class Home:
     def shard_meta(self, shard_id: int) -> Path:
         return self.shards / f"shard_{shard_id:06d}.json"
 
+    def shard_docs(self, shard_id: int) -> Path:
+        """Catalog rows of the shard's documents, written by the worker, ingested by the flow."""
+        return self.shards / f"shard_{shard_id:06d}.docs.parquet"
+
+    def shard_counts(self, shard_id: int) -> Path:
+        return self.shards / f"shard_{shard_id:06d}.counts.parquet"
+
     def index_file(self, shard_id: int) -> Path:
         return self.index / f"index_{shard_id:06d}.parquet"
 

@@ -41,6 +41,20 @@ def mark_running(home: Home, shard_id: int, source_file: str, source_sha256: str
     return started
 
 
+def record_shard(home: Home, shard_id: int, timing: dict | None = None) -> dict:
+    """Ingest a finished shard's sidecars (written by a worker, maybe on another machine).
+
+    Also how the catalog is rebuilt from the shards alone (then without timings); returns the metadata."""
+    import pyarrow.parquet as pq
+
+    meta = json.loads(home.shard_meta(shard_id).read_text())
+    # sidecars name files relative to the shards folder, so a home can move and two homes compare equal
+    rows = [dict(r, path=str(home.shards / r["path"]), **(timing or {})) for r in meta["rows"]]
+    record_done(home, shard_id, rows, pq.read_table(home.shard_docs(shard_id)),
+                pq.read_table(home.shard_counts(shard_id)))
+    return meta
+
+
 def record_done(home: Home, shard_id: int, rows: list[dict], documents: pa.Table, token_counts: pa.Table) -> None:
     with catalog.writer(home) as con:
         _replace_shard_rows(con, shard_id, rows)

@@ -1,18 +1,18 @@
-"""Tokenize one source file into its train and val shards and record them in the catalog.
-Shards stream to temp files and are renamed only when complete; the catalog is written last,
-so a kill at any moment leaves the previous state, and a rerun produces identical bytes."""
+"""Tokenize one source file into its train and val shards plus sidecars the catalog is built from.
+Shards stream to temp files and are renamed only when complete, the `.json` sidecar last; workers
+never touch the catalog (they may be other machines), the flow's process records the sidecars."""
 from __future__ import annotations
 
+import datetime as dt
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
-from storage import shard_catalog
-from storage.atomic import atomic_write_text
+from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.paths import SPLITS, Home
 from storage.shards import ShardWriter, idx_path
 from storage.sources import SourceFile
@@ -22,6 +22,14 @@ from tasks.scan import earlier_keys
 from tasks.tokenizer import Encoder
 
 COLUMNS = ["id", "text", "dump", "url", "int_score", "language_score"]
+DOC_SCHEMA = {"doc_id": pl.String, "source_file": pl.String, "shard_id": pl.Int32, "split": pl.String,
+              "dump": pl.String, "url": pl.String, "domain": pl.String, "int_score": pl.Int64,
+              "language_score": pl.Float64, "n_chars": pl.Int64, "n_tokens": pl.Int64, "kept": pl.Boolean,
+              "drop_reason": pl.String}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class ShardCounts:
     tokens: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
     seconds: float = 0.0
     error: str | None = None
+    timing: dict = field(default_factory=dict)  # kept out of the sidecars so they stay byte-identical
 
 
 def _interleave(ids: np.ndarray, offs: np.ndarray, eot: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +83,7 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
     """Write shard_NNNNNN.{train,val}.bin (+ .idx, + .json) and their catalog rows."""
     src, sid = job.source, job.source.shard_id
     t0 = time.perf_counter()
-    started = shard_catalog.mark_running(home, sid, src.file, src.sha256, job.config_hash, job.flow_run_id)
+    started = utcnow()
     writers = {s: ShardWriter(home.shard(sid, s), encoder.vocab_size) for s in SPLITS}
     counts = {s: np.zeros(encoder.vocab_size, dtype=np.int64) for s in SPLITS}
     res = ShardCounts(sid, src.file, "running")
@@ -109,9 +118,8 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
             w.abort()
         if isinstance(e, (BadInput, ValueError)):
             res.status, res.error = "failed", str(e)
-            _remove_outputs(home, sid)
-            shard_catalog.record_failed(home, sid, src.file, src.sha256, job.config_hash, str(e), started,
-                                        job.flow_run_id)
+            res.seconds = time.perf_counter() - t0
+            remove_outputs(home, sid)
             return res
         raise
     res.seconds = time.perf_counter() - t0
@@ -137,44 +145,47 @@ def _document_rows(df: pl.DataFrame, kept: pl.DataFrame, ntok: np.ndarray, src: 
         pl.col("drop_reason").is_null().alias("kept"), "drop_reason")
 
 
-def _remove_outputs(home: Home, sid: int) -> None:
+def remove_outputs(home: Home, sid: int) -> None:
     for s in SPLITS:
         for p in (home.shard(sid, s), idx_path(home.shard(sid, s))):
             p.unlink(missing_ok=True)
-    home.shard_meta(sid).unlink(missing_ok=True)
+    for p in (home.shard_meta(sid), home.shard_docs(sid), home.shard_counts(sid)):
+        p.unlink(missing_ok=True)
 
 
 def _finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, writers: dict, counts: dict,
             documents: pl.DataFrame | None, started) -> None:
-    """Sidecar metadata (enough to rebuild the catalog), then the catalog rows in one transaction."""
+    """Sidecars: documents and token counts as parquet, then the `.json` that marks the shard complete."""
     src, sid = job.source, job.source.shard_id
-    finished = shard_catalog.utcnow()
-    if documents is None:
-        documents = pl.DataFrame()
+    finished = utcnow()
+    if documents is None or documents.height == 0:
+        documents = pl.DataFrame(schema=DOC_SCHEMA)
     res.rows_in = documents.height
-    if documents.height:
-        res.kept = int(documents["kept"].sum())
-        vc = documents.filter(~pl.col("kept"))["drop_reason"].value_counts()
-        res.dropped = {r: int(n) for r, n in vc.iter_rows() if r in REASONS}
+    res.kept = int(documents["kept"].sum()) if documents.height else 0
+    vc = documents.filter(~pl.col("kept"))["drop_reason"].value_counts()
+    res.dropped = {r: int(n) for r, n in vc.iter_rows() if r in REASONS}
     res.docs = {s: w.n_docs for s, w in writers.items()}
     res.tokens = {s: w.n_tokens for s, w in writers.items()}
     res.status = "done"
-    rows = [dict(shard_id=sid, split=s, source_file=src.file, path=str(home.shard(sid, s)),
+    rows = [dict(shard_id=sid, split=s, source_file=src.file, path=home.shard(sid, s).name,
                  n_docs=writers[s].n_docs, n_tokens=writers[s].n_tokens, sha256=shas[s],
                  source_sha256=src.sha256, tokenizer_sha256=job.tokenizer_sha256,
-                 config_hash=job.config_hash, status="done", started_at=started, finished_at=finished,
-                 seconds=res.seconds, flow_run_id=job.flow_run_id) for s in SPLITS]
-    meta = dict(shard_id=sid, source=src.__dict__, filter=job.filter.as_dict(),
-                tokenizer_sha256=job.tokenizer_sha256, config_hash=job.config_hash,
-                earlier=list(job.earlier), splits={r["split"]: {k: r[k] for k in ("n_docs", "n_tokens", "sha256")}
-                                                   for r in rows},
-                rows_in=res.rows_in, kept=res.kept, dropped=res.dropped)
-    atomic_write_text(home.shard_meta(sid), json.dumps(meta, indent=2, sort_keys=True))
-    token_counts = pa.concat_tables([
-        pa.table({"shard_id": pa.array(np.full(nz.size, sid), pa.int32()), "split": pa.array([s] * nz.size, pa.string()),
-                  "token_id": pa.array(nz.astype(np.int32)), "count": pa.array(c[nz])})
+                 config_hash=job.config_hash, status="done") for s in SPLITS]
+    res.timing = dict(started_at=started, finished_at=finished, seconds=res.seconds, flow_run_id=job.flow_run_id)
+    token_counts = pl.concat([
+        pl.DataFrame({"shard_id": np.full(nz.size, sid, np.int32), "split": [s] * nz.size,
+                      "token_id": nz.astype(np.int32), "count": c[nz]},
+                     schema={"shard_id": pl.Int32, "split": pl.String, "token_id": pl.Int32, "count": pl.Int64})
         for s, c in counts.items() for nz in [np.flatnonzero(c)]])
-    docs_arrow = documents.to_arrow() if documents.height else None
-    if docs_arrow is None:
-        docs_arrow = pa.table({"doc_id": pa.array([], pa.string())})
-    shard_catalog.record_done(home, sid, rows, docs_arrow, token_counts)
+    _write_parquet(documents, home.shard_docs(sid))
+    _write_parquet(token_counts, home.shard_counts(sid))
+    meta = dict(shard_id=sid, source=asdict(src), filter=job.filter.as_dict(),
+                tokenizer_sha256=job.tokenizer_sha256, config_hash=job.config_hash,
+                earlier=list(job.earlier), rows=rows, rows_in=res.rows_in, kept=res.kept, dropped=res.dropped)
+    atomic_write_text(home.shard_meta(sid), json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _write_parquet(df: pl.DataFrame, path) -> None:
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression="zstd")
+    atomic_write_bytes(path, buf.getvalue())
