@@ -1,0 +1,161 @@
+"""What every page shares: the home, cached catalog reads, empty-home messages, small formatters.
+Cached results are keyed by the catalog file's modification time, so a page never shows data older
+than the last commit yet re-queries nothing while the catalog is idle; the ttl only bounds memory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import streamlit as st
+
+from dashboards import queries
+from storage.catalog import CatalogMissing
+from storage.paths import Home
+
+TTL_S = 60
+REFRESH_S = 2.0  # how often a page re-reads the catalog while a pipeline or a training run is going
+
+PREPARE_HINT = "langpwt prepare --source data/sample --vocab-size 8192"
+TRAIN_HINT = "langpwt train --preset tiny"
+
+
+def home() -> Home:
+    return Home.from_env()
+
+
+def _key(h: Home) -> tuple[str, tuple[int, int]]:
+    return str(h.root), queries.catalog_version(h)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def _home_state(root: str, version: tuple) -> queries.HomeState:
+    return queries.home_state(Home(Path(root)))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def _pipeline(root: str, version: tuple) -> dict:
+    return queries.pipeline(Home(Path(root)))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def _token_stats(root: str, version: tuple, top_n: int, bins: int) -> dict:
+    return queries.token_stats(Home(Path(root)), top_n, bins)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def _sql(root: str, version: tuple, sql: str) -> queries.SqlResult:
+    return queries.run_sql(Home(Path(root)), sql)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def _runs(root: str, version: tuple) -> pa.Table:
+    return queries.runs(Home(Path(root)))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def _training(root: str, version: tuple, run_ids: tuple[str, ...]) -> dict:
+    return queries.training(Home(Path(root)), list(run_ids))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def _checkpoints(root: str, version: tuple) -> pa.Table:
+    return queries.checkpoints(Home(Path(root)))
+
+
+@st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
+def _decoded(tokenizer: str, mtime: int, ids: tuple[int, ...]) -> list[tuple[str, str]]:
+    return queries.decode_tokens(Path(tokenizer), list(ids))
+
+
+def home_state(h: Home) -> queries.HomeState:
+    return _home_state(*_key(h))
+
+
+def pipeline(h: Home) -> dict:
+    return _pipeline(*_key(h))
+
+
+def token_stats(h: Home, top_n: int = 40, bins: int = 40) -> dict:
+    return _token_stats(*_key(h), top_n, bins)
+
+
+def sql(h: Home, text: str) -> queries.SqlResult:
+    return _sql(*_key(h), text)
+
+
+def runs(h: Home) -> pa.Table:
+    return _runs(*_key(h))
+
+
+def training(h: Home, run_ids: list[str]) -> dict:
+    return _training(*_key(h), tuple(run_ids))
+
+
+def checkpoints(h: Home) -> pa.Table:
+    return _checkpoints(*_key(h))
+
+
+def decoded(h: Home, ids: list[int]) -> list[tuple[str, str]]:
+    return _decoded(str(h.tokenizer), h.tokenizer.stat().st_mtime_ns, tuple(ids))
+
+
+def need_catalog(h: Home) -> queries.HomeState | None:
+    """The home's state, or None after telling the user what to run first."""
+    if not h.root.exists():
+        st.info(f"**{h.root}** does not exist yet. Create it with the data pipeline:")
+        st.code(PREPARE_HINT, language="bash")
+        st.caption("or point the dashboard at another home: `langpwt --home DIR dashboard`")
+        return None
+    try:
+        state = home_state(h)
+    except (CatalogMissing, duckdb.Error) as e:
+        st.warning(f"Cannot read the catalog: {str(e).splitlines()[0]}")
+        return None
+    if not state.catalog:
+        st.info(f"No catalog in **{h.root}** yet. Run the data pipeline first:")
+        st.code(PREPARE_HINT, language="bash")
+        return None
+    return state
+
+
+def need_data(h: Home) -> queries.HomeState | None:
+    state = need_catalog(h)
+    if state is not None and state.shards == 0 and state.documents == 0:
+        st.info("The catalog holds no shards yet. Run the data pipeline first:")
+        st.code(PREPARE_HINT, language="bash")
+        return None
+    return state
+
+
+def need_runs(h: Home) -> queries.HomeState | None:
+    state = need_catalog(h)
+    if state is not None and state.runs == 0:
+        st.info("No training runs yet: run")
+        st.code(TRAIN_HINT, language="bash")
+        return None
+    return state
+
+
+def show_error(e: Exception) -> None:
+    """A one-line error for catalog trouble (e.g. a writer holding the file for too long)."""
+    st.warning(f"Cannot read the catalog right now: {str(e).splitlines()[0]}")
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:,.0f}" if float(n).is_integer() else f"{n:.3g}"

@@ -1,0 +1,100 @@
+"""Pipeline page: source files and shards with status, tokens, documents kept/dropped, throughput.
+It re-reads the catalog every couple of seconds only while a run is going; idle, it costs nothing."""
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+import streamlit as st
+
+from dashboards import common, queries
+from storage.catalog import CatalogMissing
+
+STATUS_ICON = {"done": "✅ done", "failed": "❌ failed", "stale": "🕓 stale", "running": "⏳ running",
+               "partial": "⚠️ partial"}
+
+st.title("Pipeline")
+h = common.home()
+
+
+def _status_col(tbl: pa.Table, alive: bool) -> list[str]:
+    out = []
+    for s in tbl["status"].to_pylist():
+        if s == "running" and not alive:
+            out.append("⚠️ interrupted")
+        else:
+            out.append(STATUS_ICON.get(s, s))
+    return out
+
+
+def render(initial_running: bool | None) -> None:
+    try:
+        v = common.pipeline(h)
+    except (CatalogMissing, duckdb.Error) as e:
+        common.show_error(e)
+        return
+    alive = queries.pipeline_alive(h)
+    running = queries.is_running(v) and alive
+    if initial_running is not None and running != initial_running:
+        st.rerun()  # the run started or ended: re-render the whole page with(out) the refresh timer
+    t = v["totals"].to_pylist()[0]
+    if running:
+        st.info(f"A pipeline run is going: this page refreshes every {common.REFRESH_S:.0f} s.",
+                icon=":material/autorenew:")
+    elif queries.is_running(v):
+        st.warning("The catalog shows a run as `running` but no process holds the pipeline lock: it was "
+                   "interrupted. `langpwt tokenize` resumes it (finished shards are kept).")
+    c = st.columns(6)
+    c[0].metric("Shards done", f"{t['done']}/{t['shards']}")
+    c[1].metric("Failed", t["failed"])
+    c[2].metric("Stale", t["stale"])
+    c[3].metric("Tokens", common.human_count(t["tokens"]))
+    c[4].metric("Documents kept", common.human_count(t["docs_kept"]))
+    c[5].metric("Tokens/s (per shard)", common.human_count(t["tokens_per_s"]))
+
+    st.subheader("Shards")
+    shards = v["shards"]
+    if shards.num_rows:
+        df = shards.to_pandas()
+        df["status"] = _status_col(shards, alive)
+        st.dataframe(df, hide_index=True, width="stretch", column_config={
+            "shard_id": st.column_config.NumberColumn("shard", format="%06d"),
+            "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
+            "tokens": st.column_config.NumberColumn(format="localized"),
+            "error": st.column_config.TextColumn(width="large"),
+        })
+        failed = df[df["error"].notna()]
+        for row in failed.itertuples():
+            st.error(f"shard {row.shard_id:06d} ({row.source_file}): {row.error}")
+    else:
+        st.caption("no shards yet")
+
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Documents kept and dropped")
+        out = v["outcomes"].to_pandas()
+        if len(out):
+            st.bar_chart(out, x="outcome", y="documents", horizontal=True, height=220)
+            st.dataframe(out, hide_index=True, width="stretch")
+    with right:
+        st.subheader("Source files")
+        st.dataframe(v["files"].to_pandas(), hide_index=True, width="stretch", column_config={
+            "size_bytes": st.column_config.NumberColumn("bytes", format="localized"),
+        })
+
+    st.subheader("Pipeline runs")
+    st.caption("Prefect flow runs that wrote this catalog (newest first); `seconds` is wall time.")
+    st.dataframe(v["runs"].to_pandas(), hide_index=True, width="stretch")
+
+
+if common.need_catalog(h) is not None:
+    try:
+        first = common.pipeline(h)
+        is_live = queries.is_running(first) and queries.pipeline_alive(h)
+    except (CatalogMissing, duckdb.Error) as e:
+        common.show_error(e)
+        is_live = None
+    if is_live is not None:
+        if common.home_state(h).shards == 0 and not is_live:
+            st.info("The catalog holds no shards yet. Run the data pipeline first:")
+            st.code(common.PREPARE_HINT, language="bash")
+        st.fragment(run_every=common.REFRESH_S if is_live else None)(render)(is_live)
