@@ -369,3 +369,17 @@ def build_fineweb_tree(root: Path) -> dict[str, Path]:
     (root / "README.md").write_text("# fake fineweb-edu\n")
     files["README.md"] = root / "README.md"
     return files
+
+
+if __name__ == "__main__":
+    # `python -m tests.fakehub DIR`: serve every file under DIR (its relative path is the repo path)
+    import sys
+
+    root = Path(sys.argv[1]).resolve()
+    served = {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
+    with FakeHub(served) as hub:
+        print(hub.endpoint, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass

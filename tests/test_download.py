@@ -212,3 +212,16 @@ def test_the_fake_hub_serves_huggingface_hub_own_downloaders(tmp_path, hub, tree
     got = sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
     assert got == ["README.md", "data/CC-MAIN-2024-10/000_00000.parquet"]
     assert os.path.getsize(Path(d) / "README.md") == tree["README.md"].stat().st_size
+
+
+def test_two_downloaders_of_one_file_do_not_share_its_part(tmp_path, hub, tree):
+    import fcntl
+
+    e = hub.entries[TEN[0]]
+    f = HubFile(TEN[0], e.size, e.sha256, e.blob_oid)
+    dest = tmp_path / "x.parquet"
+    with open(part_path(dest), "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another process mid-download would
+        with pytest.raises(Exception, match="another process is downloading it"):
+            Hub("HuggingFaceFW/fineweb-edu", hub.endpoint).fetch(hub.sha, f, dest)
+    assert not hub.hits(body=True) and not dest.exists()

@@ -43,13 +43,16 @@ def status(home: Home) -> dict[str, tuple]:
 
 def test_acceptance_command_fetches_and_verifies_two_files(home, hub, tree):
     p = run_cli("download", "--subset", "sample-10BT", "--max-files", "2", "--min-free", "0",
-                env={"FORCE_COLOR": "1", "COLUMNS": "120"})  # as on a terminal: the live bar is drawn
+                env={"FORCE_COLOR": "1", "COLUMNS": "120", "HF_TOKEN": "hf_from_env"})  # a terminal: the bar shows
     assert p.returncode == 0, p.stderr
     assert "2 files verified" in p.stdout
     assert "download 2/2 files" in p.stderr and ("kB/s" in p.stderr or "MB/s" in p.stderr)
     assert {f: s for f, (s, _) in status(home).items()} == {TEN[0]: "verified", TEN[1]: "verified"}
     for f in TEN[:2]:
         assert (home.raw / f).read_bytes() == tree[f].read_bytes()
+    hub_side = [h for h in hub.hits() if h.url.startswith(("/api/datasets/", "/datasets/"))]
+    assert hub_side and all(h.auth for h in hub_side)  # HF_TOKEN reaches the Hub ...
+    assert not any(h.auth for h in hub.hits(body=True))  # ... and never the storage host
 
 
 def test_sigkill_mid_download_then_rerun_resumes_where_the_disk_stopped(home, hub, tree):

@@ -1,0 +1,208 @@
+"""Download throughput from the fake Hub on loopback: our downloader vs plain `curl`, side by side, and what
+verification costs (the same transfer with hashing switched off; hashing after the download instead of during).
+
+Run: .venv/bin/python benchmarks/download_bench.py [--files 4] [--mb 256] [--repeats 3] [--workers 1 4]
+The fake Hub serves with sendfile from its own process, so no client shares a GIL with the server. Kinds:
+  curl          `curl -sSfL` (with --parallel for workers > 1) of the same resolve URLs, redirect followed
+  fetch         storage.hub.Hub.fetch per file: Range GET into .part, sha256 while writing, fsync, rename
+  fetch_nohash  the same with the hasher switched off (a measurement instrument; verification then passes)
+  download      tasks.download.download() end to end in a fresh home: + revision, listing, HEAD, catalog
+  hash_after    sha256 of curl's files read back: what verifying after the download would add
+Targets (issue 3): fetch and download >= 80 % of curl's throughput; verification adds <= 10 %."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import storage.hub as hub_mod  # noqa: E402
+
+REPO = "HuggingFaceFW/fineweb-edu"
+
+
+def make_files(root: Path, n: int, mb: int) -> None:
+    block = os.urandom(1 << 20)  # incompressible, like parquet pages
+    for i in range(n):
+        p = root / "sample" / "10BT" / f"{i:03d}_00000.parquet"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "wb") as f:
+            for j in range(mb):
+                f.write(i.to_bytes(4, "little") + j.to_bytes(4, "little") + block[8:])  # distinct per MiB
+
+
+class _NoHash(hub_mod._Hasher):
+    def update(self, b: bytes) -> None:
+        pass
+
+    def done(self):
+        super().done()
+        return _Unchecked("unchecked"), None
+
+
+class _Unchecked(str):
+    """The hashing-off variant's digest: equal to any digest, so the transfer completes as usual."""
+    def __eq__(self, other) -> bool:
+        return True
+
+    __hash__ = str.__hash__
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(fn, child: bool = False) -> tuple[float, float]:
+    who = resource.RUSAGE_CHILDREN if child else resource.RUSAGE_SELF
+    c0, t0 = _cpu(who), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, _cpu(who) - c0
+
+
+def run_curl(urls: list[str], out: Path, workers: int) -> None:
+    args = ["curl", "-sSfL"] + (["--parallel", "--parallel-max", str(workers)] if workers > 1 else [])
+    for i, u in enumerate(urls):
+        args += ["-o", str(out / f"{i:03d}.parquet"), u]
+    subprocess.run(args, check=True)
+
+
+def run_fetch(hub, sha: str, files, out: Path, workers: int, verify: bool) -> None:
+    hub_mod._Hasher = hub_mod._RealHasher if verify else _NoHash
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda f: hub.fetch(sha, f, out / f.path), files))
+    finally:
+        hub_mod._Hasher = hub_mod._RealHasher
+
+
+def run_download(endpoint: str, out: Path, workers: int) -> None:
+    from storage.paths import Home
+    from tasks.download import DownloadParams, download
+
+    download(Home.from_env(out), DownloadParams(endpoint=endpoint, workers=workers, progress=False,
+                                                min_free_bytes=0))
+
+
+def hash_after(out: Path) -> None:
+    for p in sorted(out.rglob("*.parquet")):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while b := f.read(1 << 24):
+                h.update(b)
+
+
+def versions() -> dict:
+    import httpx2
+    import huggingface_hub
+
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return dict(date=dt.datetime.now().isoformat(timespec="minutes"), cpu=cpu, cores=os.cpu_count(),
+                python=platform.python_version(), huggingface_hub=huggingface_hub.__version__,
+                httpx2=httpx2.__version__, curl=" ".join(curl.split()[:2]), load_avg_start=os.getloadavg()[0])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--mb", type=int, default=256, help="MiB per file")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--dir", help="scratch folder (default: a temp dir beside this script, on the repo's disk)")
+    ap.add_argument("--json", help="also write the report here")
+    a = ap.parse_args()
+    if not shutil.which("curl"):
+        print("download_bench: skipped: `curl` is not installed (apt-get install -y curl)")
+        return 0
+    try:
+        import duckdb, prefect  # noqa: F401,E401
+        kinds = ["curl", "fetch", "fetch_nohash", "download"]
+    except ImportError:
+        print("download_bench: prefect/duckdb missing: measuring storage.hub only (no `download` kind)")
+        kinds = ["curl", "fetch", "fetch_nohash"]
+    hub_mod._RealHasher = hub_mod._Hasher
+    scratch = Path(tempfile.mkdtemp(prefix="dlbench_", dir=a.dir or Path(__file__).parent))
+    os.environ["HF_HOME"] = str(scratch / "hf_home")  # no stored login goes to the fake Hub
+    proc = None
+    try:
+        make_files(scratch / "hub", a.files, a.mb)
+        total = a.files * a.mb * 2**20
+        proc = subprocess.Popen([sys.executable, "-m", "tests.fakehub", str(scratch / "hub")], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)
+        endpoint = proc.stdout.readline().strip()
+        hub = hub_mod.Hub(REPO, endpoint)
+        sha = hub.resolve("main")
+        files = hub.list_files(sha, "sample/10BT/*.parquet")
+        urls = [hub.url(sha, f.path) for f in files]
+        runs = {
+            "curl": lambda out, w: run_curl(urls, out, w),
+            "fetch": lambda out, w: run_fetch(hub, sha, files, out, w, True),
+            "fetch_nohash": lambda out, w: run_fetch(hub, sha, files, out, w, False),
+            "download": lambda out, w: run_download(endpoint, out, w),
+        }
+        rows = []
+        for w in a.workers:
+            for kind in kinds:  # warm-up: imports, connections, the page cache of the served files
+                out = scratch / "warm"
+                out.mkdir(exist_ok=True)
+                runs[kind](out, w)
+                shutil.rmtree(out)
+            times: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds + ["hash_after"]}
+            for r in range(a.repeats):
+                order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]  # rotate: no kind always goes first
+                for kind in order:
+                    out = scratch / f"out_{kind}"
+                    out.mkdir()
+                    times[kind].append(timed(lambda: runs[kind](out, w), child=kind == "curl"))
+                    if kind == "curl":
+                        times["hash_after"].append(timed(lambda: hash_after(out)))
+                    shutil.rmtree(out)
+            med = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
+            cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+            row = dict(workers=w, **{f"{k}_MBps": round(total / med[k] / 1e6) for k in kinds},
+                       **{f"{k}_cpu_s_per_GB": round(cpu[k] / total * 1e9, 2) for k in kinds + ["hash_after"]},
+                       fetch_vs_curl=round(med["curl"] / med["fetch"], 3),
+                       verify_overhead_pct=round(100 * (med["fetch"] / med["fetch_nohash"] - 1), 1),
+                       hash_after_pct=round(100 * med["hash_after"] / med["curl"], 1),
+                       wall_s={k: [round(t, 3) for t, _ in v] for k, v in times.items()})
+            if "download" in kinds:
+                row["download_vs_curl"] = round(med["curl"] / med["download"], 3)
+            rows.append(row)
+        report = dict(versions(), files=a.files, mib_per_file=a.mb, repeats=a.repeats,
+                      load_avg_end=os.getloadavg()[0], rows=rows)
+        print(json.dumps(report, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=1))
+        print("\n| workers | curl MB/s | fetch MB/s (vs curl) | download MB/s (vs curl) | fetch, no hash MB/s | "
+              "verify overhead | hash after instead |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            dl = f"{r['download_MBps']} ({r['download_vs_curl']:.0%})" if "download_MBps" in r else "n/a"
+            print(f"| {r['workers']} | {r['curl_MBps']} | {r['fetch_MBps']} ({r['fetch_vs_curl']:.0%}) | {dl} | "
+                  f"{r['fetch_nohash_MBps']} | {r['verify_overhead_pct']:+.1f} % | +{r['hash_after_pct']} % |")
+        return 0
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
