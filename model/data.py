@@ -64,15 +64,10 @@ class TokenWindows:
         return self.gather(rng.integers(0, self.n_windows, size=n_seq))
 
     def fixed(self, n_seq: int) -> np.ndarray:
-        """The first `n_seq` non-overlapping windows (or fewer): a fixed validation set."""
-        stride = self.seq_len + 1
-        out = []
-        for m in self.maps:
-            for off in range(0, m.size - stride + 1, stride):
-                out.append(np.asarray(m[off: off + stride], dtype=np.int64))
-                if len(out) == n_seq:
-                    return np.stack(out)
-        return np.stack(out)
+        """`n_seq` windows spread evenly over all the shards: a fixed set that represents the
+        whole split (the first windows alone are one kind of document)."""
+        n = min(n_seq, self.n_windows)
+        return self.gather(np.linspace(0, self.n_windows - 1, n).astype(np.int64))
 
 
 class Prefetcher:

@@ -85,3 +85,14 @@ class TextStream:
         text = self.tok.decode(self.ids, skip_special_tokens=False)
         piece, self.emitted = text[len(self.emitted):], text
         return piece
+
+
+def load_model(step_dir, device: str = "cpu") -> tuple[GPT, dict]:
+    """The model of a checkpoint's safetensors export, in eval mode, and the checkpoint's config."""
+    from model.config import TrainConfig
+    from storage.checkpoints import load_weights
+
+    cfg, sd = load_weights(step_dir, device)
+    model = GPT(TrainConfig.from_dict(cfg["train"]).model).to(device)
+    model.load_state_dict(sd)
+    return model.eval(), cfg

@@ -178,8 +178,8 @@ def write_run_config(run_dir: Path, cfg: TrainConfig, run_id: str, tok_sha: str)
     atomic_write_text(run_dir / "config.json", json.dumps(ckpt_config(cfg, run_id, tok_sha, None, 1), indent=1))
 
 
-def json_event(kind: str, **data) -> str:
-    return json.dumps({"event": kind, **data}, default=str)
+def json_event(_event: str, **data) -> str:
+    return json.dumps({"event": _event, **data}, default=str)
 
 
 class Emitter:
@@ -192,9 +192,9 @@ class Emitter:
             self.metrics = open(run_dir / "metrics.jsonl", "a")
             self.samples = open(run_dir / "samples.jsonl", "a")
 
-    def event(self, kind: str, **data) -> None:
+    def event(self, _event: str, **data) -> None:
         if self.active:
-            print(json_event(kind, **data), flush=True)
+            print(json_event(_event, **data), flush=True)
 
     def say(self, text: str) -> None:
         if self.active:

@@ -4,7 +4,6 @@ parent; on CUDA the host syncs only every `log_every` steps, so rows arrive in s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from model.generate import sample
 from model.gpt import GPT
 from model.head import make_head_loss
 from model.optim import WarmupCosine, make_optimizer
+from model.step import autocast_for, train_step
 from storage import checkpoints as ckpts
 from storage.paths import Home
 
@@ -97,7 +97,8 @@ def train(ns: argparse.Namespace) -> int:
     if d.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[d.local_rank] if is_cuda else None)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if is_cuda else contextlib.nullcontext
+    autocast = autocast_for(device)
+    params = list(raw.parameters())
     peak = cfg.peak_tflops or (rt.measure_peak_tflops(device) if is_cuda else None)
     flops_tok = raw.flops_per_token(T)
     step_tokens = micro * T * accum * d.world
@@ -144,20 +145,7 @@ def train(ns: argparse.Namespace) -> int:
         for it in range(start, cfg.max_steps):
             step = it + 1
             lr = sched.apply()
-            loss_acc = torch.zeros((), device=device)
-            for m in range(accum):
-                x, y = pf.next()
-                sync = m == accum - 1
-                ctx = model.no_sync() if (d.ddp and not sync) else contextlib.nullcontext()
-                with ctx, autocast():
-                    loss = model(x, y) / accum
-                loss.backward()
-                loss_acc += loss.detach()
-            if d.ddp:
-                dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
-            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss_acc, gnorm = train_step(model, params, opt, pf.next, accum, d.ddp, autocast, cfg.grad_clip)
             sched.step()
             pending.append((step, loss_acc, gnorm, lr))
             do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps

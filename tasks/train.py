@@ -1,0 +1,241 @@
+"""Run the trainer in a child process (torchrun for several GPUs) and turn its output into logs,
+catalog rows and Prefect artifacts. A CUDA crash or OOM ends the child, never the worker; the cost
+is that progress arrives as text lines to parse rather than Python objects."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from model.args import to_argv
+from storage import checkpoints as ckpts
+from storage import training_catalog as tc
+from storage.atomic import atomic_write_bytes, atomic_write_text
+from storage.paths import Home
+from storage.shards import file_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_INTERVAL_S = 1.0  # at most one progress line a second in the flow's logs
+INGEST_INTERVAL_S = 10.0
+
+
+@dataclass
+class TrainPlan:
+    home: str
+    run_id: str
+    preset: str
+    resume: bool
+    nproc: int
+    command: list[str]
+    resume_step: int | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+def artifact_key(run_id: str, what: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"train-{run_id}-{what}".lower()).strip("-")
+
+
+def plan_run(home: Home, preset: str, overrides: dict, resume: bool = False, run_id: str | None = None,
+             nproc: int | None = None) -> TrainPlan:
+    """Check the inputs, pick the run id, write the shard list, build the child's command."""
+    if not home.tokenizer.is_file():
+        raise FileNotFoundError(f"{home.tokenizer}: no tokenizer; run `langpwt prepare` first")
+    shards = tc.train_shards(home, file_sha256(home.tokenizer))
+    if not shards["train"]:
+        raise FileNotFoundError(f"{home.shards}: no train shards; run `langpwt prepare` first")
+    resume_step = None
+    if resume:
+        runs = [home.run_dir(run_id)] if run_id else ckpts.runs_newest_first(home)
+        last = ckpts.latest(runs[0] / ckpts.CKPT_DIR) if runs else None
+        if last is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {runs[0] if runs else home.runs}")
+        run_id, resume_step = runs[0].name, last.step
+    run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    atomic_write_text(home.run_dir(run_id) / "shards.json", json.dumps(shards, indent=1))
+    if nproc is None:
+        nproc = 1
+        if overrides.get("device") != "cpu":
+            import torch
+            nproc = max(torch.cuda.device_count(), 1)
+    child = ["-m", "model.train", "--home", str(home.root), "--run-id", run_id,
+             "--shard-list", str(home.run_dir(run_id) / "shards.json")]
+    child += ["--resume"] if resume else ["--preset", preset]
+    child += to_argv(overrides)
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *child]
+    else:
+        cmd = [sys.executable, *child]
+    return TrainPlan(str(home.root), run_id, preset, resume, nproc, cmd, resume_step, overrides)
+
+
+def run_child(cmd: list[str], on_event: Callable[[dict], None], on_line: Callable[[str], None]) -> int:
+    """Run `cmd`, passing JSON event lines to `on_event` and other lines to `on_line`; its exit code."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith('{"event"'):
+                on_event(json.loads(line))
+            elif line.strip():
+                on_line(line)
+        return proc.wait()
+    finally:
+        if proc.poll() is None:  # the flow was cancelled: do not leave a trainer holding the GPU
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class Recorder:
+    """Turns the child's events into catalog rows, artifacts and log lines."""
+
+    def __init__(self, plan: TrainPlan, log, artifacts: bool = True):
+        self.plan, self.log, self.artifacts = plan, log, artifacts
+        self.home = Home.from_env(plan.home)
+        self.run_dir = self.home.run_dir(plan.run_id)
+        self.flow_run_id = str(flow_run.id) if flow_run.id else None
+        self.tail = tc.JsonlTail(self.run_dir / "metrics.jsonl")
+        if plan.resume and self.tail.path.exists():  # earlier attempts' rows are in the catalog already
+            self.tail.offset = self.tail.path.stat().st_size
+        self.evals: list[dict] = []
+        self.error: str | None = None
+        self.device: str | None = None
+        self._last_log = self._last_ingest = 0.0
+
+    def ingest(self) -> None:
+        rows = self.tail.read()
+        if rows:
+            tc.upsert_metrics(self.home, self.plan.run_id, rows)
+        self._last_ingest = time.monotonic()
+
+    def __call__(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "start":
+            self.device = f"{ev['device']} x{ev['world']}"
+            tc.start_run(self.home, self.plan.run_id, self.plan.preset, ev["config"], self.device,
+                         self.flow_run_id, self.plan.resume_step)
+            self.log.info(f"run {ev['run_id']} on {self.device}: {ev['params'] / 1e6:.1f}M params, head={ev['head']}, "
+                          f"compile={ev['compile']}, from step {ev['step']} to {ev['max_steps']}")
+        elif kind == "step":
+            now = time.monotonic()
+            if now - self._last_log >= LOG_INTERVAL_S or ev["step"] == ev.get("max_steps"):
+                mfu = f" MFU {100 * ev['mfu']:.1f}%" if ev.get("mfu") else ""
+                self.log.info(f"step {ev['step']}: loss {ev['train_loss']:.4f} lr {ev['lr']:.2e} "
+                              f"grad {ev['grad_norm']:.3f} {ev['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} "
+                              f"mem {ev['memory_gb']:.2f} GB")
+                self._last_log = now
+            if now - self._last_ingest >= INGEST_INTERVAL_S:
+                self.ingest()
+        elif kind == "eval":
+            self.ingest()
+            tc.add_samples(self.home, self.plan.run_id, [ev])
+            row = next((r for r in reversed(tc.metrics(self.home, self.plan.run_id).to_pylist())
+                        if r["step"] == ev["step"]), {})
+            self.evals.append({k: row.get(k) for k in ("step", "train_loss", "val_loss", "lr", "grad_norm",
+                                                        "tokens_per_s", "mfu", "tokens")} | {"sample": ev["text"]})
+            self.log.info(f"eval step {ev['step']}: val loss {ev['val_loss']:.4f} | {ev['text'][:200]!r}")
+            if self.artifacts:
+                create_table_artifact(key=artifact_key(self.plan.run_id, "metrics"), table=self.evals,
+                                      description=f"run {self.plan.run_id}: metrics at each evaluation")
+        elif kind == "checkpoint":
+            self.ingest()
+            tc.add_checkpoint(self.home, self.plan.run_id, ev, self.flow_run_id, ev.get("removed", []))
+            self.log.info(f"checkpoint step {ev['step']}: {ev['path']} sha256 {ev['sha256'][:12]}")
+            if self.artifacts:
+                val = f"{ev['val_loss']:.4f}" if ev.get("val_loss") is not None else "—"
+                create_markdown_artifact(
+                    key=artifact_key(self.plan.run_id, f"checkpoint-{ev['step']:06d}"),
+                    description=f"checkpoint of run {self.plan.run_id} at step {ev['step']}",
+                    markdown=(f"### Checkpoint step {ev['step']}\n\n| step | val loss | path | sha256 | size |\n"
+                              f"|---|---|---|---|---|\n| {ev['step']} | {val} | [{ev['path']}](file://{ev['path']}) "
+                              f"| `{ev['sha256']}` | {ev['size_bytes'] / 1e6:.1f} MB |\n"))
+        elif kind == "error":
+            self.error = ev["message"]
+            self.log.error(ev["message"])
+
+    def finish(self, code: int) -> dict:
+        self.ingest()
+        if code and not self.error:
+            self.error = f"trainer exited with code {code}"
+        tc.finish_run(self.home, self.plan.run_id, "completed" if code == 0 else "failed", self.error, self.device)
+        last = ckpts.latest(ckpts.checkpoint_root(self.home, self.plan.run_id))
+        return dict(run_id=self.plan.run_id, exit_code=code, error=self.error,
+                    checkpoint=last.path if last else None, evals=len(self.evals))
+
+
+def report(home: Home, run_id: str) -> str:
+    """Markdown summary with the loss curve embedded (also saved as loss_curve.png in the run folder)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = tc.metrics(home, run_id).to_pylist()
+    train = [(r["step"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), lw=0.8, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(run_id), ax.legend(), ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    png = buf.getvalue()
+    atomic_write_bytes(home.run_dir(run_id) / "loss_curve.png", png)
+    tps = sorted(r["tokens_per_s"] for r in rows if r["tokens_per_s"])
+    best = min((v for _, v in val), default=None)
+    cks = ckpts.list_complete(ckpts.checkpoint_root(home, run_id))
+    lines = [f"# Training run `{run_id}`", "", "| steps | tokens | last train loss | best val loss | median tokens/s |",
+             "|---|---|---|---|---|",
+             f"| {rows[-1]['step'] if rows else 0} | {rows[-1]['tokens'] if rows else 0:,} | "
+             f"{train[-1][1] if train else float('nan'):.4f} | {best if best is not None else float('nan'):.4f} | "
+             f"{tps[len(tps) // 2] if tps else 0:,.0f} |", "",
+             f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})", "",
+             "| checkpoint | val loss | sha256 |", "|---|---|---|"]
+    lines += [f"| `{c.path}` | {c.val_loss if c.val_loss is not None else '—'} | `{c.sha256[:16]}` |" for c in cks]
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(home.run_dir(run_id) / "report.md", md)
+    return md
+
+
+@task(name="train-model")
+def train_task(plan: TrainPlan) -> dict:
+    log = get_run_logger()
+    log.info("command: " + " ".join(plan.command))
+    rec = Recorder(plan, log)
+    code = run_child(plan.command, rec, log.info)
+    return rec.finish(code)
+
+
+@task(name="train-report")
+def report_task(plan: TrainPlan) -> str:
+    md = report(Home.from_env(plan.home), plan.run_id)
+    create_markdown_artifact(key=artifact_key(plan.run_id, "report"), markdown=md,
+                             description=f"final report of run {plan.run_id}")
+    return str(Home.from_env(plan.home).run_dir(plan.run_id) / "report.md")
+
+
+@task(name="train-plan")
+def plan_task(home: str | None, preset: str, overrides: dict, resume: bool, run_id: str | None,
+              nproc: int | None) -> TrainPlan:
+    plan = plan_run(Home.from_env(home).ensure(), preset, overrides, resume, run_id, nproc)
+    get_run_logger().info(f"run {plan.run_id}: {plan.nproc} process(es), plan {asdict(plan)['overrides']}")
+    return plan

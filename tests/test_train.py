@@ -1,0 +1,102 @@
+"""The trainer on CPU from real shards: loss falls, bit-exact resume, NaN stop, bad input, DDP x2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from storage import checkpoints as ckpts
+from tests.train_fixtures import FAST, metrics_rows, run_trainer, train_home  # noqa: F401
+from tests.conftest import ROOT
+
+
+def test_tiny_run_learns_and_checkpoints(train_home):
+    code, events, text = run_trainer(train_home, *FAST, "--max-steps", "40", "--run-id", "r", "--eval-every", "20",
+                                     "--keep-last", "1", "--ckpt-every", "10")
+    assert code == 0, text
+    train, val = metrics_rows(train_home, "r")
+    assert sorted(train) == list(range(1, 41))  # one row per step
+    first, last = sum(train[s] for s in range(1, 6)) / 5, sum(train[s] for s in range(36, 41)) / 5
+    assert last < first - 0.5, (first, last)
+    assert val[40] < val[20] < 6.9  # below uniform over 1,024 tokens (ln 1024 = 6.93)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("eval") == 2
+    # keep-last 1 plus the best: step 40 is both, so exactly one survives
+    infos = ckpts.list_complete(ckpts.checkpoint_root(train_home, "r"))
+    assert [i.step for i in infos] == [40]
+    samples = [json.loads(x) for x in (train_home.run_dir("r") / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [20, 40] and all(s["text"] for s in samples)
+
+
+def test_resume_is_bit_exact(train_home):
+    common = [*FAST, "--schedule-steps", "16", "--eval-every", "4", "--ckpt-every", "4"]
+    assert run_trainer(train_home, *common, "--max-steps", "16", "--run-id", "straight")[0] == 0
+    assert run_trainer(train_home, *common, "--max-steps", "8", "--run-id", "split")[0] == 0
+    code, events, text = run_trainer(train_home, "--resume", "--run-id", "split", "--max-steps", "16")
+    assert code == 0, text
+    assert events[0]["step"] == 8 and events[0]["resumed_from"].endswith("step_000008")
+    a, va = metrics_rows(train_home, "straight")
+    b, vb = metrics_rows(train_home, "split")
+    assert list(a) == list(range(1, 17)) and a == b  # identical floats at every step
+    assert va[16] == vb[16]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_home):
+    assert run_trainer(train_home, *FAST, "--max-steps", "4", "--run-id", "n", "--ckpt-every", "4")[0] == 0
+    # an absurd learning rate overflows the weights within a step or two: a real NaN, not an injected one
+    code, events, text = run_trainer(train_home, "--resume", "--max-steps", "12", "--lr", "1e30",
+                                     "--warmup-steps", "1")
+    assert code == 3
+    err = events[-1]
+    assert err["event"] == "error" and err["kind"] == "nan" and "step_000004" in err["message"]
+    assert "non-finite loss" in text
+    assert [i.step for i in ckpts.list_complete(ckpts.checkpoint_root(train_home, "n"))] == [4]
+    ckpts.load_train_state(ckpts.latest(ckpts.checkpoint_root(train_home, "n")).path)  # still loadable
+
+
+def test_bad_inputs_fail_with_one_line(train_home, tmp_path):
+    # no train shards
+    for p in train_home.shards.glob("*.train.bin"):
+        p.rename(p.with_suffix(".moved"))
+    code, _, text = run_trainer(train_home, *FAST, "--max-steps", "2")
+    assert code == 2 and "no train shards" in text
+    for p in train_home.shards.glob("*.moved"):
+        p.rename(p.with_suffix(".bin"))
+    # a checkpoint made with another tokenizer
+    assert run_trainer(train_home, *FAST, "--max-steps", "2", "--run-id", "t")[0] == 0
+    tok = json.loads(train_home.tokenizer.read_text())
+    train_home.tokenizer.write_text(json.dumps(tok, indent=2))  # same vocabulary, other file
+    code, _, text = run_trainer(train_home, "--resume", "--max-steps", "4")
+    assert code == 2 and "differs from the tokenizer checkpoint" in text
+    tok["added_tokens"][0]["content"] = "<|other|>"  # one more token
+    train_home.tokenizer.write_text(json.dumps(tok))
+    code, _, text = run_trainer(train_home, "--resume", "--max-steps", "4")
+    assert code == 2 and "vocab size 1025 differs from 1024" in text
+    # a bad parameter
+    code, _, text = run_trainer(train_home, *FAST, "--batch-tokens", "1000", "--run-id", "b")
+    assert code == 2 and "--batch-tokens 1000" in text
+
+
+@pytest.mark.timeout(600)
+def test_ddp_two_ranks_match_one_rank_with_accumulation(train_home):
+    # dropout 0 so both runs compute the same function; data depends on (step, micro * world + rank)
+    args = ["-m", "model.train", "--home", str(train_home.root), *FAST, "--max-steps", "6", "--dropout", "0",
+            "--eval-every", "6", "--ckpt-every", "6"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--run-id", "one"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *args, "--run-id", "two"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    start = json.loads(next(x for x in two.stdout.splitlines() if x.startswith('{"event": "start"')))
+    assert start["world"] == 2 and start["accum"] == 1
+    a, _ = metrics_rows(train_home, "one")
+    b, _ = metrics_rows(train_home, "two")
+    assert list(a) == list(b) == list(range(1, 7))
+    for s in a:  # the same sequences and weights: only the reduction order differs
+        assert b[s] == pytest.approx(a[s], rel=1e-4), (s, a[s], b[s])
+    assert len(ckpts.list_complete(ckpts.checkpoint_root(train_home, "two"))) == 1  # rank 0 alone writes
