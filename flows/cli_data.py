@@ -69,8 +69,11 @@ def run_flow(kind: str, args: argparse.Namespace) -> int:
             from flows.tokenize import tokenize
             return _report(tokenize(params))
         from flows.prepare import PrepareParams, prepare
-        extra = {k: getattr(args, k) for k in PrepareParams.model_fields if k not in params.model_fields
-                 and getattr(args, k, None) is not None}
+        extra = {}
+        if hasattr(args, "subset"):  # `demo` has no download flags
+            extra = dict(dataset=args.dataset, subset=args.subset, revision=args.revision, include=args.include,
+                         max_files=args.max_files, download_workers=args.download_workers,
+                         min_free_bytes=args.min_free, retries=args.retries)
         return _report(prepare(PrepareParams(**params.model_dump(), **extra)))
     except ValidationError as e:
         first = e.errors()[0]

@@ -1,5 +1,7 @@
 """Flow `prepare`: get FineWeb-Edu (download from the Hub, or a local `--source`) and tokenize it.
-Run: `langpwt prepare --source data/sample` or `python -m flows.prepare data/sample`."""
+Run: `langpwt prepare --source data/sample` (local) or `langpwt prepare --subset sample-10BT` (Hub);
+`python -m flows.prepare data/sample` also works. Downloads and tokenization overlap: shard i starts
+as soon as files 0..i are verified."""
 from __future__ import annotations
 
 import sys
@@ -7,28 +9,55 @@ import sys
 from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
-from flows.tokenize import TokenizeParams, run_tokenize
+from flows.tokenize import Incoming, TokenizeParams, run_tokenize
 from storage import shard_catalog, sources
 from storage.lock import exclusive
 from storage.paths import Home
+from tasks.download import DownloadParams, fetch_file_task, plan_download_task
 
 
 class PrepareParams(TokenizeParams):
-    """`tokenize`'s parameters; without `source`, the download's too."""
+    """`tokenize`'s parameters; without `source`, those of the Hub download too."""
+    dataset: str = "HuggingFaceFW/fineweb-edu"
+    subset: str = Field("sample-10BT", description="sample-10BT|sample-100BT|sample-350BT|CC-MAIN-YYYY-WW")
+    revision: str = "main"
+    include: str | None = None
+    max_files: int | None = Field(None, ge=1)
+    download_workers: int = Field(4, ge=1, le=64)
+    min_free_bytes: int = Field(1 << 30, ge=0)
+    retries: int = Field(8, ge=0)
+
+    def download_params(self) -> DownloadParams:
+        return DownloadParams(dataset=self.dataset, subset=self.subset, revision=self.revision,
+                              include=self.include, max_files=self.max_files, workers=self.download_workers,
+                              min_free_bytes=self.min_free_bytes, retries=self.retries, progress=False)
 
 
-@flow(name="prepare", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+def _files(home: Home, params: PrepareParams) -> list:
+    """Local files (hashed and recorded), or the planned Hub files, each a download already under way."""
+    if params.source:
+        files = sources.list_local(params.source)
+        sources.record(home, files, "verified")
+        return files
+    dparams = params.download_params()
+    plan = plan_download_task(home, dparams)
+    return [item.source() if item.done else
+            Incoming(item.file.path, item.position, fetch_file_task.submit(home, plan, item, dparams))
+            for item in plan.items]
+
+
+@flow(name="prepare", task_runner=ThreadPoolTaskRunner(max_workers=6), log_prints=True)
 def prepare(params: PrepareParams) -> dict:
+    """Download (unless `source` is given) and tokenize; returns the tokenize summary."""
     home = Home.from_env(params.home).ensure()
     started = shard_catalog.utcnow()
     run_id = str(flow_run.id)
     with exclusive(home.lock, params.wait):
-        files = sources.list_local(params.source)
-        sources.record(home, files, "verified")
         shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "running", started)
         try:
-            summary = run_tokenize(params, files)
+            summary = run_tokenize(params, _files(home, params))
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "failed", started,
                                               {"error": str(e)})
@@ -40,6 +69,6 @@ def prepare(params: PrepareParams) -> dict:
 
 
 if __name__ == "__main__":
-    out = prepare(PrepareParams(source=sys.argv[1] if len(sys.argv) > 1 else "data/sample"))
+    out = prepare(PrepareParams(source=sys.argv[1] if len(sys.argv) > 1 else None))
     print({k: v for k, v in out.items() if k != "table"})
     sys.exit(1 if out["failed"] else 0)

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from storage import shard_catalog, sources
+from storage.atomic import remove_stale_temps
 from storage.lock import exclusive
 from storage.paths import Home
 from storage.sources import SourceFile
 from tasks.filter import FilterConfig
-from tasks.plan import plan_shards
+from tasks.plan import check_reprocess, plan_one, tokenizer_prefix
 from tasks.read import BadInput
 from tasks.scan import ScanCounts, scan_file
 from tasks.tokenize import ShardJob, tokenize_file
@@ -85,50 +87,106 @@ def tokenize_task(home: Home, job: ShardJob):
     return res
 
 
-def run_tokenize(params: TokenizeParams, files: list[SourceFile]) -> dict:
+@dataclass(frozen=True)
+class Incoming:
+    """A source file still downloading: its name, shard position and the download task's future."""
+    file: str
+    position: int
+    future: PrefectFuture
+
+
+def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> dict:
     """The body shared by `tokenize` and `prepare`: scan, tokenizer, plan, shards, report.
 
-    Tasks may run on other machines (Dask); only this process writes the catalog."""
+    `files` are in shard order; a future is a file still downloading: shard i starts as soon as files
+    0..i are in and scanned (dedup needs them) and the tokenizer exists. Tasks may run on other
+    machines (Dask); only this process writes the catalog."""
     home = Home.from_env(params.home).ensure()
-    log = get_run_logger()
-    t0 = time.time()
-    fcfg = params.filter_config()
-    scans = [s.result() for s in [scan_task.submit(home, f, fcfg) for f in files]]
-    failed = {}
-    for f, sc in zip(files, scans):
+    for folder in (home.shards, home.index, home.tokenizer_dir):
+        remove_stale_temps(folder)
+    log, t0, fcfg = get_run_logger(), time.time(), params.filter_config()
+    check_reprocess(params.reprocess, [f.position for f in files])
+    states = shard_catalog.shard_states(home)
+    scans: dict[int, PrefectFuture] = {}
+    for f in files:
+        if isinstance(f, SourceFile):
+            scans[f.position] = scan_task.submit(home, f, fcfg)
+    usable, failed, building, results, skipped = [], {}, {}, [], []
+    tok = None
+
+    def submit(srcs: list[SourceFile]) -> None:
+        for src in srcs:
+            earlier = usable[:usable.index(src)]
+            verdict, job = plan_one(home, src, earlier, fcfg, str(home.tokenizer), tok[1], states,
+                                    params.reprocess, params.force, flow_run.id)
+            if job is None:
+                skipped.append(src.shard_id)
+                continue
+            shard_catalog.mark_running(home, src.shard_id, src.file, src.sha256, job.config_hash, flow_run.id)
+            building[tokenize_task.submit(home, job)] = job
+
+    for i, f in enumerate(files):
+        src = f if isinstance(f, SourceFile) else _arrived(home, f, failed)
+        if src is None:
+            continue
+        for later in files[i + 1:]:  # scan files that finished downloading meanwhile
+            if isinstance(later, Incoming) and later.future.state.is_completed():
+                scans.setdefault(later.position, scan_task.submit(home, later.future.result(), fcfg))
+        sc = scans.setdefault(src.position, scan_task.submit(home, src, fcfg)).result()
         if sc.error:
-            failed[f.file] = sc.error
-            shard_catalog.record_failed(home, f.shard_id, f.file, f.sha256, None, sc.error, None, flow_run.id)
-            sources.mark(home, f.file, "failed", sc.error)
-    usable = [f for f, sc in zip(files, scans) if sc.error is None]
+            failed[src.file] = sc.error
+            shard_catalog.record_failed(home, src.shard_id, src.file, src.sha256, None, sc.error, None, flow_run.id)
+            sources.mark(home, src.file, "failed", sc.error)
+            continue
+        usable.append(src)
+        if tok is None and tokenizer_prefix(usable, params.tokenizer_config().sample_bytes):
+            tok = _tokenizer(home, usable, params)
+            submit(usable)
+        elif tok is not None:
+            submit([src])
+        _record_finished(home, building, results, failed, block=False)
     if not usable:
         raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files)}")
-    origin, tok_sha, vocab = tokenizer_task(home, usable, params)
-    shard_catalog.record_tokenizer(home, tok_sha, str(home.tokenizer), vocab, origin,
-                                   params.tokenizer_config().__dict__)
-    plan = plan_shards(home, usable, fcfg, str(home.tokenizer), tok_sha, params.reprocess, params.force,
-                       flow_run.id)
-    log.info(f"{len(plan.jobs)} shards to build, {len(plan.skipped)} up to date, {len(plan.stale)} stale")
-    for job in plan.jobs:
-        shard_catalog.mark_running(home, job.source.shard_id, job.source.file, job.source.sha256,
-                                   job.config_hash, job.flow_run_id)
-    futures = [tokenize_task.submit(home, job) for job in plan.jobs]
-    results = []
-    for fut in as_completed(futures):  # record each shard as it lands, so viewers see progress
+    if tok is None:
+        tok = _tokenizer(home, usable, params)
+        submit(usable)
+    log.info(f"{len(building)} shards built, {len(skipped)} up to date")
+    _record_finished(home, building, results, failed, block=True)
+    summary = summarize(results, skipped, failed, time.time() - t0)
+    create_table_artifact(key="tokenize-summary", table=summary["table"] or [{"shard": "none built"}],
+                          description=f"{summary['built']} shards built, {len(skipped)} up to date")
+    return summary
+
+
+def _arrived(home: Home, inc: Incoming, failed: dict) -> SourceFile | None:
+    """A download's result, or None after noting why (source_files already holds the failure)."""
+    try:
+        return inc.future.result()
+    except Exception as e:
+        failed[inc.file] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None
+
+
+def _tokenizer(home: Home, usable: list[SourceFile], params: TokenizeParams) -> tuple[str, str]:
+    origin, sha, vocab = tokenizer_task(home, usable, params)
+    shard_catalog.record_tokenizer(home, sha, str(home.tokenizer), vocab, origin, params.tokenizer_config().__dict__)
+    return origin, sha
+
+
+def _record_finished(home: Home, building: dict, results: list, failed: dict, block: bool) -> None:
+    """Record shards whose task finished (all of them if `block`), so viewers see progress."""
+    done = list(as_completed(list(building))) if block else [f for f in building if f.state.is_final()]
+    for fut in done:
+        job = building.pop(fut)
         res = fut.result()
         results.append(res)
         if res.error:
             failed[res.source_file] = res.error
-            job = next(j for j in plan.jobs if j.source.shard_id == res.shard_id)
             shard_catalog.record_failed(home, res.shard_id, res.source_file, job.source.sha256,
                                         job.config_hash, res.error, None, flow_run.id)
             sources.mark(home, res.source_file, "failed", res.error)
         else:
             shard_catalog.record_shard(home, res.shard_id, res.timing)
-    summary = summarize(results, plan.skipped, failed, time.time() - t0)
-    create_table_artifact(key="tokenize-summary", table=summary["table"],
-                          description=f"{len(plan.jobs)} shards built, {len(plan.skipped)} skipped")
-    return summary
 
 
 def summarize(results: list, skipped: list[int], failed: dict, seconds: float) -> dict:
@@ -145,18 +203,26 @@ def summarize(results: list, skipped: list[int], failed: dict, seconds: float) -
                 docs_in=sum(r.rows_in for r in results), kept=sum(r.kept for r in results))
 
 
+def _local_files(home: Home, params: TokenizeParams) -> list[SourceFile]:
+    """`--source`, else the files this home downloaded, else the source of its last run."""
+    if params.source:
+        files = sources.list_local(params.source)
+        sources.record(home, files, "verified")
+        return files
+    if files := sources.from_catalog(home):
+        return files
+    if last := shard_catalog.last_source(home):
+        return _local_files(home, params.model_copy(update={"source": last}))
+    raise ValueError("--source: not given, and this home has neither downloads nor an earlier run")
+
+
 @flow(name="tokenize", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
 def tokenize(params: TokenizeParams) -> dict:
     """Tokenize the parquet files of `params.source` into shards recorded in the catalog."""
     home = Home.from_env(params.home).ensure()
     started = shard_catalog.utcnow()
     with exclusive(home.lock, params.wait):
-        if params.source is None:
-            params = params.model_copy(update={"source": shard_catalog.last_source(home)})
-            if params.source is None:
-                raise ValueError("--source: not given and no earlier run on this home to take it from")
-        files = sources.list_local(params.source)
-        sources.record(home, files, "verified")
+        files = _local_files(home, params)
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)
         try:
             summary = run_tokenize(params, files)

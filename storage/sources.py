@@ -60,3 +60,12 @@ def record(home: Home, files: list[SourceFile], status: str = "verified", *, dat
 def mark(home: Home, file: str, status: str, error: str | None = None) -> None:
     with catalog.writer(home) as con:
         con.execute("UPDATE source_files SET status = ?, error = ? WHERE file = ?", [status, error, file])
+
+
+def from_catalog(home: Home) -> list[SourceFile]:
+    """The verified files recorded by an earlier download, in shard order (positions as recorded)."""
+    if not home.catalog.exists():
+        return []
+    rows = catalog.query_rows(home, """SELECT file, path, size_bytes, sha256, position FROM source_files
+                                       WHERE status = 'verified' AND dataset IS NOT NULL ORDER BY position""")
+    return [SourceFile(*r) for r in rows if Path(r[1]).is_file()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
 from storage import shard_catalog
 from storage.paths import Home
@@ -15,48 +14,41 @@ from tasks.tokenize import ShardJob
 FORMAT_VERSION = 1
 
 
-@dataclass
-class Plan:
-    jobs: list[ShardJob]
-    skipped: list[int]
-    stale: list[int]
-
-
 def config_hash(src: SourceFile, earlier: list[SourceFile], fcfg: FilterConfig, tok_sha: str) -> str:
     d = dict(format=FORMAT_VERSION, filter=fcfg.digest(), tokenizer=tok_sha,
              earlier=[(e.shard_id, e.sha256) for e in earlier] if fcfg.dedup else [])
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan_shards(home: Home, scanned: list[SourceFile], fcfg: FilterConfig, tokenizer_path: str,
-                tok_sha: str, reprocess: list[int] | None = None, force: bool = False,
-                flow_run_id: str | None = None) -> Plan:
-    """`scanned`: the usable files in sorted order. `reprocess` limits the work to those shard ids."""
-    states = shard_catalog.shard_states(home)
-    known = {s.shard_id for s in scanned}
-    if reprocess:
-        missing = sorted(set(reprocess) - known)
-        if missing:
-            raise ValueError(f"--reprocess {missing}: no usable source file has that shard id "
-                             f"(known: {sorted(known)})")
-    jobs, skipped, stale = [], [], []
-    for i, src in enumerate(scanned):
-        earlier = scanned[:i]
-        h = config_hash(src, earlier, fcfg, tok_sha)
-        st = states.get(src.shard_id)
-        up_to_date = (st is not None and st["status"] == "done" and st["config_hash"] == h
-                      and st["source_sha256"] == src.sha256
-                      and all(home.shard(src.shard_id, s).exists() for s in ("train", "val")))
-        if reprocess is not None and reprocess:
-            wanted = src.shard_id in reprocess
-        else:
-            wanted = force or not up_to_date
-        if not wanted:
-            skipped.append(src.shard_id)
-            continue
-        if st is not None and st["status"] == "done" and not up_to_date:
-            stale.append(src.shard_id)
-        jobs.append(ShardJob(src, fcfg, tokenizer_path, tok_sha, tuple(e.shard_id for e in earlier), h,
-                             flow_run_id))
-    shard_catalog.mark_stale(home, stale)
-    return Plan(jobs, skipped, stale)
+def plan_one(home: Home, src: SourceFile, earlier: list[SourceFile], fcfg: FilterConfig, tokenizer_path: str,
+             tok_sha: str, states: dict, reprocess: list[int] | None = None, force: bool = False,
+             flow_run_id: str | None = None) -> tuple[str, ShardJob | None]:
+    """("skip" | "build" | "stale", job) for one usable file; `earlier` are the usable files before it.
+
+    Files are planned one at a time, in order, so a shard can start while later files still download."""
+    h = config_hash(src, earlier, fcfg, tok_sha)
+    st = states.get(src.shard_id)
+    up_to_date = (st is not None and st["status"] == "done" and st["config_hash"] == h
+                  and st["source_sha256"] == src.sha256
+                  and all(home.shard(src.shard_id, s).exists() for s in ("train", "val")))
+    wanted = src.shard_id in reprocess if reprocess else (force or not up_to_date)
+    if not wanted:
+        return "skip", None
+    job = ShardJob(src, fcfg, tokenizer_path, tok_sha, tuple(e.shard_id for e in earlier), h, flow_run_id)
+    if st is not None and st["status"] == "done" and not up_to_date:
+        shard_catalog.mark_stale(home, [src.shard_id])
+        return "stale", job
+    return "build", job
+
+
+def check_reprocess(reprocess: list[int] | None, positions: list[int]) -> None:
+    missing = sorted(set(reprocess or []) - set(positions))
+    if missing:
+        raise ValueError(f"--reprocess {missing}: no source file has that shard id (known: {sorted(positions)})")
+
+
+def tokenizer_prefix(usable: list[SourceFile], sample_bytes: int) -> bool:
+    """Whether the usable files so far hold enough bytes to train the tokenizer on.
+
+    Parquet is compressed, so its size understates the text inside: the prefix is never too short."""
+    return sum(f.size_bytes for f in usable) >= sample_bytes

@@ -30,19 +30,18 @@ class TokenizerConfig:
 
 
 def training_texts(sources: list[SourceFile], fcfg: FilterConfig, tcfg: TokenizerConfig) -> Iterator[str]:
-    """An equal byte budget per file, documents that pass the rules, each cut to max_doc_chars."""
-    budget = max(1, tcfg.sample_bytes // max(1, len(sources)))
+    """Documents that pass the rules, in file order, each cut to max_doc_chars, until sample_bytes.
+
+    File order (not a share of every file) lets training start once the first files are in."""
+    budget, used = tcfg.sample_bytes, 0
     for src in sources:
-        used = 0
         for t in iter_batches(src.path, ["id", "text", "int_score", "language_score", "dump"]):
             df = pl.from_arrow(t).filter(rule_reason(fcfg).is_null())
             for text in df["text"].str.slice(0, tcfg.max_doc_chars):
                 yield text
                 used += len(text.encode("utf-8"))
                 if used >= budget:
-                    break
-            if used >= budget:
-                break
+                    return
 
 
 def train_tokenizer(texts: Iterator[str], out: Path, cfg: TokenizerConfig) -> str:
