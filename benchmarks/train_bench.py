@@ -24,7 +24,7 @@ from model.data import Prefetcher, TokenWindows, find_shards  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.head import make_head_loss  # noqa: E402
 from model.optim import WarmupCosine, make_optimizer  # noqa: E402
-from model.runtime import load_tokenizer, measure_peak_tflops  # noqa: E402
+from model.runtime import device_name, load_tokenizer, measure_peak_tflops  # noqa: E402
 from model.step import autocast_for, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
@@ -73,9 +73,9 @@ def make_data(out: Path, vocab: int) -> None:
     print({k: v for k, v in summary.items() if k != "table"})
 
 
-def setup(home: Path, dropout: float):
+def setup(home: Path, dropout: float, name: str = "seed"):
     tok, _, vocab = load_tokenizer(home / "tokenizer" / "tokenizer.json")
-    cfg = preset("seed", vocab).override({"dropout": dropout})
+    cfg = preset(name, vocab).override({"dropout": dropout})
     T = cfg.model.block_size
     train = TokenWindows(find_shards(home / "shards", "train"), T, vocab, "train")
     val = TokenWindows(find_shards(home / "shards", "val"), T, vocab, "val")
@@ -87,22 +87,29 @@ def build(cfg, head: str, device, total_steps: int):
     torch.manual_seed(cfg.seed)
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
     raw.head_loss = make_head_loss(head)
-    model = torch.compile(raw)
+    model = torch.compile(raw) if device.type == "cuda" else raw
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     return raw, model, opt, sched
 
 
+def sync(device, reset: bool = False) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+
+
 def speed(args) -> list[dict]:
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    peak = measure_peak_tflops(device)
-    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} bf16 matmul peak {peak:.0f} TFLOP/s")
+    peak = measure_peak_tflops(device) if device.type == "cuda" else 1.0
+    print(f"device {device_name(device)} torch {torch.__version__} bf16 matmul peak {peak:.0f} TFLOP/s")
     results = []
     for spec in args.variants.split(","):
         head, _, data = spec.partition(":")
         for dropout in [float(x) for x in args.dropouts.split(",")]:
-            cfg, train, _ = setup(args.home, dropout)
+            cfg, train, _ = setup(args.home, dropout, args.preset)
             T, micro = cfg.model.block_size, cfg.micro_batch
             accum = cfg.batch_tokens // (micro * T)
             raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
@@ -119,7 +126,7 @@ def speed(args) -> list[dict]:
                 pf = Prefetcher(train, cfg.seed, micro, 1, 0, accum, 0, device)
                 nb = pf.next
             autocast = autocast_for(device)
-            torch.cuda.reset_peak_memory_stats()
+            sync(device, reset=True)
             t0 = time.perf_counter()
             try:
                 for _ in range(args.warmup):
@@ -133,7 +140,7 @@ def speed(args) -> list[dict]:
                     sched.apply()
                     loss, _ = train_step(model, params, opt, nb, accum, False, autocast, 1.0)
                     sched.step()
-                torch.cuda.synchronize()
+                sync(device)
                 dt = time.perf_counter() - t1
             except Exception as e:  # one broken variant must not lose the others' numbers
                 print(f"{spec} dropout={dropout}: FAILED {type(e).__name__}: {str(e)[:400]}")
@@ -146,23 +153,22 @@ def speed(args) -> list[dict]:
             r = dict(variant=spec or "plain", head=head, data=data or "real", dropout=dropout,
                      tokens_per_s=tps, step_ms=1000 * dt / args.steps,
                      mfu=tps * raw.flops_per_token(T) / (peak * 1e12), peak_tflops=peak,
-                     warmup_s=warm_s, memory_gb=torch.cuda.max_memory_allocated() / 1e9,
+                     warmup_s=warm_s, memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0,
                      loss_after_warmup=first_loss, loss_end=float(loss))
             results.append(r)
             print(f"{spec:18s} dropout={dropout:<4} {tps / 1e6:6.3f}M tok/s  {r['step_ms']:6.2f} ms/step  "
                   f"MFU {100 * r['mfu']:5.1f}%  warmup+compile {warm_s:5.1f}s  mem {r['memory_gb']:5.1f} GB  "
                   f"loss {first_loss:.3f}->{r['loss_end']:.3f}", flush=True)
             del raw, model, opt
-            torch.cuda.empty_cache()
     return results
 
 
 def quality(args) -> list[dict]:
     """Equal tokens, same data and seed: val loss after `steps` for each head."""
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     results = []
     for head in args.variants.split(","):
-        cfg, train, val = setup(args.home, float(args.dropouts.split(",")[0]))
+        cfg, train, val = setup(args.home, float(args.dropouts.split(",")[0]), args.preset)
         T, micro = cfg.model.block_size, cfg.micro_batch
         accum = cfg.batch_tokens // (micro * T)
         raw, model, opt, sched = build(cfg, head, device, args.steps)
@@ -189,7 +195,6 @@ def quality(args) -> list[dict]:
               f"({r['seconds']:.0f}s incl. compile)", flush=True)
         results.append(r)
         del raw, model, opt
-        torch.cuda.empty_cache()
     return results
 
 
@@ -204,13 +209,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--json", type=Path)
+    p.add_argument("--device", default="cuda", help="cpu only to dry-run the script (with --preset tiny)")
+    p.add_argument("--preset", default="seed")
     args = p.parse_args()
     if args.mode == "make-data":
         make_data(args.out, args.vocab)
         return 0
     res = speed(args) if args.mode == "speed" else quality(args)
     if args.json:
-        args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+        args.json.write_text(json.dumps(dict(device=device_name(torch.device(args.device)), torch=torch.__version__,
                                              date=time.strftime("%Y-%m-%d"), results=res), indent=1))
     return 0
 

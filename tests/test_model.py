@@ -1,0 +1,116 @@
+"""The model in isolation: GPT-2 init and tying, padded ids, KV cache, the fused head, data, schedule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import GPTConfig, TrainConfig, padded
+from model.data import TokenWindows
+from model.generate import pick, sample
+from model.gpt import GPT, plain_loss
+from model.head import FusedHeadLoss
+from model.optim import WarmupCosine, make_optimizer
+from storage.shards import ShardWriter
+from tests.conftest import sample_rows
+
+CFG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=300, dropout=0.0)
+
+
+def test_gpt2_init_tying_and_padding():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=32, vocab_size=1000))
+    assert m.config.padded_vocab == 1024 == padded(1000) and padded(48_951) == 49_152
+    assert m.lm_head.weight is m.transformer.wte.weight
+    wte = m.transformer.wte.weight
+    assert wte[1000:].abs().max() == 0 and wte[:1000].std().item() == pytest.approx(0.02, rel=0.05)
+    proj = m.transformer.h[0].attn.c_proj.weight.std().item()
+    assert proj == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    assert m.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    groups = make_optimizer(m, TrainConfig(), torch.device("cpu")).param_groups
+    assert all(p.dim() == 2 for p in groups[0]["params"]) and all(p.dim() == 1 for p in groups[1]["params"])
+    assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
+
+
+def test_padded_ids_are_never_predicted_or_sampled():
+    torch.manual_seed(0)
+    m = GPT(CFG)
+    with torch.no_grad():
+        m.transformer.wte.weight[CFG.vocab_size:] = 5.0  # even if the pad rows held large values
+    logits = m(torch.randint(0, CFG.vocab_size, (2, 8)))
+    assert logits.shape[-1] == CFG.padded_vocab
+    assert torch.isinf(logits[..., CFG.vocab_size:]).all() and torch.isfinite(logits[..., :CFG.vocab_size]).all()
+    g = torch.Generator().manual_seed(1)
+    picks = {pick(logits[0, -1], 5.0, None, None, g) for _ in range(400)}
+    assert max(picks) < CFG.vocab_size and len(picks) > 50
+
+
+def test_kv_cache_generation_equals_full_recompute():
+    torch.manual_seed(0)
+    m = GPT(CFG).eval()
+    prompt = [5, 17, 42]
+    fast = list(sample(m, prompt, 10, temperature=0))
+    ids = list(prompt)
+    for _ in range(10):  # reference: the whole sequence again for every token, no cache
+        ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+    assert fast == ids[len(prompt):]
+    # past the block: still yields, never an out-of-range position
+    assert len(list(sample(m, prompt, 40, temperature=1.0, top_k=10, top_p=0.9, seed=3))) == 40
+
+
+def test_fused_head_matches_autograd_loss_and_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(4, 8, CFG.n_embd, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(CFG.padded_vocab, CFG.n_embd, dtype=torch.float64) * 0.3).requires_grad_()
+    t = torch.randint(0, CFG.vocab_size, (4, 8))
+    col = torch.arange(CFG.padded_vocab)
+    ref = plain_loss((h @ w.t()).masked_fill(col >= CFG.vocab_size, float("-inf")), t)
+    gh, gw = torch.autograd.grad(ref * 0.5, (h, w))
+    got = FusedHeadLoss.apply(h, w, t, CFG.vocab_size, False)
+    fh, fw = torch.autograd.grad(got * 0.5, (h, w))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(fh, gh, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-9)
+    assert fw[CFG.vocab_size:].abs().max() == 0
+
+
+def _shard(tmp_path, n_docs=40):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = [r["text"] for r in sample_rows()[:n_docs]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    w = ShardWriter(tmp_path / "shard_000000.train.bin", 300)
+    for t in texts:
+        ids = np.array([0, *tok.encode(t).ids])
+        w.append(ids, np.array([0]))
+    w.close()
+    return tmp_path / "shard_000000.train.bin"
+
+
+def test_batches_are_a_function_of_seed_step_and_index(tmp_path):
+    w = TokenWindows([_shard(tmp_path)], 16, 300)
+    a = w.batch(7, 3, 1, 8)
+    assert a.shape == (8, 17) and (a == w.batch(7, 3, 1, 8)).all()
+    assert not (a == w.batch(7, 4, 1, 8)).all() and not (a == w.batch(7, 3, 2, 8)).all()
+    # every window is a real contiguous slice of the shard
+    flat = np.asarray(w.maps[0])
+    starts = [np.flatnonzero(flat[:-16] == row[0]) for row in a]
+    assert all(any((flat[s:s + 17] == row).all() for s in st) for st, row in zip(starts, a))
+    v = w.fixed(5)
+    assert (v == w.fixed(5)).all() and len({tuple(r) for r in v}) == 5
+    with pytest.raises(ValueError, match="vocab_size 100"):
+        TokenWindows([_shard(tmp_path)], 16, 100)
+
+
+def test_warmup_then_cosine():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = WarmupCosine(opt, 1e-3, warmup=10, total=110, min_ratio=0.1)
+    assert s.lr_at(0) == pytest.approx(1e-4) and s.lr_at(9) == pytest.approx(1e-3)
+    assert s.lr_at(60) == pytest.approx(0.55e-3) and s.lr_at(110) == pytest.approx(1e-4)
+    assert s.lr_at(500) == pytest.approx(1e-4)
+    lrs = [s.lr_at(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
