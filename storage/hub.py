@@ -100,8 +100,10 @@ def _wait_s(status: int, headers, attempt: int, backoff: float) -> float:
         ra = (headers.get("Retry-After") or "").strip()
         if ra.isdigit():
             return int(ra) + 0.05
-        if ra and (when := email.utils.parsedate_to_datetime(ra)):
-            return max(0.0, when.timestamp() - time.time()) + 0.05
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(ra).timestamp() - time.time()) + 0.05
+        except (TypeError, ValueError):
+            pass  # absent or unreadable: our own backoff
     # full jitter keeps concurrent workers from retrying in lock-step
     return min(backoff * 2 ** attempt, 60.0) * (0.5 + random.random() / 2)
 
@@ -168,9 +170,10 @@ class Hub:
                 raise HubError(f"{what}: offline mode (HF_HUB_OFFLINE=1) and nothing verified locally")
             except HfHubHTTPError as e:
                 status = e.response.status_code if e.response is not None else 0
-                if status not in RETRY_STATUS or attempt >= self.retries:
+                wait = _wait_s(status, e.response.headers, attempt, self.backoff_s) if status else 0.0
+                if status not in RETRY_STATUS or attempt >= self.retries or wait > MAX_WAIT_S:
                     raise HubError(f"{what}: {_short(e)}") from e
-                time.sleep(_wait_s(status, e.response.headers, attempt, self.backoff_s))
+                time.sleep(wait)
             except TRANSIENT as e:
                 if attempt >= self.retries:
                     raise HubError(f"{what}: {_short(e)} (Hub at {self.endpoint})") from e

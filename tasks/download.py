@@ -183,35 +183,43 @@ def _offline_plan(home: Home, params: DownloadParams, pattern: str) -> Plan:
     return Plan(params.dataset, known[paths[0]][1], items, 0)
 
 
-def fetch_file(home: Home, plan: Plan, item: Item, params: DownloadParams, on_bytes=None) -> SourceFile:
-    """Fetch and verify one planned file, keeping its catalog row true at each step; raise HubError if not."""
+@dataclass(frozen=True)
+class Fetched:
+    source: SourceFile
+    seconds: float
+
+
+def fetch_file(home: Home, plan: Plan, item: Item, params: DownloadParams, on_bytes=None) -> Fetched:
+    """Fetch and verify one planned file under home.raw, or raise HubError. Writes no catalog row, so it
+    can run on any worker that sees home.raw; the caller records the outcome with `record_fetch`."""
     if item.done:
-        return item.source()
+        return Fetched(item.source(), 0.0)
     f, dest = item.file, Path(item.dest)
-    with _CATALOG:
-        sources.mark(home, f.path, "downloading")
     t0 = time.monotonic()
-    try:
-        if dest.exists():  # a file nobody recorded as verified (e.g. killed between rename and record)
-            if f.sha256 and dest.stat().st_size == f.size and file_sha256(dest) == f.sha256:
-                return _verified(home, plan, item, f.sha256, time.monotonic() - t0)
-            dest.unlink()
-        hub = params.hub()
-        hub.check_head(plan.revision, f)
-        digest = hub.fetch(plan.revision, f, dest, on_bytes)
-    except HubError as e:
-        with _CATALOG:
-            sources.mark(home, f.path, "failed", str(e))
-        raise
-    return _verified(home, plan, item, digest, time.monotonic() - t0)
+    if dest.exists():  # a file nobody recorded as verified (e.g. killed between rename and record)
+        if f.sha256 and dest.stat().st_size == f.size and file_sha256(dest) == f.sha256:
+            return Fetched(item.source(f.sha256), time.monotonic() - t0)
+        dest.unlink()
+    hub = params.hub()
+    hub.check_head(plan.revision, f)
+    digest = hub.fetch(plan.revision, f, dest, on_bytes)
+    return Fetched(item.source(digest), time.monotonic() - t0)
 
 
-def _verified(home: Home, plan: Plan, item: Item, digest: str, seconds: float) -> SourceFile:
-    src = item.source(digest)
+def mark_downloading(home: Home, plan: Plan, items: list[Item]) -> None:
     with _CATALOG:
-        sources.record(home, [src], "verified", dataset=plan.dataset, revision=plan.revision,
-                       urls={src.file: item.url}, seconds={src.file: round(seconds, 3)})
-    return src
+        sources.record(home, [i.source() for i in items], "downloading", dataset=plan.dataset,
+                       revision=plan.revision, urls={i.file.path: i.url for i in items})
+
+
+def record_fetch(home: Home, plan: Plan, item: Item, fetched: Fetched | None, error: str | None = None) -> None:
+    """One finished download's row: `verified` with its seconds, or `failed` with the reason."""
+    with _CATALOG:
+        if fetched is not None:
+            sources.record(home, [fetched.source], "verified", dataset=plan.dataset, revision=plan.revision,
+                           urls={item.file.path: item.url}, seconds={item.file.path: round(fetched.seconds, 3)})
+        else:
+            sources.mark(home, item.file.path, "failed", error)
 
 
 def failures_message(errors: list[str], total: int) -> str:
@@ -221,18 +229,23 @@ def failures_message(errors: list[str], total: int) -> str:
 def download(home: Home, params: DownloadParams) -> list[SourceFile]:
     """Every selected file verified under home.raw, sorted by position; DownloadError if any is not."""
     plan = plan_download(home, params)
-    todo = plan.todo
     bar = ByteBar.maybe(plan, params)
 
     def one(item: Item) -> SourceFile:
+        mark_downloading(home, plan, [item])
         try:
-            return fetch_file(home, plan, item, params, bar.advance if bar else None)
+            got = fetch_file(home, plan, item, params, bar.advance if bar else None)
+        except HubError as e:
+            record_fetch(home, plan, item, None, str(e))
+            raise
         finally:
             if bar:
                 bar.file_done()
+        record_fetch(home, plan, item, got)
+        return got.source
 
     with ThreadPoolExecutor(params.workers, thread_name_prefix="download") as pool:
-        futures = [pool.submit(one, i) for i in todo]
+        futures = [pool.submit(one, i) for i in plan.todo]
     got, errors = list(plan.verified), []
     for fut in futures:
         try:
@@ -248,6 +261,7 @@ def download(home: Home, params: DownloadParams) -> list[SourceFile]:
 
 @task(name="download-plan", cache_policy=NONE)
 def plan_download_task(home: Home, params: DownloadParams) -> Plan:
+    """Call it directly in the flow (not .submit): it reads and writes the catalog."""
     plan = plan_download(home, params)
     if bar := ByteBar.maybe(plan, params):
         _BARS[plan.key] = bar
@@ -257,10 +271,10 @@ def plan_download_task(home: Home, params: DownloadParams) -> Plan:
 
 
 @task(name="download-file", cache_policy=NONE, task_run_name="download-{item.position:06d}")
-def fetch_file_task(home: Home, plan: Plan, item: Item, params: DownloadParams) -> SourceFile:
+def fetch_file_task(home: Home, plan: Plan, item: Item, params: DownloadParams) -> Fetched:
     bar = _BARS.get(plan.key)
     try:
-        src = fetch_file(home, plan, item, params, bar.advance if bar else None)
+        got = fetch_file(home, plan, item, params, bar.advance if bar else None)
     except HubError as e:
         get_run_logger().error(str(e))
         raise
@@ -269,5 +283,5 @@ def fetch_file_task(home: Home, plan: Plan, item: Item, params: DownloadParams) 
             bar.file_done()
             if bar.left <= 0:
                 _BARS.pop(plan.key, None)
-    get_run_logger().info(f"verified {src.file} ({src.size_bytes / 1e6:.1f} MB)")
-    return src
+    get_run_logger().info(f"verified {got.source.file} ({got.source.size_bytes / 1e6:.1f} MB, {got.seconds:.1f} s)")
+    return got

@@ -13,7 +13,7 @@ import pytest
 
 from storage import catalog
 from storage.hub import DiskSpaceError, Hub, HubFile, part_path
-from tasks.download import DownloadError, DownloadParams, download, fetch_file, plan_download
+from tasks.download import DownloadError, DownloadParams, download, fetch_file, plan_download, record_fetch
 from tests.fakehub import Fault, FakeHub, build_fineweb_tree
 
 BIG = "sample/10BT/004_00000.parquet"
@@ -196,8 +196,10 @@ def test_an_unrecorded_final_file_is_hashed_not_refetched(home, hub, tree):
     dest = Path(plan.items[0].dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(tree[TEN[0]], dest)  # as if killed between the rename and the catalog write
-    src = fetch_file(home, plan, plan.items[0], params(hub))
-    assert src.sha256 == sha(tree[TEN[0]]) and not hub.hits(body=True)
+    got = fetch_file(home, plan, plan.items[0], params(hub))
+    assert got.source.sha256 == sha(tree[TEN[0]]) and not hub.hits(body=True)
+    assert rows(home)[TEN[0]]["status"] == "pending"  # the task writes no catalog row: its caller does
+    record_fetch(home, plan, plan.items[0], got)
     assert rows(home)[TEN[0]]["status"] == "verified"
 
 
