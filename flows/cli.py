@@ -9,7 +9,7 @@ import sys
 
 # module -> subcommands it registers; listed so `langpwt --help` stays fast (no torch import)
 COMMANDS = {
-    "flows.cli_data": ["prepare", "tokenize", "status", "sql", "demo"],
+    "flows.cli_data": ["prepare", "tokenize", "status", "sql", "rebuild-catalog", "demo"],
     "flows.cli_download": ["download"],
     "flows.cli_train": ["train", "generate"],
     "flows.cli_dashboard": ["dashboard"],

@@ -61,6 +61,7 @@ def _report(summary: dict) -> int:
 
 
 def run_flow(kind: str, args: argparse.Namespace) -> int:
+    import duckdb
     from pydantic import ValidationError
 
     try:
@@ -78,7 +79,7 @@ def run_flow(kind: str, args: argparse.Namespace) -> int:
     except ValidationError as e:
         first = e.errors()[0]
         return err(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}")
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, duckdb.Error) as e:
         return err(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
@@ -141,6 +142,17 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_rebuild(args) -> int:
+    from storage import shard_catalog
+    from storage.paths import Home
+
+    home = Home.from_env()
+    n = shard_catalog.rebuild(home)
+    print(f"catalog rebuilt from {n} shard sidecars in {home.shards}")
+    print_shards(home)
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Prepare the bundled sample, then (when the training code is present) train `tiny` and generate."""
     args.source = str(SAMPLE)
@@ -174,6 +186,8 @@ def register(sub) -> None:
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(handler=cmd_sql)
+    p = sub.add_parser("rebuild-catalog", help="rebuild the catalog's shard rows from the shards' sidecars")
+    p.set_defaults(handler=cmd_rebuild)
     p = sub.add_parser("demo", help="the whole job on the bundled sample, offline")
     add_tokenize_args(p)
     p.set_defaults(handler=cmd_demo)

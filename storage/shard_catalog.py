@@ -130,3 +130,25 @@ def last_source(home: Home) -> str | None:
                                        WHERE json_extract_string(params, '$.source') IS NOT NULL
                                        ORDER BY started_at DESC LIMIT 1""")
     return rows[0][0] if rows else None
+
+
+def rebuild(home: Home) -> int:
+    """Rebuild the pipeline's catalog rows from the shards' own sidecars; returns the shards recorded.
+
+    A catalog that no longer opens is moved aside (`catalog.duckdb.broken`), never deleted."""
+    import duckdb
+
+    from storage.sources import SourceFile, record
+
+    if home.catalog.exists():
+        try:
+            catalog.query_rows(home, "SELECT count(*) FROM shards")
+        except duckdb.Error:
+            home.catalog.replace(home.catalog.with_name("catalog.duckdb.broken"))
+            home.catalog.with_name("catalog.duckdb.wal").unlink(missing_ok=True)
+    n = 0
+    for meta_path in sorted(home.shards.glob("shard_*.json")):
+        meta = record_shard(home, int(meta_path.name.split("_")[1].split(".")[0]))
+        record(home, [SourceFile(**meta["source"])], "verified")
+        n += 1
+    return n
