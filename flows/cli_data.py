@@ -27,6 +27,9 @@ def add_tokenize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reprocess", nargs="+", metavar="SHARD_ID", help="redo exactly these shards")
     p.add_argument("--force", action="store_true", help="redo every shard (keeps the tokenizer)")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another run on this home")
+    d = p.add_mutually_exclusive_group()
+    d.add_argument("--dask-address", metavar="tcp://HOST:8786", help="run scans and shards on this Dask cluster")
+    d.add_argument("--dask-local", type=int, metavar="N", help="run them on a Dask LocalCluster of N processes")
 
 
 def tokenize_params(args: argparse.Namespace):
@@ -40,7 +43,7 @@ def tokenize_params(args: argparse.Namespace):
         min_language_score=args.min_language_score, min_chars=args.min_chars, max_chars=args.max_chars,
         dumps=args.dumps, dedup=args.dedup, val_fraction=args.val_fraction,
         reprocess=[parse_shard_id(s) for s in args.reprocess] if args.reprocess else None,
-        force=args.force, wait=args.wait)
+        force=args.force, wait=args.wait, dask_address=args.dask_address, dask_local=args.dask_local)
 
 
 def err(msg: str) -> int:

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
+from flows.runtime import tasks_on
 from flows.tokenize import Incoming, TokenizeParams, run_tokenize
 from storage import shard_catalog, sources
 from storage.lock import exclusive
@@ -57,7 +58,9 @@ def prepare(params: PrepareParams) -> dict:
     with exclusive(home.lock, params.wait):
         shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "running", started)
         try:
-            summary = run_tokenize(params, _files(home, params))
+            files = _files(home, params)  # downloads stay on this machine's threads
+            with tasks_on(params):        # scans and shards on them too, or on Dask
+                summary = run_tokenize(params, files)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "failed", started,
                                               {"error": str(e)})

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from flows.runtime import ScaleOut, tasks_on
 from storage import shard_catalog, sources
 from storage.atomic import remove_stale_temps
 from storage.lock import exclusive
@@ -27,7 +28,7 @@ from tasks.tokenize import ShardJob, tokenize_file
 from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer
 
 
-class TokenizeParams(BaseModel):
+class TokenizeParams(ScaleOut):  # ScaleOut: dask_address / dask_local
     """Parameters of `tokenize` (and the tokenize half of `prepare`)."""
     source: str | None = Field(None, description="folder of parquet files laid out like the Hub subset")
     home: str | None = Field(None, description="state folder; default $LANGPWT_HOME or ./.langpwt")
@@ -225,7 +226,8 @@ def tokenize(params: TokenizeParams) -> dict:
         files = _local_files(home, params)
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)
         try:
-            summary = run_tokenize(params, files)
+            with tasks_on(params):  # per-file tasks on this process's threads, or on Dask
+                summary = run_tokenize(params, files)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(),
                                               "failed", started, {"error": str(e)})

@@ -1,0 +1,81 @@
+"""Where a flow's work runs: the prefect.yaml pull step that puts a deployment's run in this checkout,
+and the per-run choice of task runner (the flow's own threads, or a Dask cluster on one or many machines).
+Trade-off: Prefect fixes a task runner per flow object, so the Dask one is swapped into the running
+flow's context for the duration of the work; one flow then serves local, LocalCluster and remote runs."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, Field, model_validator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_dir() -> dict[str, str]:
+    """prefect.yaml pull step: run the flow in the checkout whose venv the worker runs from.
+
+    `prefect deploy`'s default pull step bakes in the absolute directory it ran from, which breaks on a
+    GPU box whose checkout lives elsewhere; `pull: []` runs in a temp dir where nothing is found. The
+    worker's Python imports this module from its own (editable) install, so ROOT is right on every machine."""
+    if not (ROOT / "prefect.yaml").is_file():
+        raise RuntimeError(f"{ROOT}: not a LangPWT checkout (no prefect.yaml); install the project with "
+                           f"`pip install -e .` and start the worker from that venv")
+    os.chdir(ROOT)
+    return {"directory": str(ROOT)}
+
+
+class ScaleOut(BaseModel):
+    """Where per-file tasks (scan, tokenize-shard) run; default: threads in the flow's process."""
+    dask_address: str | None = Field(
+        None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$",
+        description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (workers need this "
+                    "checkout and the same $LANGPWT_HOME path, e.g. a network filesystem)")
+    dask_local: int | None = Field(None, ge=1, le=256,
+                                   description="start a Dask LocalCluster with this many worker processes")
+
+    @model_validator(mode="after")
+    def _one_cluster(self):
+        if self.dask_address and self.dask_local:
+            raise ValueError("give dask_address or dask_local, not both")
+        return self
+
+
+def dask_runner(opts: ScaleOut):
+    """A prefect-dask DaskTaskRunner for `opts`, or None for the flow's own runner."""
+    if not (opts.dask_address or opts.dask_local):
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if opts.dask_address:
+        return DaskTaskRunner(address=opts.dask_address)
+    # one thread per worker process: tokenizing holds the GIL between batches, processes scale, threads don't
+    return DaskTaskRunner(cluster_kwargs=dict(n_workers=opts.dask_local, threads_per_worker=1, processes=True,
+                                              dashboard_address=":0"))
+
+
+@contextlib.contextmanager
+def tasks_on(opts: ScaleOut) -> Iterator[None]:
+    """Inside a running flow: `task.submit` goes to the Dask cluster `opts` names until the block ends.
+
+    Every future must be resolved inside the block (the cluster closes at its end). Tasks on Dask write
+    only files under the home; the flow's process stays the only catalog writer."""
+    runner = dask_runner(opts)
+    if runner is None:
+        yield
+        return
+    from prefect import get_run_logger
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        raise RuntimeError("tasks_on() needs a running flow")
+    with runner:
+        client = runner.client  # connect now: a wrong address fails here, before any work is planned
+        workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        get_run_logger().info(f"tasks run on Dask at {client.scheduler.address} ({workers} workers)")
+        # Prefect's ContextModel.model_copy drops the entered token, so the copy can be entered
+        with ctx.model_copy(update={"task_runner": runner}):
+            yield
