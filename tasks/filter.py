@@ -44,7 +44,8 @@ class FilterConfig:
 def rule_reason(cfg: FilterConfig) -> pl.Expr:
     """The first per-document rule a row fails, or null when it passes them all."""
     text, n = pl.col("text"), pl.col("text").str.len_chars()
-    checks: list[tuple[pl.Expr, str]] = [(text.is_null(), "null_text"), (n == 0, "empty_text")]
+    # empty <=> zero bytes: no need to count the characters of every text unless a length rule is on
+    checks: list[tuple[pl.Expr, str]] = [(text.is_null(), "null_text"), (text.str.len_bytes() == 0, "empty_text")]
     if cfg.min_int_score is not None:
         checks.append((pl.col("int_score").fill_null(-1) < cfg.min_int_score, "low_int_score"))
     if cfg.min_language_score is not None:

@@ -59,16 +59,27 @@ class ShardCounts:
     timing: dict = field(default_factory=dict)  # kept out of the sidecars so they stay byte-identical
 
 
-def _interleave(ids: np.ndarray, offs: np.ndarray, eot: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens with `<|endoftext|>` before every document, and each document's EOT offset."""
+def _interleave(ids: np.ndarray, offs: np.ndarray, eot: int, dtype=np.uint32) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens with `<|endoftext|>` before every document, and each document's EOT offset.
+
+    `dtype` is the shard's, so the writer gets its bytes without another conversion pass."""
     n = offs.size - 1
     starts = (offs[:-1] + np.arange(n, dtype=np.uint64)).astype(np.int64)
-    out = np.empty(ids.size + n, dtype=np.uint32)
+    out = np.empty(ids.size + n, dtype=dtype)
     is_tok = np.ones(out.size, dtype=bool)
     is_tok[starts] = False
     out[is_tok] = ids
     out[starts] = eot
     return out, starts
+
+
+def _bincount(ids: np.ndarray, minlength: int, chunk: int = 1 << 20) -> np.ndarray:
+    """np.bincount in slices: it first casts its input to int64, which for a whole batch is a copy
+    twice the ids' size; an 8 MB slice stays in cache and runs about twice as fast."""
+    out = np.zeros(minlength, dtype=np.int64)
+    for i in range(0, ids.size, chunk):
+        out += np.bincount(ids[i:i + chunk], minlength=minlength)
+    return out
 
 
 def _reasons(home: Home, job: ShardJob) -> pl.Series:
@@ -105,9 +116,11 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
                 if not texts:
                     continue
                 ids, offs = encoder.encode_flat(texts)
-                toks, starts = _interleave(ids, offs, encoder.eot)
+                toks, starts = _interleave(ids, offs, encoder.eot, writers[split].dtype)
                 writers[split].append(toks, starts)
-                counts[split] += np.bincount(toks, minlength=encoder.vocab_size)
+                # the same counts as over `toks`: its tokens are `ids` plus one EOT per document
+                counts[split] += _bincount(ids, encoder.vocab_size)
+                counts[split][encoder.eot] += starts.size
                 ntok[sel.to_numpy()] = np.diff(offs.astype(np.int64))
             docs.append(_document_rows(df, kept, ntok, src, sid))
         if row != reasons.len():
