@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,18 @@ def project_dir() -> dict[str, str]:
 class ScaleOut(BaseModel):
     """Where per-file tasks (scan, tokenize-shard) run; default: threads in the flow's process."""
     dask_address: str | None = Field(
-        None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$",
+        None,
         description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (workers need this "
                     "checkout and the same $LANGPWT_HOME path, e.g. a network filesystem)")
     dask_local: int | None = Field(None, ge=1, le=256,
                                    description="start a Dask LocalCluster with this many worker processes")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", v):
+            raise ValueError(f"{v!r}: expected a Dask scheduler address such as tcp://10.0.0.5:8786")
+        return v
 
     @model_validator(mode="after")
     def _one_cluster(self):
