@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pyarrow as pa
 import streamlit as st
 
@@ -140,6 +141,15 @@ def need_runs(h: Home) -> queries.HomeState | None:
 def show_error(e: Exception) -> None:
     """A one-line error for catalog trouble (e.g. a writer holding the file for too long)."""
     st.warning(f"Cannot read the catalog right now: {str(e).splitlines()[0]}")
+
+
+_NULLABLE_INTS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                  pa.int64(): pd.Int64Dtype()}
+
+
+def frame(tbl: pa.Table) -> pd.DataFrame:
+    """Arrow -> pandas keeping integer columns integers when they hold nulls (no 1309.000000)."""
+    return tbl.to_pandas(types_mapper=_NULLABLE_INTS.get)
 
 
 def human_bytes(n: int | None) -> str:

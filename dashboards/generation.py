@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 EOT = "<|endoftext|>"
+MD_SPECIAL = set("\\`*_{}[]()#+-.!|>~<$&")
 
 
 @dataclass
@@ -59,6 +60,13 @@ def stream(m: Loaded, prompt: str, max_new_tokens: int = 100, temperature: float
     tail = text.flush()
     if tail:
         yield tail
+
+
+def markdown_literal(pieces: Iterator[str]) -> Iterator[str]:
+    """Model text shown as typed by a Markdown renderer (st.write_stream): escaped char by char,
+    which stays correct across piece boundaries, with line breaks kept."""
+    for piece in pieces:
+        yield "".join("\\" + ch if ch in MD_SPECIAL else ("  \n" if ch == "\n" else ch) for ch in piece)
 
 
 def describe(m: Loaded) -> str:

@@ -67,7 +67,7 @@ if common.need_catalog(h) is not None:
         st.info("No checkpoints yet: run")
         st.code(common.TRAIN_HINT, language="bash")
     elif tbl is not None:
-        df = tbl.to_pandas()
+        df = common.frame(tbl)
         df["size"] = [common.human_bytes(n) for n in df["size_bytes"]]
         df["flow_run"] = [prefect_info.flow_run_url(f) or f for f in df["flow_run_id"]]
         link = prefect_info.ui_url() is not None

@@ -9,21 +9,20 @@ import streamlit as st
 from dashboards import common, queries
 from storage.catalog import CatalogMissing
 
-STATUS_ICON = {"done": "✅ done", "failed": "❌ failed", "stale": "🕓 stale", "running": "⏳ running",
-               "partial": "⚠️ partial"}
+# cell colors, not emoji: a browser without an emoji font (headless Chromium) draws those as boxes
+STATUS_COLOR = {"done": "#d3f2dc", "failed": "#fbd5d5", "stale": "#fdecc8", "running": "#d6e8fb",
+                "interrupted": "#fdecc8", "partial": "#fdecc8"}
 
 st.title("Pipeline")
 h = common.home()
 
 
 def _status_col(tbl: pa.Table, alive: bool) -> list[str]:
-    out = []
-    for s in tbl["status"].to_pylist():
-        if s == "running" and not alive:
-            out.append("⚠️ interrupted")
-        else:
-            out.append(STATUS_ICON.get(s, s))
-    return out
+    return ["interrupted" if s == "running" and not alive else s for s in tbl["status"].to_pylist()]
+
+
+def _color(status: str) -> str:
+    return f"background-color: {STATUS_COLOR[status]}" if status in STATUS_COLOR else ""
 
 
 def render(initial_running: bool | None) -> None:
@@ -47,21 +46,19 @@ def render(initial_running: bool | None) -> None:
     c[0].metric("Shards done", f"{t['done']}/{t['shards']}")
     c[1].metric("Failed", t["failed"])
     c[2].metric("Stale", t["stale"])
-    c[3].metric("Tokens", common.human_count(t["tokens"]))
+    c[3].metric("Tokens (done shards)", common.human_count(t["tokens"]))
     c[4].metric("Documents kept", common.human_count(t["docs_kept"]))
     c[5].metric("Tokens/s (per shard)", common.human_count(t["tokens_per_s"]))
 
     st.subheader("Shards")
     shards = v["shards"]
     if shards.num_rows:
-        df = shards.to_pandas()
+        df = common.frame(shards)
         df["status"] = _status_col(shards, alive)
-        st.dataframe(df, hide_index=True, width="stretch", column_config={
-            "shard_id": st.column_config.NumberColumn("shard", format="%06d"),
-            "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
-            "tokens": st.column_config.NumberColumn(format="localized"),
-            "error": st.column_config.TextColumn(width="large"),
-        })
+        styled = df.style.map(_color, subset=["status"]).format(
+            precision=3, thousands=",", na_rep="", formatter={"shard_id": "{:06d}"})
+        st.dataframe(styled, hide_index=True, width="stretch", column_config={
+            "shard_id": "shard", "tokens_per_s": "tokens/s", "error": st.column_config.TextColumn(width="large")})
         failed = df[df["error"].notna()]
         for row in failed.itertuples():
             st.error(f"shard {row.shard_id:06d} ({row.source_file}): {row.error}")
@@ -77,13 +74,13 @@ def render(initial_running: bool | None) -> None:
             st.dataframe(out, hide_index=True, width="stretch")
     with right:
         st.subheader("Source files")
-        st.dataframe(v["files"].to_pandas(), hide_index=True, width="stretch", column_config={
+        st.dataframe(common.frame(v["files"]), hide_index=True, width="stretch", column_config={
             "size_bytes": st.column_config.NumberColumn("bytes", format="localized"),
         })
 
     st.subheader("Pipeline runs")
     st.caption("Prefect flow runs that wrote this catalog (newest first); `seconds` is wall time.")
-    st.dataframe(v["runs"].to_pandas(), hide_index=True, width="stretch")
+    st.dataframe(common.frame(v["runs"]), hide_index=True, width="stretch")
 
 
 if common.need_catalog(h) is not None:

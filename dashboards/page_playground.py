@@ -12,7 +12,6 @@ from dashboards import common, generation
 from storage.catalog import CatalogMissing
 
 MARKER = "COMPLETE"  # storage.checkpoints.MARKER (that module imports torch)
-
 st.title("Playground")
 h = common.home()
 
@@ -20,6 +19,10 @@ h = common.home()
 @st.cache_resource(max_entries=2, show_spinner="loading the checkpoint…")
 def _model(step_dir: str, sha256: str, tokenizer: str) -> generation.Loaded:
     return generation.load(Path(step_dir), Path(tokenizer))
+
+
+def _md(text: str) -> str:
+    return "".join(generation.markdown_literal([text]))
 
 
 def controls(rows: list[dict]) -> dict | None:
@@ -50,10 +53,11 @@ def run(req: dict) -> None:
         st.error(f"Cannot load {row['path']}: {str(e).splitlines()[0]}")
         return
     st.caption(generation.describe(m))
-    with st.container(border=True):
-        st.markdown(f"**{req['prompt']}**" if req["prompt"] else "*(no prompt: a new document)*")
-        text = st.write_stream(generation.stream(m, req["prompt"], req["length"], req["temperature"],
-                                                 req["top_k"], req["top_p"], req["seed"]))
+    with st.container(border=True, key="pg_output"):
+        st.markdown(f"**{_md(req['prompt'])}**" if req["prompt"] else "*(no prompt: a new document)*")
+        pieces = generation.stream(m, req["prompt"], req["length"], req["temperature"], req["top_k"],
+                                   req["top_p"], req["seed"])
+        text = st.write_stream(generation.markdown_literal(pieces))
     st.session_state["pg_last"] = dict(prompt=req["prompt"], text=text)
 
 
@@ -83,6 +87,6 @@ if common.need_catalog(h) is not None:
             run(req)
         elif "pg_last" in st.session_state:
             last = st.session_state["pg_last"]
-            with st.container(border=True):
-                st.markdown(f"**{last['prompt']}**")
+            with st.container(border=True, key="pg_output"):
+                st.markdown(f"**{_md(last['prompt'])}**" if last["prompt"] else "")
                 st.markdown(last["text"] if isinstance(last["text"], str) else "".join(map(str, last["text"])))

@@ -56,7 +56,7 @@ def charts(v: dict) -> None:
                                                      max_value=float(top["share"].max()) if len(top) else 1.0),
             "count": st.column_config.NumberColumn(format="localized"),
         })
-        st.caption("`text`: the token decoded (␠ space, ⏎ newline); `piece`: its byte-level BPE entry.")
+        st.caption("`text`: the token decoded (· space, ⏎ newline); `piece`: its byte-level BPE entry.")
 
 
 def sql_chart(tbl: pa.Table) -> None:
@@ -99,7 +99,7 @@ def sql_box() -> None:
     tbl = res.table
     more = f" (first {tbl.num_rows:,} shown)" if res.truncated else ""
     st.caption(f"{tbl.num_rows:,} rows × {tbl.num_columns} columns{more} in {res.seconds * 1000:.0f} ms")
-    st.dataframe(tbl.to_pandas(), hide_index=True, width="stretch")
+    st.dataframe(common.frame(tbl), hide_index=True, width="stretch")
     if tbl.num_columns == 2 and tbl.num_rows:
         sql_chart(tbl)
     buf = pa.BufferOutputStream()

@@ -76,7 +76,7 @@ def render(initial_running: bool | None) -> None:
         st.info(f"A run is going: this page refreshes every {common.REFRESH_S:.0f} s.", icon=":material/autorenew:")
     rows = runs.to_pylist()
     ids = [r["run_id"] for r in rows]
-    st.dataframe(runs.to_pandas(), hide_index=True, width="stretch", column_config={
+    st.dataframe(common.frame(runs), hide_index=True, width="stretch", column_config={
         "tokens": st.column_config.NumberColumn(format="localized"),
         "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="localized"),
         "mfu": st.column_config.NumberColumn("MFU", format="percent"),

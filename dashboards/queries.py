@@ -66,8 +66,27 @@ def _tables(home: Home, queries: dict[str, str | tuple[str, list]]) -> Views:
 
 
 def pipeline_alive(home: Home) -> bool:
-    """Whether the process that last took the home's pipeline lock still exists.
-    Reads the pid it wrote instead of probing the flock: a probe could make a starting run fail."""
+    """Whether some process holds the home's pipeline lock right now.
+    Looks the flock up in /proc/locks rather than probing it: a probe could make a starting run
+    fail. Where /proc/locks is missing, falls back to "the pid written in the lock file exists"."""
+    try:
+        st = home.lock.stat()
+    except FileNotFoundError:
+        return False
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return _pid_alive(home)
+    for line in table.splitlines():
+        f = line.split()
+        if len(f) > 5 and f[1] == "FLOCK" and f[3] == "WRITE":
+            maj, mnr, ino = f[5].split(":")
+            if (int(ino), int(maj, 16), int(mnr, 16)) == (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)):
+                return True
+    return False
+
+
+def _pid_alive(home: Home) -> bool:
     try:
         pid = int(home.lock.read_text().strip() or 0)
     except (FileNotFoundError, ValueError):
@@ -184,7 +203,7 @@ def decode_tokens(tokenizer_path: Path, ids: list[int]) -> list[tuple[str, str]]
     out = []
     for i in ids:
         text = tok.decode([i], skip_special_tokens=False)
-        out.append((tok.id_to_token(i) or "", text.replace(" ", "␠").replace("\n", "⏎").replace("\t", "⇥")))
+        out.append((tok.id_to_token(i) or "", text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥")))
     return out
 
 

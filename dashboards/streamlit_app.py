@@ -1,4 +1,4 @@
-"""LangPWT viewer: routes to one module per page under dashboards/pages/ with st.navigation.
+"""LangPWT viewer: routes to one module per page (dashboards/page_*.py) with st.navigation.
 Start with `langpwt dashboard`; every page reads the catalog of $LANGPWT_HOME read-only and briefly."""
 from __future__ import annotations
 
@@ -14,17 +14,19 @@ if str(ROOT) not in sys.path:
 
 from dashboards.common import home  # noqa: E402
 
+# page_*.py files, not a pages/ folder: with one next to the main script, Streamlit runs a session's
+# first script run the v1 multipage way and a deep link such as /tokens shows "Page not found"
 HERE = Path(__file__).parent
 PAGES = [
-    st.Page(HERE / "pages" / "pipeline.py", title="Pipeline", icon=":material/conveyor_belt:",
-            url_path="pipeline", default=True),
-    st.Page(HERE / "pages" / "token_stats.py", title="Token stats", icon=":material/bar_chart:",
+    st.Page(HERE / "page_pipeline.py", title="Pipeline", icon=":material/conveyor_belt:",
+            default=True),  # the root URL
+    st.Page(HERE / "page_token_stats.py", title="Token stats", icon=":material/bar_chart:",
             url_path="tokens"),
-    st.Page(HERE / "pages" / "training.py", title="Training", icon=":material/show_chart:",
+    st.Page(HERE / "page_training.py", title="Training", icon=":material/show_chart:",
             url_path="training"),
-    st.Page(HERE / "pages" / "checkpoints.py", title="Checkpoints", icon=":material/save:",
+    st.Page(HERE / "page_checkpoints.py", title="Checkpoints", icon=":material/save:",
             url_path="checkpoints"),
-    st.Page(HERE / "pages" / "playground.py", title="Playground", icon=":material/edit_note:",
+    st.Page(HERE / "page_playground.py", title="Playground", icon=":material/edit_note:",
             url_path="playground"),
 ]
 
