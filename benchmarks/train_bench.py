@@ -198,9 +198,108 @@ def quality(args) -> list[dict]:
     return results
 
 
+def micro(args) -> list[dict]:
+    """The output layer's pieces alone at the seed shape: matmuls (bf16, FP8) and the CE kernel."""
+    import triton.testing as tt
+
+    import model.head as H
+
+    dev = torch.device("cuda")
+    n, c, vp, v = 65536, 512, 49152, 48951
+    h = torch.randn(n, c, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(vp, c, device=dev, dtype=torch.bfloat16) * 0.02
+    g = torch.randn(n, vp, device=dev, dtype=torch.bfloat16) * 1e-5
+    t = torch.randint(0, v, (n,), device=dev)
+    flops = 2 * n * c * vp
+    out = []
+
+    def rec(name, ms, nflop=0, nbytes=0):
+        r = dict(name=name, ms=ms, tflops=nflop / ms / 1e9 if nflop else None, gbps=nbytes / ms / 1e6 if nbytes else None)
+        out.append(r)
+        print(f"{name:34s} {ms:7.3f} ms" + (f"  {r['tflops']:6.0f} TFLOP/s" if nflop else "")
+              + (f"  {r['gbps']:6.0f} GB/s" if nbytes else ""), flush=True)
+
+    big = torch.empty(2 * 2 ** 30, device=dev, dtype=torch.uint8)
+    rec("copy 2 GiB", tt.do_bench(lambda: big.clone(), return_mode="median"), nbytes=4 * 2 ** 30)
+    del big
+    rec("logits h@W^T bf16", tt.do_bench(lambda: h @ w.t(), return_mode="median"), flops)
+    rec("logits fp8 (incl. quantize)", tt.do_bench(lambda: H.fp8_linear(h, w), return_mode="median"), flops)
+    rec("grad_x dlogits@W bf16", tt.do_bench(lambda: g @ w, return_mode="median"), flops)
+    rec("grad_W dlogits^T@h bf16", tt.do_bench(lambda: g.t() @ h, return_mode="median"), flops)
+    best = (H.CE_BLOCK, H.CE_WARPS, 1e9)
+    logits = torch.randn(n, vp, device=dev, dtype=torch.bfloat16)
+    for blk, nw in [(4096, 8), (8192, 16), (8192, 32), (16384, 32), (4096, 16)]:
+        H.CE_BLOCK, H.CE_WARPS = blk, nw
+        ms = tt.do_bench(lambda: H.ce_grad_inplace(logits, t, v, 1.0 / n), return_mode="median")
+        rec(f"CE bf16 in place BLOCK={blk} warps={nw}", ms, nbytes=2 * n * vp * 2)
+        best = min(best, (blk, nw, ms), key=lambda b: b[2])
+    H.CE_BLOCK, H.CE_WARPS = best[0], best[1]
+    bestf = (H.FP8_BM, H.FP8_BN, H.FP8_WARPS, 1e9)
+    for bm, bn, nw in [(64, 256, 8), (32, 256, 4), (64, 128, 4), (128, 128, 8), (32, 512, 8)]:
+        H.FP8_BM, H.FP8_BN, H.FP8_WARPS = bm, bn, nw
+        try:
+            ms = tt.do_bench(lambda: H.ce_grad_fp8(logits, t, v, 1.0 / n), return_mode="median")
+        except Exception as e:
+            print(f"CE fp8 BM={bm} BN={bn} warps={nw}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            continue
+        rec(f"CE fp8 g+gT BM={bm} BN={bn} warps={nw}", ms, nbytes=n * vp * 2 + 2 * n * vp)
+        bestf = min(bestf, (bm, bn, nw, ms), key=lambda b: b[3])
+    H.FP8_BM, H.FP8_BN, H.FP8_WARPS = bestf[:3]
+    print(f"chosen: bf16 CE BLOCK={best[0]} warps={best[1]}; fp8 CE BM={bestf[0]} BN={bestf[1]} warps={bestf[2]}")
+    # correctness at the real vocabulary on fresh random inputs, against float64
+    m = 2048
+    hh = torch.randn(m, c, device=dev, dtype=torch.float64)
+    ww = torch.randn(vp, c, device=dev, dtype=torch.float64) * 0.05
+    tt_ = torch.randint(0, v, (m,), device=dev)
+    hr, wr = hh.clone().requires_grad_(), ww.clone().requires_grad_()
+    col = torch.arange(vp, device=dev)
+    ref = torch.nn.functional.cross_entropy((hr @ wr.t()).masked_fill(col >= v, float("-inf")), tt_)
+    ref.backward()
+    for name, fn in [("fused", lambda a, b: H.FusedHeadLoss.apply(a, b, tt_, v, False)),
+                     ("fp8fwd", lambda a, b: H.FusedHeadLoss.apply(a, b, tt_, v, True)),
+                     ("fp8", lambda a, b: H.FP8HeadLoss.apply(a, b, tt_, v))]:
+        a, b = hh.float().requires_grad_(), ww.float().requires_grad_()
+        loss = fn(a, b)
+        loss.backward()
+        e = lambda x, y: float((x.double() - y).norm() / y.norm())
+        r = dict(name=f"check {name}", loss_rel=abs(float(loss) - float(ref)) / float(ref),
+                 grad_h_rel=e(a.grad, hr.grad), grad_w_rel=e(b.grad, wr.grad))
+        out.append(r)
+        print(f"check {name:7s} loss rel {r['loss_rel']:.2e}  grad_h rel {r['grad_h_rel']:.2e}  "
+              f"grad_W rel {r['grad_w_rel']:.2e}", flush=True)
+    out.append(dict(name="chosen", ce_block=best[0], ce_warps=best[1], fp8=bestf[:3]))
+    return out
+
+
+def profile(args) -> list[dict]:
+    """Where one step's GPU time goes: the top kernels over 5 steps of each variant."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    device = torch.device("cuda")
+    for spec in args.variants.split(","):
+        dropout = float(args.dropouts.split(",")[0])
+        cfg, train, _ = setup(args.home, dropout, args.preset)
+        T, micro = cfg.model.block_size, cfg.micro_batch
+        raw, model, opt, sched = build(cfg, spec, device, 10 ** 6)
+        pf = Prefetcher(train, cfg.seed, micro, 1, 0, 1, 0, device)
+        autocast, params = autocast_for(device), list(raw.parameters())
+        for _ in range(args.warmup):
+            train_step(model, params, opt, pf.next, 1, False, autocast, 1.0)
+        sync(device)
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                train_step(model, params, opt, pf.next, 1, False, autocast, 1.0)
+            sync(device)
+        pf.close()
+        print(f"=== {spec} dropout={dropout}: 5 steps")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=int(args.steps)))
+        (args.out / f"profile_{spec}.txt").write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=80))
+    return []
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["make-data", "speed", "quality"])
+    p.add_argument("mode", choices=["make-data", "speed", "quality", "micro", "profile"])
     p.add_argument("--home", type=Path, default=OUT / "home")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--vocab", type=int, default=48_951)
@@ -211,11 +310,25 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--device", default="cuda", help="cpu only to dry-run the script (with --preset tiny)")
     p.add_argument("--preset", default="seed")
+    p.add_argument("--tuned", type=Path, help="micro's JSON: use the kernel tile sizes it chose")
+    p.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
+                   help="restrict scaled_dot_product_attention to one backend")
     args = p.parse_args()
+    if args.sdpa != "default":
+        for name in ("cudnn", "flash", "efficient"):
+            getattr(torch.backends.cuda, f"enable_{'mem_efficient' if name == 'efficient' else name}_sdp")(
+                name == args.sdpa)
+        torch.backends.cuda.enable_math_sdp(False)
+    if args.tuned and args.tuned.exists():
+        import model.head as H
+        chosen = next(r for r in json.loads(args.tuned.read_text())["results"] if r["name"] == "chosen")
+        H.CE_BLOCK, H.CE_WARPS = chosen["ce_block"], chosen["ce_warps"]
+        H.FP8_BM, H.FP8_BN, H.FP8_WARPS = chosen["fp8"]
+        print(f"tuned tiles: {chosen}")
     if args.mode == "make-data":
         make_data(args.out, args.vocab)
         return 0
-    res = speed(args) if args.mode == "speed" else quality(args)
+    res = {"speed": speed, "quality": quality, "micro": micro, "profile": profile}[args.mode](args)
     if args.json:
         args.json.write_text(json.dumps(dict(device=device_name(torch.device(args.device)), torch=torch.__version__,
                                              date=time.strftime("%Y-%m-%d"), results=res), indent=1))
