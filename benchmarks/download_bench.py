@@ -4,6 +4,7 @@ verification costs (the same transfer with hashing switched off; hashing after t
 Run: .venv/bin/python benchmarks/download_bench.py [--files 4] [--mb 256] [--repeats 3] [--workers 1 4]
 The fake Hub serves with sendfile from its own process, so no client shares a GIL with the server. Kinds:
   curl          `curl -sSfL` (with --parallel for workers > 1) of the same resolve URLs, redirect followed
+  curl_fsync    the same, then fsync of each file: the durability our downloader gives before its rename
   fetch         storage.hub.Hub.fetch per file: Range GET into .part, sha256 while writing, fsync, rename
   fetch_nohash  the same with the hasher switched off (a measurement instrument; verification then passes)
   download      tasks.download.download() end to end in a fresh home: + revision, listing, HEAD, catalog
@@ -83,6 +84,16 @@ def run_curl(urls: list[str], out: Path, workers: int) -> None:
     subprocess.run(args, check=True)
 
 
+def run_curl_fsync(urls: list[str], out: Path, workers: int) -> None:
+    run_curl(urls, out, workers)
+    for p in sorted(out.iterdir()):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def run_fetch(hub, sha: str, files, out: Path, workers: int, verify: bool) -> None:
     hub_mod._Hasher = hub_mod._RealHasher if verify else _NoHash
     try:
@@ -133,10 +144,10 @@ def main() -> int:
         return 0
     try:
         import duckdb, prefect  # noqa: F401,E401
-        kinds = ["curl", "fetch", "fetch_nohash", "download"]
+        kinds = ["curl", "curl_fsync", "fetch", "fetch_nohash", "download"]
     except ImportError:
         print("download_bench: prefect/duckdb missing: measuring storage.hub only (no `download` kind)")
-        kinds = ["curl", "fetch", "fetch_nohash"]
+        kinds = ["curl", "curl_fsync", "fetch", "fetch_nohash"]
     hub_mod._RealHasher = hub_mod._Hasher
     scratch = Path(tempfile.mkdtemp(prefix="dlbench_", dir=a.dir or Path(__file__).parent))
     os.environ["HF_HOME"] = str(scratch / "hf_home")  # no stored login goes to the fake Hub
@@ -153,6 +164,7 @@ def main() -> int:
         urls = [hub.url(sha, f.path) for f in files]
         runs = {
             "curl": lambda out, w: run_curl(urls, out, w),
+            "curl_fsync": lambda out, w: run_curl_fsync(urls, out, w),
             "fetch": lambda out, w: run_fetch(hub, sha, files, out, w, True),
             "fetch_nohash": lambda out, w: run_fetch(hub, sha, files, out, w, False),
             "download": lambda out, w: run_download(endpoint, out, w),
@@ -170,7 +182,7 @@ def main() -> int:
                 for kind in order:
                     out = scratch / f"out_{kind}"
                     out.mkdir()
-                    times[kind].append(timed(lambda: runs[kind](out, w), child=kind == "curl"))
+                    times[kind].append(timed(lambda: runs[kind](out, w), child=kind.startswith("curl")))
                     if kind == "curl":
                         times["hash_after"].append(timed(lambda: hash_after(out)))
                     shutil.rmtree(out)
@@ -179,6 +191,7 @@ def main() -> int:
             row = dict(workers=w, **{f"{k}_MBps": round(total / med[k] / 1e6) for k in kinds},
                        **{f"{k}_cpu_s_per_GB": round(cpu[k] / total * 1e9, 2) for k in kinds + ["hash_after"]},
                        fetch_vs_curl=round(med["curl"] / med["fetch"], 3),
+                       fetch_vs_curl_fsync=round(med["curl_fsync"] / med["fetch"], 3),
                        verify_overhead_pct=round(100 * (med["fetch"] / med["fetch_nohash"] - 1), 1),
                        hash_after_pct=round(100 * med["hash_after"] / med["curl"], 1),
                        wall_s={k: [round(t, 3) for t, _ in v] for k, v in times.items()})
@@ -190,12 +203,14 @@ def main() -> int:
         print(json.dumps(report, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=1))
-        print("\n| workers | curl MB/s | fetch MB/s (vs curl) | download MB/s (vs curl) | fetch, no hash MB/s | "
-              "verify overhead | hash after instead |\n|---|---|---|---|---|---|---|")
+        print("\n| workers | curl MB/s | curl+fsync MB/s | fetch MB/s (vs curl / vs curl+fsync) | download MB/s "
+              "(vs curl) | fetch, no hash MB/s | verify overhead | hash after instead |\n"
+              "|---|---|---|---|---|---|---|---|")
         for r in rows:
             dl = f"{r['download_MBps']} ({r['download_vs_curl']:.0%})" if "download_MBps" in r else "n/a"
-            print(f"| {r['workers']} | {r['curl_MBps']} | {r['fetch_MBps']} ({r['fetch_vs_curl']:.0%}) | {dl} | "
-                  f"{r['fetch_nohash_MBps']} | {r['verify_overhead_pct']:+.1f} % | +{r['hash_after_pct']} % |")
+            print(f"| {r['workers']} | {r['curl_MBps']} | {r['curl_fsync_MBps']} | {r['fetch_MBps']} "
+                  f"({r['fetch_vs_curl']:.0%} / {r['fetch_vs_curl_fsync']:.0%}) | {dl} | {r['fetch_nohash_MBps']} | "
+                  f"{r['verify_overhead_pct']:+.1f} % | +{r['hash_after_pct']} % |")
         return 0
     finally:
         if proc:

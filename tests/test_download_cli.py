@@ -127,3 +127,6 @@ def test_flow_downloads_then_reruns_as_a_no_op(prefect_api, home, hub, tree):
     with pytest.raises(Exception, match=f"{TEN[3]}: sha256"):
         run_download_flow(prm.model_copy(update={"max_files": 4}), str(home.root))
     assert status(home)[TEN[3]][0] == "failed"
+    p = run_cli("download", "--flow", "--max-files", "5", "--min-free", "0", env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 1 and f"{TEN[3]}: sha256" in p.stderr.strip().splitlines()[-1]
+    assert status(home)[TEN[4]][0] == "verified" and status(home)[TEN[3]][0] == "failed"
