@@ -36,7 +36,8 @@ def open_checked(path: str | Path) -> pq.ParquetFile:
     if size == 0:
         raise BadInput(f"{path}: empty file")
     try:
-        pf = pq.ParquetFile(path)
+        # page CRCs, where the writer stored them, catch bytes flipped inside a data page
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
         raise BadInput(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     schema = pf.schema_arrow

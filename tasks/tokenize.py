@@ -129,15 +129,23 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
     except BaseException as e:
         for w in writers.values():
             w.abort()
-        if isinstance(e, (BadInput, ValueError)):
-            res.status, res.error = "failed", str(e)
-            res.seconds = time.perf_counter() - t0
-            remove_outputs(home, sid)
-            return res
+        if isinstance(e, (BadInput, ValueError, OSError)):
+            return _failed(home, res, e, t0)
         raise
     res.seconds = time.perf_counter() - t0
-    documents = pl.concat(docs) if docs else None
-    _finish(home, job, res, shas, writers, counts, documents, started)
+    try:
+        _finish(home, job, res, shas, writers, counts, pl.concat(docs) if docs else None, started)
+    except OSError as e:  # e.g. the disk filled up while writing the sidecars
+        return _failed(home, res, e, t0)
+    return res
+
+
+def _failed(home: Home, res: ShardCounts, e: Exception, t0: float) -> ShardCounts:
+    """A shard that could not be built: nothing of it stays under a final name."""
+    msg = str(e) if not isinstance(e, OSError) or isinstance(e, BadInput) else \
+        f"{home.shards}: {e.strerror or e} while writing shard {res.shard_id:06d}"
+    res.status, res.error, res.seconds = "failed", msg, time.perf_counter() - t0
+    remove_outputs(home, res.shard_id)
     return res
 
 
