@@ -153,7 +153,7 @@ def frame(tbl: pa.Table) -> pd.DataFrame:
 
 
 def human_bytes(n: int | None) -> str:
-    if n is None:
+    if n is None or pd.isna(n):
         return ""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
@@ -163,7 +163,7 @@ def human_bytes(n: int | None) -> str:
 
 
 def human_count(n: float | None) -> str:
-    if n is None:
+    if n is None or pd.isna(n):
         return "–"
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
