@@ -63,14 +63,14 @@ class TrainConfig:
     log_every: int = 10  # steps between host syncs on CUDA; every step still gets a row
     device: str = "auto"
     compile: bool = True
-    head: str = "auto"  # output layer + loss: plain | fused | fp8fwd | fp8 (auto: fused on CUDA, plain on CPU)
+    head: str = "auto"  # output layer + loss: plain | fused | fp8 (auto: fp8 on CUDA, plain on CPU)
     peak_tflops: float | None = None  # None: measured at start on CUDA
     model: GPTConfig = field(default_factory=GPTConfig)
 
     def validate(self) -> None:
         self.model.validate()
-        if self.head not in ("auto", "plain", "fused", "fp8fwd", "fp8"):
-            raise ValueError(f"--head {self.head}: expected auto, plain, fused, fp8fwd or fp8")
+        if self.head not in ("auto", "plain", "fused", "fp8"):
+            raise ValueError(f"--head {self.head}: expected auto, plain, fused or fp8")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device}: expected auto, cpu or cuda")
         for k in ("max_steps", "batch_tokens", "micro_batch", "eval_every", "ckpt_every", "keep_last", "log_every"):
