@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test test-fast chromium clean bench
+.PHONY: install demo test test-fast chromium clean bench server-up server-down
 
 install: $(STAMP)
 
@@ -35,6 +35,13 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/pipeline_bench.py
+
+# a local Prefect server, the work pools, every deployment in prefect.yaml and a CPU worker (README)
+server-up: install
+	$(BIN)/langpwt server up --deploy
+
+server-down:
+	$(BIN)/langpwt server down
 
 clean:
 	rm -rf $(VENV) .langpwt .pytest_cache
