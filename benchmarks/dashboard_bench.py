@@ -65,6 +65,22 @@ def build(home: Home, rows: int) -> float:
     return time.perf_counter() - t0
 
 
+def train_tokenizer(home: Home) -> None:
+    """A small byte-level BPE from the bundled sample, so the Token stats page decodes its top tokens."""
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [t for p in sorted((ROOT / "data" / "sample").glob("*.parquet"))
+             for t in pq.read_table(p, columns=["text"])["text"].to_pylist()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    home.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(home.tokenizer))
+
+
 PAGES = {
     "Pipeline": lambda h: queries.pipeline(h),
     "Token stats": lambda h: queries.token_stats(h),
@@ -125,8 +141,10 @@ def main() -> int:
     else:
         print(f"building {a.rows:,} documents in {home.catalog} …", flush=True)
         print(f"built in {build(home, a.rows):.1f} s, {home.catalog.stat().st_size / 2**20:.0f} MiB")
+    if not home.tokenizer.exists():
+        train_tokenizer(home)
     n = catalog.query_rows(home, "SELECT count(*) FROM documents")[0][0]
-    print(f"\n{n:,} documents, {os.cpu_count()} CPUs\n")
+    print(f"\n{n:,} documents, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     print("| page | queries, cold connection: median (min–max) of %d |" % a.repeat)
     print("|---|---|")
     for name, ts in time_queries(home, a.repeat).items():

@@ -64,9 +64,16 @@ def _checkpoints(root: str, version: tuple) -> pa.Table:
     return queries.checkpoints(Home(Path(root)))
 
 
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _tokenizer(path: str, mtime: int):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)  # ~0.2 s for a 49k vocabulary: once per server, not per view
+
+
 @st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
 def _decoded(tokenizer: str, mtime: int, ids: tuple[int, ...]) -> list[tuple[str, str]]:
-    return queries.decode_tokens(Path(tokenizer), list(ids))
+    return queries.decode_tokens(_tokenizer(tokenizer, mtime), list(ids))
 
 
 def home_state(h: Home) -> queries.HomeState:

@@ -57,12 +57,16 @@ def home_state(home: Home) -> HomeState:
 
 
 def _tables(home: Home, queries: dict[str, str | tuple[str, list]]) -> Views:
+    """Run the queries in order on one connection. Each result is visible to the later ones under
+    its name, so one scan of `documents` into a small `_grouped` table feeds several views; names
+    starting with `_` are such intermediates and are not returned."""
     with catalog.reader(home) as con:
         out = {}
         for name, q in queries.items():
             sql, params = q if isinstance(q, tuple) else (q, None)
             out[name] = con.sql(sql, params=params).to_arrow_table()
-        return out
+            con.register(name, out[name])
+        return {k: v for k, v in out.items() if not k.startswith("_")}
 
 
 def pipeline_alive(home: Home) -> bool:
@@ -114,7 +118,7 @@ WITH s AS (
            max(seconds) AS seconds, min(started_at) AS started_at, max(finished_at) AS finished_at,
            any_value(error) FILTER (WHERE error IS NOT NULL) AS error
     FROM shards GROUP BY shard_id),
-d AS (SELECT shard_id, count(*) AS docs_in, count(*) FILTER (WHERE NOT kept) AS docs_dropped
+d AS (SELECT shard_id, count(*) AS docs_in, sum((NOT kept)::INT)::BIGINT AS docs_dropped
       FROM documents GROUP BY shard_id)
 SELECT s.shard_id, s.source_file, s.status, d.docs_in, s.docs_kept, d.docs_dropped, s.tokens,
        s.train_tokens, s.val_tokens, round(s.seconds, 3) AS seconds,
@@ -126,10 +130,12 @@ SELECT f.position AS shard_id, f.file, f.status, f.size_bytes, f.sha256, f.datas
        f.downloaded_at, round(f.seconds, 2) AS download_seconds, f.error
 FROM source_files f ORDER BY f.position, f.file"""
 
+# The pipeline sets drop_reason exactly when it drops a document, so grouping on that one column
+# gives kept and dropped by reason; one key per scan: on 10M rows, single-key GROUP BYs and
+# sum(bool::INT) measured 2-5x faster than composite keys and FILTER clauses (benchmarks/RESULTS.md)
 OUTCOMES_SQL = """
-SELECT CASE WHEN kept THEN 'kept' ELSE coalesce(drop_reason, 'dropped') END AS outcome,
-       count(*) AS documents, sum(n_chars)::BIGINT AS chars
-FROM documents GROUP BY 1 ORDER BY outcome = 'kept' DESC, documents DESC"""
+SELECT coalesce(drop_reason, 'kept') AS outcome, count(*) AS documents, sum(n_chars)::BIGINT AS chars
+FROM documents GROUP BY drop_reason ORDER BY drop_reason IS NULL DESC, documents DESC"""
 
 RUNS_SQL = """
 SELECT run_id, flow, status, started_at, finished_at,
@@ -145,10 +151,7 @@ FROM pipeline_runs ORDER BY started_at DESC LIMIT 50"""
 
 def pipeline(home: Home) -> Views:
     """Tables `shards`, `files`, `outcomes`, `runs` and a one-row `totals`."""
-    v = _tables(home, {
-        "shards": SHARDS_SQL, "files": FILES_SQL,
-        "outcomes": OUTCOMES_SQL, "runs": RUNS_SQL,
-    })
+    v = _tables(home, {"shards": SHARDS_SQL, "files": FILES_SQL, "outcomes": OUTCOMES_SQL, "runs": RUNS_SQL})
     sh = v["shards"].to_pylist()
     done = [r for r in sh if r["status"] == "done"]
     tokens = sum(r["tokens"] or 0 for r in done)
@@ -169,25 +172,32 @@ def is_running(views: Views) -> bool:
 
 # ---- Token stats page ----------------------------------------------------------------------------
 
+# the exact length distribution (a few thousand distinct lengths) is fetched once; the histogram's
+# bin width (from its 99th percentile) and bins are computed from it, not from 10M rows again
+LENGTHS_SQL = """
+SELECT n_tokens, count(*) AS n FROM documents WHERE kept AND n_tokens IS NOT NULL GROUP BY n_tokens"""
+
 HIST_SQL = """
-WITH k AS (SELECT n_tokens FROM documents WHERE kept AND n_tokens IS NOT NULL),
-b AS (SELECT greatest(1, ceil(quantile_cont(n_tokens, 0.99) / ?))::BIGINT AS width FROM k)
+WITH c AS (SELECT n_tokens, n, sum(n) OVER (ORDER BY n_tokens) AS cum, sum(n) OVER () AS total FROM _lengths),
+b AS (SELECT greatest(1, ceil(min(n_tokens) / ?))::BIGINT AS width FROM c WHERE cum >= 0.99 * total)
 SELECT least(n_tokens // width, ?) * width AS lo,
        CASE WHEN n_tokens // width >= ? THEN NULL ELSE (n_tokens // width + 1) * width END AS hi,
-       count(*) AS documents
-FROM k, b GROUP BY ALL ORDER BY lo"""
+       sum(n)::BIGINT AS documents
+FROM _lengths, b GROUP BY ALL ORDER BY lo"""
 
 
 def token_stats(home: Home, top_n: int = 40, bins: int = 40) -> Views:
     """Tokens by dump and by int_score, a document-length histogram (last bin: the top 1 %),
     and the most frequent token ids with their share of all tokens."""
     return _tables(home, {
+        "_lengths": LENGTHS_SQL,
         "by_dump": """SELECT dump, count(*) AS documents, sum(n_tokens)::BIGINT AS tokens FROM documents
                       WHERE kept GROUP BY dump ORDER BY dump""",
-        "by_int_score": """SELECT int_score, count(*) FILTER (WHERE kept) AS documents_kept,
-                           count(*) FILTER (WHERE NOT kept) AS documents_dropped,
-                           coalesce(sum(n_tokens) FILTER (WHERE kept)::BIGINT, 0) AS tokens
-                           FROM documents GROUP BY int_score ORDER BY int_score""",
+        # n_tokens is set only for kept documents, so sum(n_tokens) needs no CASE (measured 3x slower)
+        "by_int_score": """SELECT int_score, kept AS documents_kept, documents - kept AS documents_dropped, tokens
+                           FROM (SELECT int_score, count(*) AS documents, sum(kept::INT)::BIGINT AS kept,
+                                        coalesce(sum(n_tokens), 0)::BIGINT AS tokens
+                                 FROM documents GROUP BY int_score) ORDER BY int_score""",
         "length_hist": (HIST_SQL, [bins, bins, bins]),
         "top_tokens": ("""WITH t AS (SELECT token_id, sum(count)::BIGINT AS count FROM token_counts GROUP BY token_id)
                           SELECT token_id, count, count / sum(count) OVER () AS share
@@ -195,12 +205,14 @@ def token_stats(home: Home, top_n: int = 40, bins: int = 40) -> Views:
     })
 
 
-def decode_tokens(tokenizer_path: Path, ids: list[int]) -> list[tuple[str, str]]:
-    """(vocabulary piece, decoded text) per id; text is shown with visible whitespace."""
-    from tokenizers import Tokenizer
+def decode_tokens(tokenizer, ids: list[int]) -> list[tuple[str, str]]:
+    """(vocabulary piece, decoded text) per id, whitespace made visible; `tokenizer` is a
+    tokenizers.Tokenizer or the path of a tokenizer.json."""
+    if isinstance(tokenizer, (str, Path)):
+        from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    out = []
+        tokenizer = Tokenizer.from_file(str(tokenizer))
+    tok, out = tokenizer, []
     for i in ids:
         text = tok.decode([i], skip_special_tokens=False)
         out.append((tok.id_to_token(i) or "", text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥")))
