@@ -96,7 +96,9 @@ def writer(home: Home, timeout: float = WRITE_TIMEOUT_S) -> Iterator[duckdb.Duck
                 yield con
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                # after a failed COMMIT (a full disk, say) there is nothing to roll back: keep the cause
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
                 raise
         finally:
             con.close()

@@ -2,6 +2,7 @@
 Streamed to a temp file and renamed when complete, so a 2 GB source never sits in memory."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -90,7 +91,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         for f, p in ((self._f, self._tmp), (self._fi, self._tmp_idx)):
-            f.close()
+            # closing flushes buffered bytes, which fails again on a full disk: the temp goes anyway
+            with contextlib.suppress(OSError):
+                f.close()
             p.unlink(missing_ok=True)
 
 
