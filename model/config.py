@@ -63,7 +63,7 @@ class TrainConfig:
     log_every: int = 10  # steps between host syncs on CUDA; every step still gets a row
     device: str = "auto"
     compile: bool = True
-    head: str = "auto"  # output layer + loss: plain | fused | fp8 (auto: fp8 on CUDA, plain on CPU)
+    head: str = "auto"  # output layer + loss: plain | fused | fp8 (auto: fused on CUDA, plain on CPU)
     peak_tflops: float | None = None  # None: measured at start on CUDA
     model: GPTConfig = field(default_factory=GPTConfig)
 
@@ -113,7 +113,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # the original run: 5000 steps x 65,536 tokens at seq 512 (327.7M tokens)
     "seed": dict(max_steps=5000, batch_tokens=65536, micro_batch=128, lr=1e-3, warmup_steps=200,
-                 eval_every=1000, eval_batches=10, ckpt_every=2500,
+                 eval_every=1000, eval_batches=10, ckpt_every=2500, log_every=50,
                  model=dict(n_layer=4, n_head=8, n_embd=512, block_size=512, dropout=0.1)),
     # trains in seconds on two CPU cores: tests and `make demo`
     "tiny": dict(max_steps=60, batch_tokens=2048, micro_batch=16, lr=3e-3, warmup_steps=5,
