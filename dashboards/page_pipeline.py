@@ -1,5 +1,5 @@
 """Pipeline page: source files and shards with status, tokens, documents kept/dropped, throughput.
-It re-reads the catalog every couple of seconds only while a run is going; idle, it costs nothing."""
+It re-reads the catalog every couple of seconds only while the catalog shows a run; idle, it costs nothing."""
 from __future__ import annotations
 
 import duckdb
@@ -11,14 +11,26 @@ from storage.catalog import CatalogMissing
 
 # cell colors, not emoji: a browser without an emoji font (headless Chromium) draws those as boxes
 STATUS_COLOR = {"done": "#d3f2dc", "failed": "#fbd5d5", "stale": "#fdecc8", "running": "#d6e8fb",
-                "interrupted": "#fdecc8", "partial": "#fdecc8"}
+                "interrupted?": "#fdecc8", "partial": "#fdecc8"}
+
+STALL_S = 120  # no catalog change for this long and no local lock holder: the run likely died
 
 st.title("Pipeline")
 h = common.home()
 
 
-def _status_col(tbl: pa.Table, alive: bool) -> list[str]:
-    return ["interrupted" if s == "running" and not alive else s for s in tbl["status"].to_pylist()]
+def run_state(v: dict) -> str:
+    """idle | running | stalled. A run on another machine (shared storage) holds no lock visible
+    here, so "stalled" also needs the catalog to have been quiet for a while."""
+    if not queries.is_running(v):
+        return "idle"
+    if queries.pipeline_alive(h) or queries.catalog_idle_s(h) < STALL_S:
+        return "running"
+    return "stalled"
+
+
+def _status_col(tbl: pa.Table, state: str) -> list[str]:
+    return ["interrupted?" if s == "running" and state == "stalled" else s for s in tbl["status"].to_pylist()]
 
 
 def _color(status: str) -> str:
@@ -31,17 +43,17 @@ def render(initial_running: bool | None) -> None:
     except (CatalogMissing, duckdb.Error) as e:
         common.show_error(e)
         return
-    alive = queries.pipeline_alive(h)
-    running = queries.is_running(v) and alive
-    if initial_running is not None and running != initial_running:
+    state = run_state(v)
+    if initial_running is not None and (state != "idle") != initial_running:
         st.rerun()  # the run started or ended: re-render the whole page with(out) the refresh timer
     t = v["totals"].to_pylist()[0]
-    if running:
+    if state == "running":
         st.info(f"A pipeline run is going: this page refreshes every {common.REFRESH_S:.0f} s.",
                 icon=":material/autorenew:")
-    elif queries.is_running(v):
-        st.warning("The catalog shows a run as `running` but no process holds the pipeline lock: it was "
-                   "interrupted. `langpwt tokenize` resumes it (finished shards are kept).")
+    elif state == "stalled":
+        st.warning(f"The catalog shows a run as `running`, but it has not changed for {STALL_S // 60} min and "
+                   "no process on this machine holds the pipeline lock: the run was probably interrupted. "
+                   "`langpwt tokenize` resumes it (finished shards are kept).")
     c = st.columns(6)
     c[0].metric("Shards done", f"{t['done']}/{t['shards']}")
     c[1].metric("Failed", t["failed"])
@@ -54,7 +66,7 @@ def render(initial_running: bool | None) -> None:
     shards = v["shards"]
     if shards.num_rows:
         df = common.frame(shards)
-        df["status"] = _status_col(shards, alive)
+        df["status"] = _status_col(shards, state)
         styled = df.style.map(_color, subset=["status"]).format(
             precision=3, thousands=",", na_rep="", formatter={"shard_id": "{:06d}"})
         st.dataframe(styled, hide_index=True, width="stretch", column_config={
@@ -85,8 +97,7 @@ def render(initial_running: bool | None) -> None:
 
 if common.need_catalog(h) is not None:
     try:
-        first = common.pipeline(h)
-        is_live = queries.is_running(first) and queries.pipeline_alive(h)
+        is_live = run_state(common.pipeline(h)) != "idle"
     except (CatalogMissing, duckdb.Error) as e:
         common.show_error(e)
         is_live = None

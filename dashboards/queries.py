@@ -46,6 +46,12 @@ def catalog_version(home: Home) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def catalog_idle_s(home: Home) -> float:
+    """Seconds since the catalog last changed (inf when there is none)."""
+    newest = max(catalog_version(home))
+    return (time.time_ns() - newest) / 1e9 if newest else float("inf")
+
+
 def home_state(home: Home) -> HomeState:
     if not home.catalog.exists():
         return HomeState(catalog=False, tokenizer=home.tokenizer.exists())
@@ -137,8 +143,12 @@ OUTCOMES_SQL = """
 SELECT coalesce(drop_reason, 'kept') AS outcome, count(*) AS documents, sum(n_chars)::BIGINT AS chars
 FROM documents GROUP BY drop_reason ORDER BY drop_reason IS NULL DESC, documents DESC"""
 
+# runs on one home never overlap (its pipeline lock), so a `running` row older than the newest run
+# is one that died without updating it
 RUNS_SQL = """
-SELECT run_id, flow, status, started_at, finished_at,
+SELECT run_id, flow,
+       CASE WHEN status = 'running' AND started_at < max(started_at) OVER () THEN 'interrupted'
+            ELSE status END AS status, started_at, finished_at,
        round(epoch(coalesce(finished_at, now()::TIMESTAMP) - started_at), 1) AS seconds,
        TRY_CAST(json_extract(counts, '$.tokens') AS BIGINT) AS tokens,
        TRY_CAST(json_extract(counts, '$.built') AS BIGINT) AS built,
@@ -166,8 +176,7 @@ def pipeline(home: Home) -> Views:
 
 
 def is_running(views: Views) -> bool:
-    return (views["totals"]["running"][0].as_py() > 0
-            or "running" in views["runs"]["status"].to_pylist())
+    return views["totals"]["running"][0].as_py() > 0 or "running" in views["runs"]["status"].to_pylist()
 
 
 # ---- Token stats page ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -230,34 +231,58 @@ def test_playground_streams_and_repeats_with_a_seed(dash_home, monkeypatch):
 
 # ---- a pipeline writing while the dashboard reads ------------------------------------------------
 
-@pytest.mark.slow
-def test_dashboard_reads_while_pipeline_writes(dash_home, prefect_api, tmp_path, monkeypatch):
-    """`tokenize --force` in another process rewrites every shard while the Pipeline page and its
-    queries run in a loop: the writer never fails, the page never errors and shows the run live."""
-    h = Home.from_env(tmp_path / "copy")
-    shutil.copytree(dash_home.root, h.root, ignore=shutil.ignore_patterns("runs", "pipeline.lock"))
-    src = tmp_path / "src"
-    shutil.copytree(SAMPLE, src, ignore=shutil.ignore_patterns("*.md"))
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(h.root), "tokenize", "--force",
-                             "--source", str(src), "--vocab-size", "4096"], cwd=ROOT,
-                            env={**os.environ, "PREFECT_API_URL": prefect_api},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, reads = Counter(), 0
-    monkeypatch.setenv("LANGPWT_HOME", str(h.root))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.run()
-    at.switch_page("page_pipeline.py")
-    while proc.poll() is None:
+def _watch(h: Home, proc: subprocess.Popen, at: AppTest, stop_when=lambda seen: False) -> Counter:
+    """Read the catalog and render the Pipeline page in a loop until `proc` ends (or `stop_when`)."""
+    seen = Counter()
+    while proc.poll() is None and not stop_when(seen):
         v = queries.pipeline(h)
-        reads += 1
         seen.update(v["shards"]["status"].to_pylist())
         if queries.is_running(v):
             seen["run"] += 1
             at.run()
             assert not at.exception, [e.value for e in at.exception]
             seen["page live"] += any("refreshes" in i.value for i in at.info)
+    return seen
+
+
+@pytest.mark.slow
+def test_dashboard_reads_while_pipeline_writes(dash_home, prefect_api, tmp_path, monkeypatch):
+    """`tokenize --force` in another process, SIGKILLed mid-run, then resumed, while the Pipeline page
+    and its queries run in a loop: the writer never fails, the page never errors, shows the run live,
+    and calls a run that died (quiet catalog, no lock holder) probably interrupted."""
+    h = Home.from_env(tmp_path / "copy")
+    shutil.copytree(dash_home.root, h.root, ignore=shutil.ignore_patterns("runs", "pipeline.lock"))
+    src = tmp_path / "src"
+    shutil.copytree(SAMPLE, src, ignore=shutil.ignore_patterns("*.md"))
+
+    def tokenize(*extra):
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(h.root), "tokenize", *extra,
+                                 "--source", str(src), "--vocab-size", "4096"], cwd=ROOT,
+                                env={**os.environ, "PREFECT_API_URL": prefect_api},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    monkeypatch.setenv("LANGPWT_HOME", str(h.root))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("page_pipeline.py")
+    proc = tokenize("--force")
+    seen = _watch(h, proc, at, stop_when=lambda seen: seen["page live"] >= 2 and seen["running"])
+    proc.kill()
+    proc.wait()
+    assert seen["page live"] >= 2, seen
+    if queries.is_running(queries.pipeline(h)):  # killed mid-shard: its rows still say `running`
+        old = time.time() - 600  # ten quiet minutes later
+        for p in (h.catalog, Path(f"{h.catalog}.wal")):
+            if p.exists():
+                os.utime(p, (old, old))
+        at.run()
+        assert any("probably interrupted" in w.value for w in at.warning), [w.value for w in at.warning]
+        assert "interrupted?" in at.dataframe[0].value["status"].tolist()
+    proc = tokenize()
+    seen = _watch(h, proc, at)
     out = proc.stdout.read()
     assert proc.returncode == 0, out
-    assert seen["run"] and seen["page live"], (seen, reads)
     final = queries.pipeline(h)["totals"].to_pylist()[0]
     assert (final["done"], final["running"]) == (2, 0)  # shard 2's source is not in this run: still failed
+    at.run()
+    assert not at.exception and not any("refreshes" in i.value for i in at.info)
