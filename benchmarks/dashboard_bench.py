@@ -1,8 +1,5 @@
-"""Dashboard benchmark: a catalog with N synthetic `documents` rows (default 10M), then each page's
-queries timed cold (fresh connection, as after a catalog change) and each page rendered by AppTest.
-Synthetic rows are generated inside DuckDB (seconds, no Python loop); the shape mimics FineWeb-Edu
-sample-10BT: 14 source files, 4 dumps, int_score 0-5, ~30 % dropped, lengths long-tailed.
-Run: `python benchmarks/dashboard_bench.py [--rows 10000000] [--home DIR]`."""
+"""Dashboard benchmark: N synthetic `documents` rows (default 10M), each page's queries and render timed.
+Rows are generated inside DuckDB in seconds; shape like sample-10BT (14 files, 4 dumps, long-tailed lengths)."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +40,8 @@ def build(home: Home, rows: int) -> float:
                            (hash(i * 3) % 1000000)::BIGINT AS h3, (hash(i * 11) % 1000000)::BIGINT AS h11
                     FROM range({rows}) t(i)))""")
         con.execute(f"""
-        INSERT INTO shards SELECT s, split, format('{{:03d}}_00000.parquet', s), format('/shards/shard_{{:06d}}.{{}}.bin', s, split),
+        INSERT INTO shards SELECT s, split, format('{{:03d}}_00000.parquet', s),
+               format('/shards/shard_{{:06d}}.{{}}.bin', s, split),
                count(*), sum(n_tokens) + count(*), 'x', 'y', 'z', 'c', 'done', NULL, now(), now(), 60.0, 'flow'
         FROM documents d, (SELECT range AS s FROM range({N_SHARDS})) WHERE d.shard_id = s AND kept
         GROUP BY s, split""")
@@ -129,7 +127,8 @@ def time_pages(home: Home) -> dict[str, tuple[float, float]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description="python benchmarks/dashboard_bench.py [--rows N] [--home DIR]: "
+                                "time the dashboard's pages over a synthetic catalog")
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--home", help="reuse or create the synthetic home here (default: a temp dir)")
     p.add_argument("--repeat", type=int, default=3)

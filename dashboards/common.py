@@ -1,6 +1,5 @@
 """What every page shares: the home, cached catalog reads, empty-home messages, small formatters.
-Cached results are keyed by the catalog file's modification time, so a page never shows data older
-than the last commit yet re-queries nothing while the catalog is idle; the ttl only bounds memory."""
+Caches are keyed by the catalog's mtime: never older than the last commit, no re-query while idle."""
 from __future__ import annotations
 
 from pathlib import Path

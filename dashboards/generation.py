@@ -1,6 +1,5 @@
-"""Text generation for the Playground: load a checkpoint once, then stream text pieces as sampled.
-Built on model.generate (KV-cache sampling, UTF-8-safe detokenizing); torch is imported only here,
-so the other pages start fast. Plain Python, usable and testable without Streamlit."""
+"""Playground generation: load a checkpoint once, then stream text pieces as they are sampled.
+Built on model.generate; torch is imported only here (the other pages start fast), no Streamlit."""
 from __future__ import annotations
 
 import json

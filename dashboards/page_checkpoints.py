@@ -1,6 +1,5 @@
 """Checkpoints page: step, val loss, size, sha256, and the Prefect flow run and artifacts behind each.
-The list comes from the catalog (no torch import); the Prefect API is asked about one checkpoint at a
-time, cached for a minute, so a slow or absent server never slows the table."""
+The list is catalog-only (no torch); Prefect is asked about one checkpoint at a time, cached, with a timeout."""
 from __future__ import annotations
 
 import os

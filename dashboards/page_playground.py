@@ -1,6 +1,5 @@
 """Playground page (the original LangPWT's UI): pick a checkpoint, prompt it, watch the text stream in.
-The model stays loaded per checkpoint (st.cache_resource, keyed by its sha256) so only the first
-generation pays for torch and the weights; sampling runs in the page's own thread."""
+The model stays loaded per checkpoint (keyed by sha256): only the first generation pays for torch and weights."""
 from __future__ import annotations
 
 from pathlib import Path

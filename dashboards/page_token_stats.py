@@ -1,6 +1,5 @@
 """Token stats page: tokens by dump and int_score, document lengths, top tokens, and a SQL box.
-Charts show aggregates computed in DuckDB (a few hundred rows at most); the SQL box is read-only,
-single-statement, capped in rows and time, so it can neither write nor hold the catalog for long."""
+Charts draw DuckDB aggregates (hundreds of rows); the SQL box is read-only and capped in rows and time."""
 from __future__ import annotations
 
 import altair as alt

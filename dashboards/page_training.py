@@ -1,6 +1,5 @@
-"""Training page: the runs, and for one or two of them side by side loss, lr, tokens/s and MFU curves.
-Curves are bucketed in DuckDB to ~1,000 points per run, so a long run draws as fast as a short one;
-the page refreshes itself only while a run is `running`."""
+"""Training page: the runs, and one or two side by side with loss, lr, tokens/s and MFU curves.
+Curves are bucketed in DuckDB to ~1,000 points per run, so a 100k-step run draws as fast as a short one."""
 from __future__ import annotations
 
 import altair as alt

@@ -1,6 +1,5 @@
-"""Links into the Prefect UI and the artifacts of a flow run, for the Checkpoints page.
-Asks the Prefect API only when PREFECT_API_URL is set (never starts a temporary server for a page
-view) and gives up after a few seconds: a down server costs a caption, not a hung page."""
+"""Links into the Prefect UI and a flow run's state and artifacts, for the Checkpoints page.
+Asks the API only when PREFECT_API_URL is set (never starts a temporary server), with a short timeout."""
 from __future__ import annotations
 
 import os

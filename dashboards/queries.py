@@ -1,6 +1,5 @@
 """Every catalog query the dashboard runs, as plain functions over a Home (no Streamlit: tested alone).
-Each page's queries share one short-lived read-only connection and return small aggregates, so DuckDB
-does the work over millions of rows and a writer waits at most one page's worth of reads (~0.1 s)."""
+A page's queries share one short read-only connection returning small aggregates; a writer waits < 1 s."""
 from __future__ import annotations
 
 import os

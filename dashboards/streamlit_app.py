@@ -1,5 +1,5 @@
 """LangPWT viewer: routes to one module per page (dashboards/page_*.py) with st.navigation.
-Start with `langpwt dashboard`; every page reads the catalog of $LANGPWT_HOME read-only and briefly."""
+Start it with `langpwt dashboard`; pages read $LANGPWT_HOME's catalog read-only, never holding it."""
 from __future__ import annotations
 
 import sys

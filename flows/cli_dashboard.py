@@ -1,6 +1,5 @@
 """`langpwt dashboard [--port N]`: the Streamlit viewer over $LANGPWT_HOME, on 127.0.0.1 only.
-Runs `streamlit run` as a child process (its own event loop and signals) and waits for it, so the
-CLI stays import-light and Ctrl-C stops both."""
+Runs `streamlit run` as a child process and waits: the CLI stays import-light, Ctrl-C or SIGTERM stops both."""
 from __future__ import annotations
 
 import os

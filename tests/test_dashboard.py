@@ -93,8 +93,8 @@ def test_token_stats_match_shard_tokens(dash_home):
     top = v["top_tokens"].to_pylist()
     assert [r["count"] for r in top] == sorted(counts, reverse=True)[:25]
     assert all(counts[r["token_id"]] == r["count"] for r in top)
-    decoded = dict(zip([r["token_id"] for r in top], queries.decode_tokens(dash_home.tokenizer, [r["token_id"] for r in top])))
-    assert "·the" in [text for _, text in decoded.values()]
+    decoded = queries.decode_tokens(dash_home.tokenizer, [r["token_id"] for r in top])
+    assert "·the" in [text for _, text in decoded]
 
 
 def test_sql_box_reads_refuses_writes_and_reports_errors(dash_home):
@@ -103,7 +103,8 @@ def test_sql_box_reads_refuses_writes_and_reports_errors(dash_home):
     before = (dash_home.catalog.stat().st_mtime_ns, catalog.query_rows(dash_home, "SELECT count(*) FROM documents"))
     for stmt in ["INSERT INTO documents SELECT * FROM documents", "DELETE FROM documents",
                  "UPDATE shards SET status = 'done'", "DROP TABLE documents", "CREATE TABLE x AS SELECT 1",
-                 f"COPY documents TO '{dash_home.root}/leak.csv'", "ATTACH ':memory:' AS m", "SELECT 1; DELETE FROM runs"]:
+                 f"COPY documents TO '{dash_home.root}/leak.csv'", "ATTACH ':memory:' AS m",
+                 "SELECT 1; DELETE FROM runs"]:
         with pytest.raises(queries.SqlRefused):
             queries.run_sql(dash_home, stmt)
     assert (dash_home.catalog.stat().st_mtime_ns,

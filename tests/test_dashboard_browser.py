@@ -1,6 +1,5 @@
-"""The dashboard in a real browser: `langpwt dashboard` on a free port, every page opened in headless
-Chromium (Debian's, driven by Python playwright), one control used per interactive page, and a
-screenshot of each page saved to docs/screenshots/ for the README."""
+"""The dashboard in headless Chromium (Debian's, via playwright): every page, one control each, a screenshot.
+Slow (a server and a browser), so one module-wide server and browser serve all pages."""
 from __future__ import annotations
 
 import os

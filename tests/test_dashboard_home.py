@@ -1,7 +1,5 @@
-"""The dashboard tests' fixture home, built once per session through the real pipeline and trainer.
-Source: the bundled sample plus one truncated parquet (a `failed` shard with its reason); then two tiny
-training runs (evaluations and checkpoints every 5 steps); then one shard marked stale by the pipeline's
-own function. Building it costs ~1 min on two busy cores, so every dashboard test module shares it."""
+"""The dashboard tests' home, built once per session by the real pipeline and trainer (sample + a bad file).
+~1 min on two busy cores, so every dashboard test module shares it rather than each building one."""
 from __future__ import annotations
 
 import os
