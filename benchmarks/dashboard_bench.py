@@ -89,7 +89,8 @@ PAGES = {
     "Playground (checkpoint list)": lambda h: queries.checkpoints(h),
 }
 PAGE_FILES = {"Pipeline": "page_pipeline.py", "Token stats": "page_token_stats.py",
-              "Training": "page_training.py", "Checkpoints": "page_checkpoints.py"}
+              "Training": "page_training.py", "Checkpoints": "page_checkpoints.py",
+              "Playground": "page_playground.py"}
 
 
 def time_queries(home: Home, repeat: int) -> dict[str, list[float]]:
