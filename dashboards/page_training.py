@@ -7,8 +7,10 @@ import duckdb
 import pandas as pd
 import streamlit as st
 
-from dashboards import common
+from dashboards import common, queries
 from storage.catalog import CatalogMissing
+
+STALL_S = 300
 
 st.title("Training")
 h = common.home()
@@ -73,6 +75,10 @@ def render(initial_running: bool | None) -> None:
         st.rerun()
     if running:
         st.info(f"A run is going: this page refreshes every {common.REFRESH_S:.0f} s.", icon=":material/autorenew:")
+        quiet = queries.catalog_idle_s(h)
+        if quiet > STALL_S:  # the trainer's parent writes metrics every ~10 s while it lives
+            st.warning(f"No new metrics for {quiet / 60:.0f} min: the run may have died without recording it. "
+                       "`langpwt train --resume` continues from its last checkpoint.")
     rows = runs.to_pylist()
     ids = [r["run_id"] for r in rows]
     st.dataframe(common.frame(runs), hide_index=True, width="stretch", column_config={
