@@ -9,11 +9,15 @@ import sys
 def cmd_train(args: argparse.Namespace) -> int:
     from flows.train import TrainingFailed, TrainParams, train
     from model.args import overrides
+    from storage.paths import Home
+    from tasks.train import check_inputs
 
     ov = overrides(args)
-    params = TrainParams(preset=args.preset or "seed", home=args.home, run_id=args.run_id, resume=args.resume,
-                         nproc=args.nproc, overrides=ov)
     try:
+        # bad input answered in one line before Prefect starts (its task tracebacks are many lines)
+        check_inputs(Home.from_env(args.home), args.resume, args.run_id)
+        params = TrainParams(preset=args.preset or "seed", home=args.home, run_id=args.run_id, resume=args.resume,
+                             nproc=args.nproc, overrides=ov)
         out = train(params)
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)

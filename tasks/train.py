@@ -47,21 +47,29 @@ def artifact_key(run_id: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"train-{run_id}-{what}".lower()).strip("-")
 
 
-def plan_run(home: Home, preset: str, overrides: dict, resume: bool = False, run_id: str | None = None,
-             nproc: int | None = None) -> TrainPlan:
-    """Check the inputs, pick the run id, write the shard list, build the child's command."""
+def check_inputs(home: Home, resume: bool = False, run_id: str | None = None):
+    """(shard lists, checkpoint to resume or None); raises with a one-line reason on bad input."""
     if not home.tokenizer.is_file():
         raise FileNotFoundError(f"{home.tokenizer}: no tokenizer; run `langpwt prepare` first")
     shards = tc.train_shards(home, file_sha256(home.tokenizer))
     if not shards["train"]:
         raise FileNotFoundError(f"{home.shards}: no train shards; run `langpwt prepare` first")
+    if not resume:
+        return shards, None
+    runs = [home.run_dir(run_id)] if run_id else ckpts.runs_newest_first(home)
+    last = ckpts.latest(runs[0] / ckpts.CKPT_DIR) if runs else None
+    if last is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {runs[0] if runs else home.runs}")
+    return shards, last
+
+
+def plan_run(home: Home, preset: str, overrides: dict, resume: bool = False, run_id: str | None = None,
+             nproc: int | None = None) -> TrainPlan:
+    """Check the inputs, pick the run id, write the shard list, build the child's command."""
+    shards, last = check_inputs(home, resume, run_id)
     resume_step = None
-    if resume:
-        runs = [home.run_dir(run_id)] if run_id else ckpts.runs_newest_first(home)
-        last = ckpts.latest(runs[0] / ckpts.CKPT_DIR) if runs else None
-        if last is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {runs[0] if runs else home.runs}")
-        run_id, resume_step = runs[0].name, last.step
+    if last is not None:
+        run_id, resume_step = Path(last.path).parents[1].name, last.step
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     atomic_write_text(home.run_dir(run_id) / "shards.json", json.dumps(shards, indent=1))
     if nproc is None:
