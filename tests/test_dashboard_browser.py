@@ -142,6 +142,7 @@ def test_checkpoints(server, browser):
 def test_playground_generates(server, browser):
     pg = open_page(browser, server, "playground", "Playground")
     pg.locator("textarea").fill("The history of")
+    pg.get_by_label("Length (tokens)").fill("40")  # enough to see it stream, cheap on two cores
     pg.get_by_role("button", name="Generate").click()
     pg.get_by_text("parameters ·").wait_for(timeout=WAIT_MS)  # the model card shown once it loaded
     settle(pg)
