@@ -113,6 +113,12 @@ def test_deployments_declared(server):
     assert all(d.enforce_parameter_schema for d in by.values())
     assert by["sample-10bt"].parameters == {"params": {"subset": "sample-10BT"}}
     assert set(by["demo"].parameter_openapi_schema["properties"]) == {"home", "prepare", "train"}
+    # every deployment's parameters are valid for its flow's models
+    from flows.prepare import PrepareParams
+    from flows.train import TrainParams
+
+    PrepareParams(**by["sample-10bt"].parameters["params"]), TrainParams(**by["seed"].parameters["params"])
+    PrepareParams(**by["demo"].parameters["prepare"]), TrainParams(**by["demo"].parameters["train"])
 
 
 def test_pipeline_demo_completes(server, tmp_path):
@@ -161,3 +167,28 @@ def test_wrong_type_param_is_rejected(server, tmp_path):
     assert "Validation failed for field 'train.max_steps'" in out and "'lots' is not valid" in out, out
     assert len(client_call(env, lambda c: c.read_flow_runs())) == before  # no run was created
     assert not home.exists()
+
+
+def test_sample_10bt_downloads_and_tokenizes_on_dask(server, tmp_path):
+    """`prepare/sample-10bt` against a fake Hub, its shards built on a 2-process Dask LocalCluster."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from tests.fakehub import FakeHub, build_fineweb_tree
+
+    env, home = server["env"], Home.from_env(tmp_path / "home")
+    tree = build_fineweb_tree(tmp_path / "hub")
+    with FakeHub(tree) as hub:
+        params = {"home": str(home.root), "max_files": 2, "vocab_size": 1024, "min_free_bytes": 0, "dask_local": 2}
+        job_env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}
+        r = prefect("deployment", "run", "prepare/sample-10bt", "--param", f"params={json.dumps(params)}",
+                    "--job-variable", f"env={json.dumps(job_env)}", "--watch", env=env, timeout=600)
+    log = (server["tmp"] / "worker.log").read_text()[-4000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + log
+    files = catalog.query_rows(home, "SELECT file, status FROM source_files ORDER BY position")
+    assert files == [(f"sample/10BT/{i:03d}_00000.parquet", "verified") for i in range(2)]
+    shards = catalog.query_rows(home, "SELECT shard_id, split, status FROM shards ORDER BY 1, 2")
+    assert [s[2] for s in shards] == ["done"] * 4 and {s[0] for s in shards} == {0, 1}
+    rid = run_id(r.stdout)
+    logs = client_call(env, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[rid]))))
+    assert any("tasks run on Dask" in l.message and "(2 workers)" in l.message for l in logs), \
+        [l.message for l in logs][:20]
