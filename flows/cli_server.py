@@ -157,6 +157,8 @@ def cmd_up(args) -> int:
                 return err(f"worker for pool {args.pool} did not come online: {last_line(d / 'worker.log')}")
             print(f"worker up on pool {args.pool} (pid {p.pid}), log {d / 'worker.log'}")
     print(f"Prefect UI: {url.removesuffix('/api')}\nexport PREFECT_API_URL={url}")
+    if args.host in ("0.0.0.0", "::"):
+        print(f"workers on other machines: export PREFECT_API_URL=http://{socket.getfqdn()}:{args.port}/api")
     return 0
 
 
