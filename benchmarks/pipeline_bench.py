@@ -304,8 +304,8 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path, shared: str = "") -
                 raise SystemExit(f"scan failed: {sc.result().error}")
             _, job = plan_one(home, f, list(usable), fcfg, str(home.tokenizer), tok_sha, states)
             usable.append(f)
-            shard_catalog.mark_running(home, f.shard_id, f.file, f.sha256, job.config_hash, None)
-            building[ex.submit(lambda j: tokenize_file(home, j, one or Encoder(j.tokenizer_path)), job)] = job
+            shard_catalog.mark_running(home, [(f.shard_id, f.file, f.sha256, job.config_hash)], None)
+            building[ex.submit(lambda j: tokenize_file(home, j, one or Encoder.cached(j.tokenizer_path, j.tokenizer_sha256)), job)] = job
         for fut in as_completed(building):
             r = fut.result()
             if r.error:

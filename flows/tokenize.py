@@ -77,7 +77,7 @@ def tokenizer_task(home: Home, usable: list[SourceFile], params: TokenizeParams)
 # retries re-run the whole shard: outputs are keyed by its config hash, so a retry writes the same bytes
 @task(name="tokenize-shard", retries=1, task_run_name="shard-{job.source.shard_id:06d}")
 def tokenize_task(home: Home, job: ShardJob):
-    res = tokenize_file(home, job, Encoder(job.tokenizer_path))
+    res = tokenize_file(home, job, Encoder.cached(job.tokenizer_path, job.tokenizer_sha256))
     log = get_run_logger()
     if res.error:
         log.error(res.error)
@@ -116,14 +116,19 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> 
     tok = None
 
     def submit(srcs: list[SourceFile]) -> None:
+        jobs = []
         for src in srcs:
             earlier = usable[:usable.index(src)]
             verdict, job = plan_one(home, src, earlier, fcfg, str(home.tokenizer), tok[1], states,
                                     params.reprocess, params.force, flow_run.id)
             if job is None:
                 skipped.append(src.shard_id)
-                continue
-            shard_catalog.mark_running(home, src.shard_id, src.file, src.sha256, job.config_hash, flow_run.id)
+            else:
+                jobs.append(job)
+        if jobs:
+            shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
+                                              for j in jobs], flow_run.id)
+        for job in jobs:
             building[tokenize_task.submit(home, job)] = job
 
     for i, f in enumerate(files):

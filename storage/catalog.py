@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS samples (
 # DuckDB refuses a read-only and a read-write handle on one file in one process at the same time,
 # so threads of this process take turns; each turn lasts one short unit of work.
 _PROCESS_LOCK = threading.RLock()
+_SCHEMA_DONE: set[Path] = set()
 
 
 class CatalogMissing(FileNotFoundError):
@@ -88,9 +89,12 @@ def writer(home: Home, timeout: float = WRITE_TIMEOUT_S) -> Iterator[duckdb.Duck
     """One transaction on the catalog; commits on success, rolls back on error."""
     home.root.mkdir(parents=True, exist_ok=True)
     with _PROCESS_LOCK:
+        fresh = not home.catalog.exists()
         con = _open(home.catalog, False, timeout, None)
         try:
-            con.execute(SCHEMA)
+            if fresh or home.catalog not in _SCHEMA_DONE:  # 10 CREATE IF NOT EXISTS per write add up
+                con.execute(SCHEMA)
+                _SCHEMA_DONE.add(home.catalog)
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con

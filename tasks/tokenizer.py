@@ -4,6 +4,7 @@ the fallback for vocabularies fastokens refuses (shared/NOTES.md)."""
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -62,19 +63,14 @@ def train_tokenizer(texts: Iterator[str], out: Path, cfg: TokenizerConfig) -> st
 
 
 class Encoder:
-    """Encodes batches of texts to one flat uint32 buffer; special-token text is encoded as text."""
+    """Encodes batches of texts to one flat uint32 buffer; special-token text is encoded as text.
+
+    `tokenizers` is loaded only where needed (decoding, or as the fallback encoder): with fastokens
+    it would double the load time of every shard task for nothing."""
 
     def __init__(self, path: str | Path, backend: str = "auto"):
-        from tokenizers import Tokenizer
-
         self.path = Path(path)
-        self.ref = Tokenizer.from_file(str(self.path))
-        self.ref.encode_special_tokens = True  # "<|endoftext|>" inside a document is just text
-        eot = self.ref.token_to_id(EOT)
-        if eot is None:
-            raise ValueError(f"{self.path}: tokenizer has no {EOT} token")
-        self.eot = eot
-        self.vocab_size = self.ref.get_vocab_size()
+        self._ref = None
         self.fast = None
         if backend in ("auto", "fastokens"):
             try:
@@ -85,6 +81,32 @@ class Encoder:
                 if backend == "fastokens":
                     raise
         self.backend = "fastokens" if self.fast is not None else "tokenizers"
+        src = self.fast if self.fast is not None else self.ref
+        eot = src.token_to_id(EOT)
+        if eot is None:
+            raise ValueError(f"{self.path}: tokenizer has no {EOT} token")
+        self.eot = eot
+        self.vocab_size = self.fast.vocab_size if self.fast is not None else self.ref.get_vocab_size()
+
+    @classmethod
+    def cached(cls, path: str | Path, sha256: str) -> "Encoder":
+        """One encoder per tokenizer per process: shard tasks in one worker share it (it is thread-safe)."""
+        key = (str(path), sha256)
+        with _CACHE_LOCK:
+            if key not in _CACHE:
+                _CACHE.clear()
+                _CACHE[key] = cls(path)
+            return _CACHE[key]
+
+    @property
+    def ref(self):
+        if self._ref is None:
+            from tokenizers import Tokenizer
+
+            ref = Tokenizer.from_file(str(self.path))
+            ref.encode_special_tokens = True  # "<|endoftext|>" inside a document is just text
+            self._ref = ref
+        return self._ref
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids uint32, offsets uint64 of len(texts)+1)."""
@@ -100,6 +122,10 @@ class Encoder:
 
     def decode(self, ids) -> str:
         return self.ref.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+_CACHE: dict[tuple[str, str], Encoder] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig,
