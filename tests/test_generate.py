@@ -1,4 +1,5 @@
-"""Generation from a trained checkpoint: streamed, seeded, tokenizer checked."""
+"""Generation from a trained checkpoint: streamed, seeded, tokenizer checked.
+The checkpoint comes from a short real training run, not saved random weights."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
-"""The model in isolation: GPT-2 init and tying, padded ids, KV cache, the fused head, data, schedule."""
+"""The model in isolation: GPT-2 init and tying, padded ids, KV cache, the fused head, data, schedule.
+Small shapes on CPU in float32/float64, so exact comparisons with reference computations hold."""
 from __future__ import annotations
 
 import math

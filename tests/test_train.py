@@ -1,4 +1,5 @@
-"""The trainer on CPU from real shards: loss falls, bit-exact resume, NaN stop, bad input, DDP x2."""
+"""The trainer on CPU from real shards: loss falls, bit-exact resume, NaN stop, bad input, DDP x2.
+Each test copies a home prepared once by the real pipeline; runs are in-process except DDP (torchrun)."""
 from __future__ import annotations
 
 import json

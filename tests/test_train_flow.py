@@ -1,4 +1,5 @@
-"""The `train` flow under a Prefect test server: artifacts read back through the client, catalog rows."""
+"""The `train` flow under a Prefect test server: artifacts read back through the client, catalog rows.
+Shares the session's harness; the trainer still runs as a real child process."""
 from __future__ import annotations
 
 import asyncio
