@@ -7,9 +7,11 @@ import base64
 import io
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,8 +96,17 @@ def run_child(cmd: list[str], on_event: Callable[[dict], None], on_line: Callabl
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        # drains the pipe even while a handler waits on the catalog lock, so the child never blocks on print
+        for raw in proc.stdout:
+            lines.put(raw)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
-        for line in proc.stdout:
+        while (line := lines.get()) is not None:
             line = line.rstrip("\n")
             if line.startswith('{"event"'):
                 on_event(json.loads(line))
