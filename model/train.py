@@ -24,7 +24,7 @@ from model.step import autocast_for, train_step
 from storage import checkpoints as ckpts
 from storage.paths import Home
 
-EXIT_BAD_INPUT, EXIT_NAN, EXIT_OOM = 2, 3, 4
+EXIT_BAD_INPUT, EXIT_NAN, EXIT_OOM, EXIT_CKPT = 2, 3, 4, 5
 
 
 class NonFiniteLoss(RuntimeError):
@@ -177,6 +177,9 @@ def train(ns: argparse.Namespace) -> int:
         where = last_ckpt.path if last_ckpt else "none written"
         emit.fail("nan", f"non-finite loss, training stopped ({e}); last good checkpoint: {where}")
         return EXIT_NAN
+    except ckpts.CheckpointWriteError as e:
+        emit.fail("checkpoint", str(e))
+        return EXIT_CKPT
     except torch.cuda.OutOfMemoryError:
         emit.fail("oom", f"CUDA out of memory with --micro-batch {micro} (x {T} tokens); lower --micro-batch: "
                          f"--batch-tokens {cfg.batch_tokens} is kept by gradient accumulation")

@@ -55,6 +55,10 @@ def export_weights(path: Path, state_dict: dict, config: dict) -> None:
     save_file(tensors, str(path), metadata={"config": json.dumps(config, sort_keys=True)})
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written; nothing of it is left under its final name."""
+
+
 def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_state: dict,
          config: dict, val_loss: float | None, run_id: str | None = None) -> CheckpointInfo:
     """Write `root/step_NNNNNN/` atomically; the COMPLETE marker is the last file to appear."""
@@ -64,12 +68,19 @@ def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_s
     tmp = tmp_path_for(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(model_state, tmp / "model.pt")
-    torch.save(optim_state, tmp / "optimizer.pt")
-    torch.save(train_state, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-    export_weights(tmp / WEIGHTS, model_state, config)
-    atomic_replace_dir(tmp, final)
+    try:
+        torch.save(model_state, tmp / "model.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(train_state, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+        export_weights(tmp / WEIGHTS, model_state, config)
+        atomic_replace_dir(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        why = "No space left on device" if free < (64 << 20) or "space" in str(e) else str(e).splitlines()[0]
+        raise CheckpointWriteError(f"{final}: checkpoint not written ({why}, {free >> 20} MiB free); "
+                                   f"the previous checkpoint is kept") from None
     size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
     info = CheckpointInfo(step=step, path=str(final), val_loss=val_loss, sha256=_sha256(final / WEIGHTS),
                           size_bytes=size, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
