@@ -16,7 +16,10 @@ from flows.tokenize import Incoming, TokenizeParams, run_tokenize
 from storage import shard_catalog, sources
 from storage.lock import exclusive
 from storage.paths import Home
-from tasks.download import DownloadParams, fetch_file_task, plan_download_task
+from flows.download import submit_downloads
+from storage.hub import HubError
+from storage.sources import SourceFile
+from tasks.download import DownloadParams, plan_download_task, record_fetch
 
 
 class PrepareParams(TokenizeParams):
@@ -44,8 +47,21 @@ def _files(home: Home, params: PrepareParams) -> list:
         return files
     dparams = params.download_params()
     plan = plan_download_task(home, dparams)
+    pending = {item.position: fut for fut, item in submit_downloads(home, plan, dparams).items()}
+
+    def settle(item):
+        def record(fut) -> SourceFile:  # in this process: only the flow writes the catalog
+            try:
+                got = fut.result()
+            except HubError as e:
+                record_fetch(home, plan, item, None, str(e))
+                raise
+            record_fetch(home, plan, item, got)
+            return got.source
+        return record
+
     return [item.source() if item.done else
-            Incoming(item.file.path, item.position, fetch_file_task.submit(home, plan, item, dparams))
+            Incoming(item.file.path, item.position, pending[item.position], settle(item))
             for item in plan.items]
 
 

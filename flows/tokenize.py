@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -88,12 +89,23 @@ def tokenize_task(home: Home, job: ShardJob):
     return res
 
 
-@dataclass(frozen=True)
+@dataclass
 class Incoming:
-    """A source file still downloading: its name, shard position and the download task's future."""
+    """A source file still downloading: its name, shard position, the download task's future, and
+    `settle(future) -> SourceFile` that records the outcome in this process (raises if it failed)."""
     file: str
     position: int
     future: PrefectFuture
+    settle: Callable[[PrefectFuture], SourceFile]
+    _done: SourceFile | None = None
+
+    def ready(self) -> bool:
+        return self.future.state.is_completed()
+
+    def result(self) -> SourceFile:
+        if self._done is None:
+            self._done = self.settle(self.future)
+        return self._done
 
 
 def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> dict:
@@ -136,8 +148,8 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> 
         if src is None:
             continue
         for later in files[i + 1:]:  # scan files that finished downloading meanwhile
-            if isinstance(later, Incoming) and later.future.state.is_completed():
-                scans.setdefault(later.position, scan_task.submit(home, later.future.result(), fcfg))
+            if isinstance(later, Incoming) and later.ready():
+                scans.setdefault(later.position, scan_task.submit(home, later.result(), fcfg))
         sc = scans.setdefault(src.position, scan_task.submit(home, src, fcfg)).result()
         if sc.error:
             failed[src.file] = sc.error
@@ -167,7 +179,7 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> 
 def _arrived(home: Home, inc: Incoming, failed: dict) -> SourceFile | None:
     """A download's result, or None after noting why (source_files already holds the failure)."""
     try:
-        return inc.future.result()
+        return inc.result()
     except Exception as e:
         failed[inc.file] = str(e).splitlines()[0] if str(e) else type(e).__name__
         return None
