@@ -157,18 +157,29 @@ def cmd_rebuild(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Prepare the bundled sample, then (when the training code is present) train `tiny` and generate."""
+    """Prepare the bundled sample, train the `tiny` model on it (CPU) and generate from it."""
     args.source = str(SAMPLE)
     if args.vocab_size == 48_951:
         args.vocab_size = 8192  # the sample's 4 M characters cannot fill the full vocabulary
     rc = run_flow("prepare", args)
     if rc:
         return rc
+    from flows.cli_train import generate
+    from flows.train import TrainingFailed, TrainParams, train
+    from storage import checkpoints as ckpts
+    from storage.paths import Home
+
+    home = Home.from_env()
+    again = ckpts.latest(ckpts.checkpoint_root(home, "demo")) is not None  # a second `make demo` resumes
     try:
-        from flows.cli_train import demo_train
-    except ImportError:
-        return 0
-    return demo_train(args)
+        out = train(TrainParams(preset="tiny", home=str(home.root), run_id="demo", resume=again, device="cpu"))
+    except TrainingFailed as e:
+        return err(str(e))
+    print(f"trained run demo: checkpoint {out['checkpoint']}, report {out['report']}")
+    print("generated: ", end="")
+    generate(home, "demo", "The Python language", max_new_tokens=60, seed=0, device="cpu")
+    print(f"next: `langpwt dashboard` (LANGPWT_HOME={home.root}) to browse it all")
+    return 0
 
 
 def register(sub) -> None:
