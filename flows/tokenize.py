@@ -70,7 +70,7 @@ def scan_task(home: Home, src: SourceFile, cfg: FilterConfig) -> ScanCounts:
 def tokenizer_task(home: Home, usable: list[SourceFile], params: TokenizeParams) -> tuple[str, str, int]:
     origin, sha = ensure_tokenizer(home.tokenizer, usable, params.filter_config(), params.tokenizer_config(),
                                    params.tokenizer, params.retrain_tokenizer)
-    vocab = Encoder(home.tokenizer).vocab_size
+    vocab = Encoder.cached(home.tokenizer, sha).vocab_size  # the shard tasks of this process reuse it
     get_run_logger().info(f"tokenizer {origin} vocab={vocab} sha256={sha[:12]}")
     return origin, sha, vocab
 

@@ -145,8 +145,9 @@ def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: Filt
         if not home_tokenizer.exists() or home_tokenizer.read_text(encoding="utf-8") != data:
             atomic_write_text(home_tokenizer, data)
             atomic_write_text(cfg_path, json.dumps({"given": str(src.resolve())}, indent=2))
-        Encoder(home_tokenizer)  # fails early, naming the file, if it has no <|endoftext|>
-        return f"given:{src.name}", file_sha256(home_tokenizer)
+        sha = file_sha256(home_tokenizer)
+        Encoder.cached(home_tokenizer, sha)  # fails early, naming the file, if it has no <|endoftext|>
+        return f"given:{src.name}", sha
     same_cfg = cfg_path.exists() and json.loads(cfg_path.read_text()) == asdict(tcfg)
     if home_tokenizer.exists() and same_cfg and not retrain:
         return "trained", file_sha256(home_tokenizer)
