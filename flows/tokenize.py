@@ -148,9 +148,11 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> 
         if src is None:
             continue
         for later in files[i + 1:]:  # scan files that finished downloading meanwhile
-            if isinstance(later, Incoming) and later.ready():
-                scans.setdefault(later.position, scan_task.submit(home, later.result(), fcfg))
-        sc = scans.setdefault(src.position, scan_task.submit(home, src, fcfg)).result()
+            if isinstance(later, Incoming) and later.position not in scans and later.ready():
+                scans[later.position] = scan_task.submit(home, later.result(), fcfg)
+        if src.position not in scans:  # not setdefault: its argument would submit a second scan
+            scans[src.position] = scan_task.submit(home, src, fcfg)
+        sc = scans[src.position].result()
         if sc.error:
             failed[src.file] = sc.error
             shard_catalog.record_failed(home, src.shard_id, src.file, src.sha256, None, sc.error, None, flow_run.id)
