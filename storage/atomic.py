@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -20,8 +21,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def tmp_path_for(final: Path) -> Path:
-    # pid in the name: two processes never share a temp file, and a stale one is recognisable
-    return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+    # pid and thread in the name: two writers never share a temp file, and a stale one is recognisable
+    return final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
 
 
 @contextlib.contextmanager
