@@ -86,11 +86,12 @@ def record_failed(home: Home, shard_id: int, source_file: str, source_sha256: st
 
 def shard_states(home: Home) -> dict[int, dict]:
     """shard_id -> {status, source_sha256, config_hash} (a shard is done only if both splits are)."""
-    if not home.catalog.exists():
+    try:
+        rows = catalog.query_rows(home, """
+            SELECT shard_id, min(status), max(status), any_value(source_sha256), any_value(config_hash)
+            FROM shards GROUP BY shard_id""")
+    except catalog.CatalogMissing:
         return {}
-    rows = catalog.query_rows(home, """
-        SELECT shard_id, min(status), max(status), any_value(source_sha256), any_value(config_hash)
-        FROM shards GROUP BY shard_id""")
     return {r[0]: dict(status=r[1] if r[1] == r[2] else "partial", source_sha256=r[3], config_hash=r[4])
             for r in rows}
 
@@ -126,11 +127,12 @@ def shard_table(home: Home) -> pa.Table:
 
 def last_source(home: Home) -> str | None:
     """The `--source` of the newest pipeline run on this home, so `tokenize --reprocess 3` needs no repeat."""
-    if not home.catalog.exists():
+    try:
+        rows = catalog.query_rows(home, """SELECT json_extract_string(params, '$.source') FROM pipeline_runs
+                                           WHERE json_extract_string(params, '$.source') IS NOT NULL
+                                           ORDER BY started_at DESC LIMIT 1""")
+    except catalog.CatalogMissing:
         return None
-    rows = catalog.query_rows(home, """SELECT json_extract_string(params, '$.source') FROM pipeline_runs
-                                       WHERE json_extract_string(params, '$.source') IS NOT NULL
-                                       ORDER BY started_at DESC LIMIT 1""")
     return rows[0][0] if rows else None
 
 
@@ -145,7 +147,7 @@ def rebuild(home: Home) -> int:
     if home.catalog.exists():
         try:
             catalog.query_rows(home, "SELECT count(*) FROM shards")
-        except duckdb.Error:
+        except (duckdb.Error, catalog.CatalogMissing):
             home.catalog.replace(home.catalog.with_name("catalog.duckdb.broken"))
             home.catalog.with_name("catalog.duckdb.wal").unlink(missing_ok=True)
     n = 0

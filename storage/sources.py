@@ -64,8 +64,9 @@ def mark(home: Home, file: str, status: str, error: str | None = None) -> None:
 
 def from_catalog(home: Home) -> list[SourceFile]:
     """The verified files recorded by an earlier download, in shard order (positions as recorded)."""
-    if not home.catalog.exists():
+    try:
+        rows = catalog.query_rows(home, """SELECT file, path, size_bytes, sha256, position FROM source_files
+                                           WHERE status = 'verified' AND dataset IS NOT NULL ORDER BY position""")
+    except catalog.CatalogMissing:
         return []
-    rows = catalog.query_rows(home, """SELECT file, path, size_bytes, sha256, position FROM source_files
-                                       WHERE status = 'verified' AND dataset IS NOT NULL ORDER BY position""")
     return [SourceFile(*r) for r in rows if Path(r[1]).is_file()]
