@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import catalog
+from storage.paths import Home
 from storage.shards import open_shard
 from tests.conftest import ROOT, run_cli, sample_rows, write_parquet
 
@@ -82,8 +83,8 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical(prefect_api, tmp_path):
     proc.wait()
     for p in shards.glob("*.bin"):  # whatever is under a final name is complete
         open_shard(p)
-    done = catalog.query_rows(type("H", (), {"catalog": victim / "catalog.duckdb"})(),
-                              "SELECT shard_id, split FROM shards WHERE status='done'") if (victim / "catalog.duckdb").exists() else []
+    done = catalog.query_rows(Home.from_env(victim), "SELECT shard_id, split FROM shards WHERE status='done'") \
+        if (victim / "catalog.duckdb").exists() else []
     for sid, split in done:
         assert (shards / f"shard_{sid:06d}.{split}.bin").exists()
     run_cli("--home", str(victim), "tokenize", "--source", str(src), "--tokenizer", str(tok), env=env, check=True)
@@ -136,5 +137,4 @@ def test_two_runs_on_one_home_refuse(prefect_api, tmp_path):
     first.communicate(timeout=600)
     assert first.returncode == 0
     assert second.returncode != 0 and "already running" in second.stderr
-    assert catalog.query_rows(type("H", (), {"catalog": h / "catalog.duckdb"})(),
-                              "SELECT count(*), count(DISTINCT (shard_id, split)) FROM shards")[0] == (4, 4)
+    assert catalog.query_rows(Home.from_env(h), "SELECT count(*), count(DISTINCT (shard_id, split)) FROM shards")[0] == (4, 4)
