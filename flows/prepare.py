@@ -12,8 +12,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.runtime import tasks_on
-from flows.tokenize import Incoming, TokenizeParams, run_tokenize
-from storage import shard_catalog, sources
+from flows.tokenize import Incoming, TokenizeParams, local_files, run_tokenize
+from storage import shard_catalog
 from storage.lock import exclusive
 from storage.paths import Home
 from flows.download import submit_downloads
@@ -42,9 +42,7 @@ class PrepareParams(TokenizeParams):
 def _files(home: Home, params: PrepareParams) -> list:
     """Local files (hashed and recorded), or the planned Hub files, each a download already under way."""
     if params.source:
-        files = sources.list_local(params.source)
-        sources.record(home, files, "verified")
-        return files
+        return local_files(home, params)
     dparams = params.download_params()
     plan = plan_download_task(home, dparams)
     pending = {item.position: fut for fut, item in submit_downloads(home, plan, dparams).items()}

@@ -223,7 +223,7 @@ def summarize(results: list, skipped: list[int], failed: dict, seconds: float) -
                 docs_in=sum(r.rows_in for r in results), kept=sum(r.kept for r in results))
 
 
-def _local_files(home: Home, params: TokenizeParams) -> list[SourceFile]:
+def local_files(home: Home, params: TokenizeParams) -> list[SourceFile]:
     """`--source`, else the files this home downloaded, else the source of its last run."""
     if params.source:
         files = sources.list_local(params.source)
@@ -232,7 +232,7 @@ def _local_files(home: Home, params: TokenizeParams) -> list[SourceFile]:
     if files := sources.from_catalog(home):
         return files
     if last := shard_catalog.last_source(home):
-        return _local_files(home, params.model_copy(update={"source": last}))
+        return local_files(home, params.model_copy(update={"source": last}))
     raise ValueError("--source: not given, and this home has neither downloads nor an earlier run")
 
 
@@ -242,7 +242,7 @@ def tokenize(params: TokenizeParams) -> dict:
     home = Home.from_env(params.home).ensure()
     started = shard_catalog.utcnow()
     with exclusive(home.lock, params.wait):
-        files = _local_files(home, params)
+        files = local_files(home, params)
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)
         try:
             with tasks_on(params):  # per-file tasks on this process's threads, or on Dask

@@ -122,30 +122,26 @@ def reader(home: Home, timeout: float = READ_TIMEOUT_S, sandboxed: bool = False)
             con.close()
 
 
-def _no_tables(con: duckdb.DuckDBPyConnection) -> bool:
-    return con.execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0] == 0
+@contextlib.contextmanager
+def _empty_is_missing(home: Home, con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """A writer killed while creating the file leaves it without tables: that reads as no catalog."""
+    try:
+        yield
+    except duckdb.CatalogException:
+        if con.execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0] == 0:
+            raise CatalogMissing(f"{home.catalog}: empty catalog; run `langpwt prepare` first") from None
+        raise
 
 
 def query(home: Home, sql: str, params: Sequence | None = None, sandboxed: bool = False) -> pa.Table:
     """Run one read-only query and return the whole result as an Arrow table."""
-    with reader(home, sandboxed=sandboxed) as con:
-        try:
-            return con.sql(sql, params=list(params) if params else None).to_arrow_table()
-        except duckdb.CatalogException:
-            # a writer killed while creating the file leaves it without tables: nothing recorded yet
-            if _no_tables(con):
-                raise CatalogMissing(f"{home.catalog}: empty catalog; run `langpwt prepare` first") from None
-            raise
+    with reader(home, sandboxed=sandboxed) as con, _empty_is_missing(home, con):
+        return con.sql(sql, params=list(params) if params else None).to_arrow_table()
 
 
 def query_rows(home: Home, sql: str, params: Sequence | None = None) -> list[tuple]:
-    with reader(home) as con:
-        try:
-            return con.execute(sql, params or []).fetchall()
-        except duckdb.CatalogException:
-            if _no_tables(con):
-                raise CatalogMissing(f"{home.catalog}: empty catalog; run `langpwt prepare` first") from None
-            raise
+    with reader(home) as con, _empty_is_missing(home, con):
+        return con.execute(sql, params or []).fetchall()
 
 
 def init(home: Home) -> None:
