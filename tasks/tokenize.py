@@ -59,20 +59,6 @@ class ShardCounts:
     timing: dict = field(default_factory=dict)  # kept out of the sidecars so they stay byte-identical
 
 
-def _interleave(ids: np.ndarray, offs: np.ndarray, eot: int, dtype=np.uint32) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens with `<|endoftext|>` before every document, and each document's EOT offset.
-
-    `dtype` is the shard's, so the writer gets its bytes without another conversion pass."""
-    n = offs.size - 1
-    starts = (offs[:-1] + np.arange(n, dtype=np.uint64)).astype(np.int64)
-    out = np.empty(ids.size + n, dtype=dtype)
-    is_tok = np.ones(out.size, dtype=bool)
-    is_tok[starts] = False
-    out[is_tok] = ids
-    out[starts] = eot
-    return out, starts
-
-
 def _bincount(ids: np.ndarray, minlength: int, chunk: int = 1 << 20) -> np.ndarray:
     """np.bincount in slices: it first casts its input to int64, which for a whole batch is a copy
     twice the ids' size; an 8 MB slice stays in cache and runs about twice as fast."""
@@ -115,13 +101,12 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
                 texts = kept.filter(sel)["text"].to_list()
                 if not texts:
                     continue
-                ids, offs = encoder.encode_flat(texts)
-                toks, starts = _interleave(ids, offs, encoder.eot, writers[split].dtype)
-                writers[split].append(toks, starts)
-                # the same counts as over `toks`: its tokens are `ids` plus one EOT per document
-                counts[split] += _bincount(ids, encoder.vocab_size)
-                counts[split][encoder.eot] += starts.size
-                ntok[sel.to_numpy()] = np.diff(offs.astype(np.int64))
+                lens = []
+                for toks, starts in encoder.encode_docs(texts, writers[split].dtype):
+                    writers[split].append(toks, starts)
+                    counts[split] += _bincount(toks, encoder.vocab_size)
+                    lens.append(np.diff(starts, append=toks.size) - 1)  # minus the EOT
+                ntok[sel.to_numpy()] = np.concatenate(lens)
             docs.append(_document_rows(df, kept, ntok, src, sid))
         if row != reasons.len():
             raise BadInput(f"{src.path}: changed since it was scanned")

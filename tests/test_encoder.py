@@ -56,3 +56,23 @@ def test_training_is_deterministic_and_bounded(tmp_path):
     import json
     vocab = json.loads((tmp_path / "a.json").read_text())["model"]["vocab"]
     assert len(vocab) == 2048 and max(len(t) for t in vocab) <= 16
+
+
+@pytest.mark.parametrize("backend", ["fastokens", "tokenizers"])
+def test_encode_docs_is_eot_then_each_document(tokenizer_path, backend, monkeypatch):
+    """The shard path (EOT added by fastokens' template, in slices of a few MB) gives exactly EOT +
+    encode_flat per document, in order, whatever the slicing."""
+    import tasks.tokenizer as tk
+
+    monkeypatch.setattr(tk._slices, "__defaults__", (30_000,))  # many slices, some holding one long document
+    enc = Encoder(tokenizer_path, backend=backend)
+    texts = [r["text"] for r in sample_rows()[:400]] + ODD
+    ids, offs = enc.encode_flat(texts)
+    want = np.concatenate([np.concatenate([[enc.eot], ids[offs[k]:offs[k + 1]]]) for k in range(len(texts))])
+    parts = list(enc.encode_docs(texts, np.uint16))
+    assert len(parts) > 10 and all(t.dtype == np.uint16 for t, _ in parts)
+    got = np.concatenate([t for t, _ in parts])
+    starts = np.concatenate([s + sum(p.size for p, _ in parts[:i]) for i, (_, s) in enumerate(parts)])
+    assert np.array_equal(got, want)
+    assert np.array_equal(starts, offs[:-1].astype(np.int64) + np.arange(len(texts)))
+    assert np.array_equal(enc.encode_flat(texts)[0], Encoder(tokenizer_path, backend="tokenizers").encode_flat(texts)[0])
