@@ -3,18 +3,14 @@ huggingface_hub builds the URLs, auth headers and session; we own the byte trans
 `.part` file, hashed while written) because its downloader restarts a killed download from byte 0."""
 from __future__ import annotations
 
-import ctypes
 import email.utils
 import fcntl
 import fnmatch
 import hashlib
 import os
 import posixpath
-import queue
 import random
 import re
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,29 +23,18 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, parse_ratelimit_headers
 
 from storage.atomic import fsync_dir
+from storage.hub_io import CHUNK, Sink, TooLong, socket_body
+from storage.hub_io import Hasher as _Hasher  # a module name the benchmark swaps for its hashing-off variant
 
 SUBSETS = {f"sample-{n}BT": f"sample/{n}BT/*.parquet" for n in (10, 100, 350)}
 CRAWL = re.compile(r"CC-MAIN-\d{4}-\d{2}")
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 TRANSIENT = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
-CHUNK = 1 << 20
 MAX_WAIT_S = 900.0         # a rate-limit reset further away than this is reported, not slept through
 
 # httpcore reads 64 KiB per recv(); at 1 MiB the client spends half the CPU per GB (measured, see
 # benchmarks/RESULTS.md). It only bounds each read, so no other huggingface_hub call changes behaviour.
 httpcore2.HTTP11Connection.READ_NUM_BYTES = max(httpcore2.HTTP11Connection.READ_NUM_BYTES, CHUNK)
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-WRITEBACK = 32 << 20       # start writing every 32 MiB to disk as it arrives
-
-
-def _writeback(fh, start: int, end: int) -> None:
-    """Ask the kernel to write [start, end) to disk now, without waiting (sync_file_range, Linux): the
-    fsync before the rename then waits for the last MiBs, not for GBs of dirty page cache."""
-    if _LIBC is not None:
-        fh.flush()
-        _LIBC.sync_file_range(fh.fileno(), ctypes.c_int64(start), ctypes.c_int64(end - start), 2)
 
 
 class HubError(RuntimeError):
@@ -128,37 +113,6 @@ def _short(e: Exception) -> str:
         hint = "; set HF_TOKEN if the repo is gated or private" if r.status_code in (401, 403) else ""
         return f"HTTP {r.status_code} {r.reason_phrase} ({r.headers.get('X-Error-Message') or r.request.url}{hint})"
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-
-
-class _Hasher:
-    """sha256 (and the git blob sha1 when needed) on a thread of its own: hashlib drops the GIL, so
-    hashing overlaps the socket reads and file writes instead of adding to them."""
-
-    def __init__(self, size: int, git: bool):
-        self.size, self.git = size, git
-        self.sha256 = hashlib.sha256()
-        self.sha1 = hashlib.sha1(f"blob {size}\0".encode()) if git else None
-        self.q: queue.Queue = queue.Queue(maxsize=32)
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self) -> None:
-        while (b := self.q.get()) is not None:
-            self.sha256.update(b)
-            if self.sha1:
-                self.sha1.update(b)
-
-    def update(self, b: bytes) -> None:
-        self.q.put(b)
-
-    def done(self) -> tuple[str, str | None]:
-        self.q.put(None)
-        self.t.join()
-        return self.sha256.hexdigest(), self.sha1.hexdigest() if self.sha1 else None
-
-    def reset(self) -> None:
-        self.done()
-        self.__init__(self.size, self.git)
 
 
 @dataclass
@@ -251,7 +205,8 @@ class Hub:
         hasher = _Hasher(f.size, git=f.sha256 is None)
         fh.seek(0)
         while fh.tell() < offset:  # re-hash the prefix on disk: hash state cannot outlive the process
-            hasher.update(fh.read(min(CHUNK * 8, offset - fh.tell())))
+            buf = hasher.take()
+            hasher.feed(buf, fh.readinto(memoryview(buf)[:offset - fh.tell()]))
         fh.seek(0, os.SEEK_END)
         try:
             offset = self._transfer(sha, f, fh, offset, hasher, on_bytes)
@@ -283,22 +238,60 @@ class Hub:
         fh.truncate(0)
         os.unlink(fh.name)
 
-    @staticmethod
-    def _write(f, fh, hasher, data: bytes, offset: int, on_bytes) -> int:
-        if offset + len(data) > f.size:
-            raise VerifyError(f"{f.path}: the Hub sent more than the listed {f.size} bytes; download deleted")
-        fh.write(data)
-        hasher.update(data)
-        if on_bytes:
-            on_bytes(len(data))
-        return offset + len(data)
+    def _body(self, r, sink: Sink) -> Exception | None:
+        """Stream the response body into `sink` until it ends; returns the transient error that cut it short,
+        or None. `sink.offset` holds what is on disk either way: the retry's Range starts there."""
+        raw = socket_body(r)
+        try:
+            if raw is None:
+                for b in r.iter_raw():
+                    sink.put(b, len(b), ours=False)
+                return None
+            sock, buffered, left = raw
+            if buffered:
+                sink.put(buffered, len(buffered), ours=False)
+            sock.settimeout(self.timeout_s)
+            while left > 0:
+                buf, n, cut = sink.hasher.take(), 0, None
+                want = min(sink.want(), left)
+                with memoryview(buf) as view:
+                    while n < want and cut is None:  # fill it: whole aligned buffers can skip the page cache
+                        try:
+                            got = sock.recv_into(view[n:want])
+                        except TimeoutError:
+                            cut = httpx2.ReadTimeout(f"no byte for {self.timeout_s:g} s")
+                        except OSError as e:
+                            cut = httpx2.ReadError(str(e) or type(e).__name__)
+                        else:
+                            n += got
+                            if not got:
+                                cut = httpx2.RemoteProtocolError(f"connection closed, {left - n} body bytes to come")
+                left -= n
+                if n:
+                    sink.put(buf, n)  # what arrived before a cut is kept too
+                else:
+                    sink.hasher.give_back(buf)
+                if cut:
+                    raise cut
+            return None
+        except TRANSIENT as e:
+            return e
 
     def _transfer(self, sha, f, fh, offset, hasher, on_bytes) -> int:
         """GET with Range from `offset` until the listed size is on disk; retries what is transient."""
+        sink = Sink(fh, f.size, hasher, offset, on_bytes)
+        try:
+            return self._get_all(sha, f, fh, sink)
+        except TooLong:
+            raise VerifyError(f"{f.path}: the Hub sent more than the listed {f.size} bytes; download deleted") from None
+        finally:
+            sink.close()
+
+    def _get_all(self, sha, f, fh, sink: Sink) -> int:
         url, attempt, last = self.url(sha, f.path), 0, ""
         timeout = httpx2.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
-        while offset < f.size:
-            before = offset
+        while sink.offset < f.size:
+            before = offset = sink.offset
             headers = build_hf_headers(token=self.token, library_name="langpwt")
             headers["Accept-Encoding"] = "identity"  # the bytes must be the file's, to hash them
             if offset:
@@ -308,37 +301,37 @@ class Hub:
                     if r.status_code in RETRY_STATUS:
                         last, wait = f"HTTP {r.status_code}", _wait_s(r.status_code, r.headers, attempt, self.backoff_s)
                     elif r.status_code == 416:  # our part is longer or other than the file: start over
-                        last, wait, offset = "HTTP 416", 0.0, self._restart(fh)
-                        hasher.reset()
+                        last, wait = "HTTP 416", 0.0
+                        sink.restart(self._restart(fh))
+                        sink.hasher.reset()
                     elif r.status_code >= 400:
                         r.read()
                         hf_raise_for_status(r)
                     else:
                         if offset and r.status_code == 200:  # Range ignored: the body starts at byte 0
-                            offset = self._restart(fh)
-                            hasher.reset()
+                            sink.restart(self._restart(fh))
+                            sink.hasher.reset()
                         elif offset and not (r.headers.get("Content-Range") or "").startswith(f"bytes {offset}-"):
                             raise HubError(f"{f.path}: asked for bytes {offset}- and got "
                                            f"Content-Range {r.headers.get('Content-Range')!r}")
-                        kicked = offset
-                        for b in r.iter_raw():  # each piece is on disk before the next read: a drop loses none
-                            offset = self._write(f, fh, hasher, b, offset, on_bytes)
-                            if offset - kicked >= WRITEBACK:
-                                _writeback(fh, kicked, offset)
-                                kicked = offset
-                        last, wait = "body ended early", _wait_s(0, {}, attempt, self.backoff_s)
+                        fh.flush()
+                        try:
+                            cut = self._body(r, sink)
+                        finally:
+                            fh.seek(0, os.SEEK_END)  # the fd moved under the buffered file object
+                        last = _short(cut) if cut else "body ended early"
+                        wait = _wait_s(0, {}, attempt, self.backoff_s)
             except HfHubHTTPError as e:
                 raise HubError(f"{f.path}: {_short(e)}") from e
             except TRANSIENT as e:
                 last, wait = _short(e), _wait_s(0, {}, attempt, self.backoff_s)
-            if offset >= f.size:
+            if sink.offset >= f.size:
                 break
-            if offset > before:
+            if sink.offset > before:
                 attempt = 0  # progress resets the retry budget
             if attempt >= self.retries or wait > MAX_WAIT_S:
                 raise HubError(f"{f.path}: {last} from {self.endpoint}; gave up after {attempt + 1} attempts "
-                               f"({offset} of {f.size} bytes kept for the next run)")
-            fh.flush()  # a kill during the wait keeps what arrived
+                               f"({sink.offset} of {f.size} bytes kept for the next run)")
             time.sleep(wait)
             attempt += 1
-        return offset
+        return sink.offset
