@@ -275,43 +275,77 @@ def child_baseline(corpus: Path, tok_json: Path, out: Path) -> dict:
     return dict(seconds=time.perf_counter() - t0, cpu_s=_cpu() - c0, tokens=total, docs=ndocs, rss_mb=_rss_mb())
 
 
-def child_ours(corpus: Path, tok_json: Path, home_dir: Path, shared: str = "") -> dict:
-    """flows/tokenize.py::run_tokenize without Prefect: the same plain functions in the same order, tasks in a
-    thread pool of 2. `shared`: one Encoder for every shard instead of one per shard (the flow's way)."""
+def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
+    """flows/tokenize.py `tokenize` + run_tokenize without Prefect: the same plain functions in the same
+    order (tasks in a thread pool of 2), from listing the files to the pipeline_runs row. The tokenizer
+    file is given (`--tokenizer`), so no training; copying and loading it (one Encoder per process) is timed."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from storage import shard_catalog, sources
+    from storage.atomic import remove_stale_temps
     from storage.paths import Home
     from tasks.filter import FilterConfig
-    from tasks.plan import plan_one
+    from tasks.plan import check_reprocess, plan_one
     from tasks.scan import scan_file
     from tasks.tokenize import tokenize_file
     from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer
 
     shutil.rmtree(home_dir, ignore_errors=True)
-    home, fcfg = Home(home_dir.resolve()).ensure(), FilterConfig()
-    _, tok_sha = ensure_tokenizer(home.tokenizer, [], fcfg, TokenizerConfig(), str(tok_json))  # shared: not timed
+    home, fcfg, tcfg = Home(home_dir.resolve()).ensure(), FilterConfig(), TokenizerConfig()
     t0, c0 = time.perf_counter(), _cpu()
-    one = Encoder(home.tokenizer) if shared else None
-    files = sources.list_local(corpus)
-    sources.record(home, files, "verified")
-    states = shard_catalog.shard_states(home)
-    usable, building, res = [], {}, []
+    started = shard_catalog.utcnow()
+    files = sources.list_local(corpus)                                                   # local_files
+    shard_catalog.record_pipeline_run(home, "bench", "tokenize", {}, "running", started)
+    for folder in (home.shards, home.index, home.tokenizer_dir):
+        remove_stale_temps(folder)
+    check_reprocess(None, [f.position for f in files])
+    usable, building, res, queued = [], {}, [], []
+
+    def record_finished(block: bool) -> None:                                           # _record_finished
+        while building:
+            done = [f for f in building if f.done()]
+            if not done:
+                if not block:
+                    return
+                next(as_completed(building))
+                continue
+            for f in done:
+                building.pop(f)
+                if f.result().error:
+                    raise SystemExit(f"ours failed: {f.result().error}")
+                res.append(f.result())
+            shard_catalog.record_shards(home, [(r.shard_id, r.timing) for r in res[-len(done):]])
+            if not block:
+                return
+
     with ThreadPoolExecutor(2) as ex:
         scans = [ex.submit(scan_file, home, f, fcfg) for f in files]
-        for f, sc in zip(files, scans):
+        sources.record(home, files, "verified")
+        states = shard_catalog.shard_states(home)
+        origin, sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json))  # tokenizer_task
+        vocab = Encoder.cached(home.tokenizer, sha).vocab_size
+        recorded = False
+        for i, (f, sc) in enumerate(zip(files, scans)):
             if sc.result().error:
                 raise SystemExit(f"scan failed: {sc.result().error}")
-            _, job = plan_one(home, f, list(usable), fcfg, str(home.tokenizer), tok_sha, states)
             usable.append(f)
-            shard_catalog.mark_running(home, [(f.shard_id, f.file, f.sha256, job.config_hash)], None)
-            building[ex.submit(lambda j: tokenize_file(home, j, one or Encoder.cached(j.tokenizer_path, j.tokenizer_sha256)), job)] = job
-        for fut in as_completed(building):
-            r = fut.result()
-            if r.error:
-                raise SystemExit(f"ours failed: {r.error}")
-            shard_catalog.record_shard(home, r.shard_id, r.timing)
-            res.append(r)
+            queued.append(f)
+            if i + 1 < len(files) and scans[i + 1].done():
+                continue  # planned together with the next file(s)
+            if not recorded:
+                shard_catalog.record_tokenizer(home, sha, str(home.tokenizer), vocab, origin, tcfg.__dict__)
+                recorded = True
+            jobs = [plan_one(home, q, usable[:usable.index(q)], fcfg, str(home.tokenizer), sha, states)[1]
+                    for q in queued]
+            shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
+                                              for j in jobs], None)
+            for job in jobs:
+                building[ex.submit(lambda j: tokenize_file(home, j, Encoder.cached(j.tokenizer_path,
+                                                                                   j.tokenizer_sha256)), job)] = job
+            queued = []
+            record_finished(block=False)
+        record_finished(block=True)
+    shard_catalog.record_pipeline_run(home, "bench", "tokenize", {}, "completed", started, {})
     return dict(seconds=time.perf_counter() - t0, cpu_s=_cpu() - c0, tokens=sum(sum(r.tokens.values()) for r in res),
                 docs=sum(r.kept for r in res), dropped=sum(r.rows_in - r.kept for r in res), rss_mb=_rss_mb())
 
@@ -400,8 +434,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         role, args = a.child[0], a.child[1:]
-        fn = dict(baseline=child_baseline, ours=child_ours, bare=child_bare,
-                  ours1=lambda *p: child_ours(*p, shared="1"))
+        fn = dict(baseline=child_baseline, ours=child_ours, bare=child_bare)
         if role == "sql":
             print(json.dumps(child_sql(Path(args[0]), int(args[1]), int(args[2]))))
         else:
@@ -419,13 +452,13 @@ def main() -> None:
     tok = train_once(corpus)
     print(f"tiktoken ids == Encoder ids on {verify_ids(corpus, tok, a.verify_docs):,} documents", flush=True)
 
-    roles = ["baseline", "ours", "ours1", "bare"]
+    roles = ["baseline", "ours", "bare"]
     rows: dict[str, list[dict]] = {k: [] for k in roles + ["flow"]}
-    homes = {"baseline": OUT / "nano_shards", "ours": OUT / "home_ours", "ours1": OUT / "home_ours1"}
+    homes = {"baseline": OUT / "nano_shards", "ours": OUT / "home_ours"}
     for r in range(a.repeats):
         print(f"repeat {r + 1}/{a.repeats}  load: {os.getloadavg()[0]:.2f}", flush=True)
         # the order rotates so that no method always runs first (or right after another filled the page cache)
-        for role in roles[r % 4:] + roles[:r % 4]:
+        for role in roles[r % len(roles):] + roles[:r % len(roles)]:
             res = run_child(role, corpus, tok, *([homes[role]] if role in homes else []))
             rows[role].append(res)
             print(f"  {role:8s} {res['seconds']:6.2f} s  {res['tokens'] / res['seconds'] / 1e6:6.2f}M tokens/s  "
@@ -449,8 +482,7 @@ def main() -> None:
     line = lambda name, xs, fmt, target="": out.append(  # noqa: E731
         f"| {name} | {fmt.format(med(xs))} | {fmt.format(min(xs))} – {fmt.format(max(xs))} | {target} |")
     line("baseline: build-nanogpt pool + tiktoken, M tokens/s", tps["baseline"], "{:.2f}")
-    line("ours end to end (flow's functions, Encoder per shard), M tokens/s", tps["ours"], "{:.2f}")
-    line("ours, one Encoder shared by the shards, M tokens/s", tps["ours1"], "{:.2f}")
+    line("ours end to end (the flow's functions in its order), M tokens/s", tps["ours"], "{:.2f}")
     if rows["flow"]:
         line("ours via `langpwt tokenize` (Prefect), wall, M tokens/s", tps["flow"], "{:.2f}")
         line("`langpwt tokenize`: seconds, wall", [v["seconds"] for v in rows["flow"]], "{:.1f}")
@@ -459,9 +491,7 @@ def main() -> None:
     line("bare encoder (encode_flat, texts in memory), M tokens/s", tps["bare"], "{:.2f}")
     line("**ours / baseline**", ratio("ours", "baseline"), "{:.2f}×", "≥ 5×")
     line("**ours / bare encoder**", ratio("ours", "bare", 100), "{:.0f} %", "≥ 60 %")
-    line("ours (shared Encoder) / baseline", ratio("ours1", "baseline"), "{:.2f}×")
-    line("ours (shared Encoder) / bare encoder", ratio("ours1", "bare", 100), "{:.0f} %")
-    for k, name in (("baseline", "baseline"), ("ours", "ours"), ("ours1", "ours, shared Encoder"), ("bare", "bare encoder")):
+    for k, name in (("baseline", "baseline"), ("ours", "ours"), ("bare", "bare encoder")):
         line(f"{name}: M tokens per CPU-second (load-robust)", tpc[k], "{:.2f}")
     line("ours / baseline, per CPU-second", [o / b for o, b in zip(tpc["ours"], tpc["baseline"])], "{:.2f}×")
     line(f"**peak RSS, ours on one {big_mb:.0f} MB source file**, GB", [rss["rss_mb"] / 1024], "{:.2f}", "≤ 1.5 GB")

@@ -39,8 +39,9 @@ class PrepareParams(TokenizeParams):
                               min_free_bytes=self.min_free_bytes, retries=self.retries, progress=False)
 
 
-def _files(home: Home, params: PrepareParams) -> list:
-    """Local files (hashed and recorded), or the planned Hub files, each a download already under way."""
+def _files(home: Home, params: PrepareParams) -> tuple[list, bool]:
+    """Local files (hashed; recorded by run_tokenize), or the planned Hub files, each a download
+    already under way; and whether they still need recording."""
     if params.source:
         return local_files(home, params)
     dparams = params.download_params()
@@ -60,7 +61,7 @@ def _files(home: Home, params: PrepareParams) -> list:
 
     return [item.source() if item.done else
             Incoming(item.file.path, item.position, pending[item.position], settle(item))
-            for item in plan.items]
+            for item in plan.items], False
 
 
 @flow(name="prepare", task_runner=ThreadPoolTaskRunner(max_workers=6), log_prints=True)
@@ -72,9 +73,9 @@ def prepare(params: PrepareParams) -> dict:
     with exclusive(home.lock, params.wait):
         shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "running", started)
         try:
-            files = _files(home, params)  # downloads stay on this machine's threads
+            files, listed = _files(home, params)  # downloads stay on this machine's threads
             with tasks_on(params):        # scans and shards on them too, or on Dask
-                summary = run_tokenize(params, files)
+                summary = run_tokenize(params, files, listed)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "failed", started,
                                               {"error": str(e)})

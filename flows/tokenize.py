@@ -26,7 +26,7 @@ from tasks.plan import check_reprocess, plan_one, tokenizer_prefix
 from tasks.read import BadInput
 from tasks.scan import ScanCounts, scan_file
 from tasks.tokenize import ShardJob, tokenize_file
-from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer
+from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, tokenizer_ready
 
 
 class TokenizeParams(ScaleOut):  # ScaleOut: dask_address / dask_local
@@ -108,26 +108,43 @@ class Incoming:
         return self._done
 
 
-def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> dict:
+def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], listed: bool = False) -> dict:
     """The body shared by `tokenize` and `prepare`: scan, tokenizer, plan, shards, report.
 
     `files` are in shard order; a future is a file still downloading: shard i starts as soon as files
-    0..i are in and scanned (dedup needs them) and the tokenizer exists. Tasks may run on other
-    machines (Dask); only this process writes the catalog."""
+    0..i are in and scanned (dedup needs them) and the tokenizer exists. `listed`: `files` come from a
+    local listing not yet in `source_files`. Tasks may run on other machines (Dask); only this
+    process writes the catalog."""
     home = Home.from_env(params.home).ensure()
     for folder in (home.shards, home.index, home.tokenizer_dir):
         remove_stale_temps(folder)
     log, t0, fcfg = get_run_logger(), time.time(), params.filter_config()
-    check_reprocess(params.reprocess, [f.position for f in files])
-    states = shard_catalog.shard_states(home)
+    try:
+        check_reprocess(params.reprocess, [f.position for f in files])
+    except ValueError:
+        if listed:  # recorded all the same, as before any run
+            sources.record(home, files, "verified")
+        raise
     scans: dict[int, PrefectFuture] = {}
-    for f in files:
+    for f in files:  # first, so the catalog work below overlaps them
         if isinstance(f, SourceFile):
             scans[f.position] = scan_task.submit(home, f, fcfg)
-    usable, failed, building, results, skipped = [], {}, {}, [], []
-    tok = None
+    if listed:
+        sources.record(home, [f for f in files if isinstance(f, SourceFile)], "verified")
+    states = shard_catalog.shard_states(home)
+    usable, failed, building, results, skipped, queued = [], {}, {}, [], [], []
+    # a given or reusable tokenizer needs no sample: load it now, while the first files are scanned
+    tok = _tokenizer(home, [], params) if tokenizer_ready(home.tokenizer, params.tokenizer_config(),
+                                                             params.tokenizer, params.retrain_tokenizer) else None
+    recorded = False
 
     def submit(srcs: list[SourceFile]) -> None:
+        nonlocal recorded
+        if srcs and not recorded:  # only once a file is usable, as when it is trained
+            origin, sha, vocab = tok
+            shard_catalog.record_tokenizer(home, sha, str(home.tokenizer), vocab, origin,
+                                           params.tokenizer_config().__dict__)
+            recorded = True
         jobs = []
         for src in srcs:
             earlier = usable[:usable.index(src)]
@@ -157,13 +174,17 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming]) -> 
             failed[src.file] = sc.error
             shard_catalog.record_failed(home, src.shard_id, src.file, src.sha256, None, sc.error, None, flow_run.id)
             sources.mark(home, src.file, "failed", sc.error)
-            continue
-        usable.append(src)
-        if tok is None and tokenizer_prefix(usable, params.tokenizer_config().sample_bytes):
-            tok = _tokenizer(home, usable, params)
-            submit(usable)
-        elif tok is not None:
-            submit([src])
+        else:
+            usable.append(src)
+            if tok is None and tokenizer_prefix(usable, params.tokenizer_config().sample_bytes):
+                tok = _tokenizer(home, usable, params)
+                queued = list(usable)
+            elif tok is not None:
+                queued.append(src)
+        nxt = scans.get(files[i + 1].position) if i + 1 < len(files) else None
+        if queued and not (nxt is not None and nxt.state.is_final()):  # plan the files scanned so far at once
+            submit(queued)
+            queued = []
         _record_finished(home, building, results, failed, block=False)
     if not usable:
         raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files)}")
@@ -187,26 +208,36 @@ def _arrived(home: Home, inc: Incoming, failed: dict) -> SourceFile | None:
         return None
 
 
-def _tokenizer(home: Home, usable: list[SourceFile], params: TokenizeParams) -> tuple[str, str]:
-    origin, sha, vocab = tokenizer_task(home, usable, params)
-    shard_catalog.record_tokenizer(home, sha, str(home.tokenizer), vocab, origin, params.tokenizer_config().__dict__)
-    return origin, sha
+def _tokenizer(home: Home, usable: list[SourceFile], params: TokenizeParams) -> tuple[str, str, int]:
+    """(origin, sha256, vocab size); recorded in the catalog by the first `submit`."""
+    return tokenizer_task(home, usable, params)
 
 
 def _record_finished(home: Home, building: dict, results: list, failed: dict, block: bool) -> None:
-    """Record shards whose task finished (all of them if `block`), so viewers see progress."""
-    done = list(as_completed(list(building))) if block else [f for f in building if f.state.is_final()]
-    for fut in done:
-        job = building.pop(fut)
-        res = fut.result()
-        results.append(res)
-        if res.error:
-            failed[res.source_file] = res.error
-            shard_catalog.record_failed(home, res.shard_id, res.source_file, job.source.sha256,
-                                        job.config_hash, res.error, None, flow_run.id)
-            sources.mark(home, res.source_file, "failed", res.error)
-        else:
-            shard_catalog.record_shard(home, res.shard_id, res.timing)
+    """Record shards whose task finished (all of them if `block`), so viewers see progress. Shards
+    that finished together are recorded in one transaction: one DuckDB open and checkpoint, not one each."""
+    while building:
+        done = [f for f in building if f.state.is_final()]
+        if not done:
+            if not block:
+                return
+            next(iter(as_completed(list(building))))  # wait for one, then take all that are done
+            continue
+        finished = []
+        for fut in done:
+            job = building.pop(fut)
+            res = fut.result()
+            results.append(res)
+            if res.error:
+                failed[res.source_file] = res.error
+                shard_catalog.record_failed(home, res.shard_id, res.source_file, job.source.sha256,
+                                            job.config_hash, res.error, None, flow_run.id)
+                sources.mark(home, res.source_file, "failed", res.error)
+            else:
+                finished.append((res.shard_id, res.timing))
+        shard_catalog.record_shards(home, finished)
+        if not block:
+            return
 
 
 def summarize(results: list, skipped: list[int], failed: dict, seconds: float) -> dict:
@@ -223,14 +254,13 @@ def summarize(results: list, skipped: list[int], failed: dict, seconds: float) -
                 docs_in=sum(r.rows_in for r in results), kept=sum(r.kept for r in results))
 
 
-def local_files(home: Home, params: TokenizeParams) -> list[SourceFile]:
-    """`--source`, else the files this home downloaded, else the source of its last run."""
+def local_files(home: Home, params: TokenizeParams) -> tuple[list[SourceFile], bool]:
+    """`--source`, else the files this home downloaded, else the source of its last run; and whether
+    they were listed here (run_tokenize records them in `source_files` once their scans are under way)."""
     if params.source:
-        files = sources.list_local(params.source)
-        sources.record(home, files, "verified")
-        return files
+        return sources.list_local(params.source), True
     if files := sources.from_catalog(home):
-        return files
+        return files, False
     if last := shard_catalog.last_source(home):
         return local_files(home, params.model_copy(update={"source": last}))
     raise ValueError("--source: not given, and this home has neither downloads nor an earlier run")
@@ -242,11 +272,11 @@ def tokenize(params: TokenizeParams) -> dict:
     home = Home.from_env(params.home).ensure()
     started = shard_catalog.utcnow()
     with exclusive(home.lock, params.wait):
-        files = local_files(home, params)
+        files, listed = local_files(home, params)
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)
         try:
             with tasks_on(params):  # per-file tasks on this process's threads, or on Dask
-                summary = run_tokenize(params, files)
+                summary = run_tokenize(params, files, listed)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(),
                                               "failed", started, {"error": str(e)})

@@ -19,14 +19,12 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
-def _shard_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{c: r.get(c) for c in SHARD_COLUMNS} for r in rows])
-
-
 def _replace_shard_rows(con, shard_id: int, rows: list[dict]) -> None:
-    tbl = _shard_table(rows)  # noqa: F841 (DuckDB reads the local by name)
     con.execute("DELETE FROM shards WHERE shard_id = ?", [shard_id])
-    con.execute("INSERT INTO shards BY NAME SELECT * FROM tbl")
+    # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports
+    # pandas (~0.25 s per process), and these are two rows
+    con.executemany(f"INSERT INTO shards ({', '.join(SHARD_COLUMNS)}) VALUES ({', '.join('?' * len(SHARD_COLUMNS))})",
+                    [[r.get(c) for c in SHARD_COLUMNS] for r in rows])
 
 
 def mark_running(home: Home, jobs: list[tuple[int, str, str, str]], flow_run_id: str | None) -> dt.datetime:
@@ -46,28 +44,45 @@ def record_shard(home: Home, shard_id: int, timing: dict | None = None) -> dict:
     """Ingest a finished shard's sidecars (written by a worker, maybe on another machine).
 
     Also how the catalog is rebuilt from the shards alone (then without timings); returns the metadata."""
+    return record_shards(home, [(shard_id, timing)])[0]
+
+
+def record_shards(home: Home, finished: list[tuple[int, dict | None]]) -> list[dict]:
+    """`record_shard` for several (shard_id, timing) in one transaction: each DuckDB open and the
+    checkpoint on close cost ~30-100 ms, and shards often finish together. Still one short unit of
+    work, so readers get their turn between two calls."""
     import pyarrow.parquet as pq
 
-    meta = json.loads(home.shard_meta(shard_id).read_text())
-    # sidecars name files relative to the shards folder, so a home can move and two homes compare equal
-    rows = [dict(r, path=str(home.shards / r["path"]), **(timing or {})) for r in meta["rows"]]
-    # ParquetFile.read skips the dataset machinery read_table imports on first use (~0.6 s)
-    record_done(home, shard_id, rows, pq.ParquetFile(home.shard_docs(shard_id)).read(),
-                pq.ParquetFile(home.shard_counts(shard_id)).read())
-    return meta
+    loaded = []
+    for shard_id, timing in finished:
+        meta = json.loads(home.shard_meta(shard_id).read_text())
+        # sidecars name files relative to the shards folder, so a home can move and two homes compare equal
+        rows = [dict(r, path=str(home.shards / r["path"]), **(timing or {})) for r in meta["rows"]]
+        # ParquetFile.read skips the dataset machinery read_table imports on first use (~0.6 s)
+        loaded.append((shard_id, meta, rows, pq.ParquetFile(home.shard_docs(shard_id)).read(),
+                       pq.ParquetFile(home.shard_counts(shard_id)).read()))
+    if loaded:
+        with catalog.writer(home) as con:
+            for shard_id, _, rows, documents, token_counts in loaded:
+                _insert_done(con, shard_id, rows, documents, token_counts)
+    return [m for _, m, *_ in loaded]
 
 
 def record_done(home: Home, shard_id: int, rows: list[dict], documents: pa.Table, token_counts: pa.Table) -> None:
     with catalog.writer(home) as con:
-        _replace_shard_rows(con, shard_id, rows)
-        con.execute("DELETE FROM documents WHERE shard_id = ?", [shard_id])
-        con.register("documents_tbl", documents)
-        con.execute("INSERT INTO documents BY NAME SELECT * FROM documents_tbl")
-        con.unregister("documents_tbl")
-        con.execute("DELETE FROM token_counts WHERE shard_id = ?", [shard_id])
-        con.register("counts_tbl", token_counts)
-        con.execute("INSERT INTO token_counts BY NAME SELECT * FROM counts_tbl")
-        con.unregister("counts_tbl")
+        _insert_done(con, shard_id, rows, documents, token_counts)
+
+
+def _insert_done(con, shard_id: int, rows: list[dict], documents: pa.Table, token_counts: pa.Table) -> None:
+    _replace_shard_rows(con, shard_id, rows)
+    con.execute("DELETE FROM documents WHERE shard_id = ?", [shard_id])
+    con.register("documents_tbl", documents)
+    con.execute("INSERT INTO documents BY NAME SELECT * FROM documents_tbl")
+    con.unregister("documents_tbl")
+    con.execute("DELETE FROM token_counts WHERE shard_id = ?", [shard_id])
+    con.register("counts_tbl", token_counts)
+    con.execute("INSERT INTO token_counts BY NAME SELECT * FROM counts_tbl")
+    con.unregister("counts_tbl")
 
 
 def record_failed(home: Home, shard_id: int, source_file: str, source_sha256: str | None,

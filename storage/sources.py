@@ -6,11 +6,13 @@ import datetime as dt
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
-import pyarrow as pa
-
 from storage import catalog
 from storage.paths import Home
 from storage.shards import file_sha256
+
+
+COLUMNS = ["file", "position", "path", "size_bytes", "sha256", "status", "error", "dataset", "revision", "url",
+           "downloaded_at", "seconds"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,12 @@ def record(home: Home, files: list[SourceFile], status: str = "verified", *, dat
     rows = [dict(asdict(f), status=status, error=None, dataset=dataset, revision=revision,
                  url=(urls or {}).get(f.file), downloaded_at=now if urls and status == "verified" else None,
                  seconds=(seconds or {}).get(f.file)) for f in files]
-    tbl = pa.Table.from_pylist(rows)  # noqa: F841 (read by DuckDB's replacement scan)
+    # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports pandas
+    # (~0.25 s per process), and a source is a few files
     with catalog.writer(home) as con:
-        con.execute("DELETE FROM source_files WHERE file IN (SELECT file FROM tbl)")
-        con.execute("""INSERT INTO source_files BY NAME SELECT file, position, path, size_bytes,
-                       sha256, status, error, dataset, revision, url, downloaded_at, seconds FROM tbl""")
+        con.execute("DELETE FROM source_files WHERE list_contains(?, file)", [[f.file for f in files]])
+        con.executemany(f"INSERT INTO source_files ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                        [[r[c] for c in COLUMNS] for r in rows])
 
 
 def mark(home: Home, file: str, status: str, error: str | None = None) -> None:

@@ -199,6 +199,15 @@ _CACHE: dict[tuple[str, str], Encoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def tokenizer_ready(home_tokenizer: Path, tcfg: TokenizerConfig, given: str | None = None,
+                    retrain: bool = False) -> bool:
+    """Whether `ensure_tokenizer` needs no training (a given file, or a reusable trained one), so the
+    flow can resolve it before any file is scanned."""
+    cfg_path = home_tokenizer.with_suffix(".config.json")
+    return bool(given) or (home_tokenizer.exists() and not retrain and cfg_path.exists()
+                           and json.loads(cfg_path.read_text()) == asdict(tcfg))
+
+
 def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig,
                      tcfg: TokenizerConfig, given: str | None = None, retrain: bool = False) -> tuple[str, str]:
     """Return (origin, sha256) of the home's tokenizer.json, training or copying it if needed.
