@@ -54,7 +54,7 @@ class _NoHash(hub_mod._Hasher):
     no hashing. So `verify_overhead` counts all that verification adds: the hash and the handoff to it."""
 
     def __init__(self, size: int, git: bool):
-        self.size, self.git, self.buf = size, git, mmap.mmap(-1, hub_mod.CHUNK)  # page-aligned, as O_DIRECT needs
+        self.size, self.git, self.buf = size, git, mmap.mmap(-1, hub_mod.hub_io.CHUNK)  # page-aligned, as O_DIRECT needs
 
     def take(self) -> bytearray:
         return self.buf

@@ -332,7 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
                 except OSError:
                     return sent
                 sent += len(buf)
-                if fault.rate:
+                if fault.rate and sent < n:  # no pause after the last byte: the hit's span ends with it
                     ahead = sent / fault.rate - (time.monotonic() - t0)
                     if ahead > 0:
                         time.sleep(ahead)
