@@ -28,6 +28,8 @@ from model.runtime import device_name, load_tokenizer, measure_peak_tflops  # no
 from model.step import autocast_for, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
+COMPILE_MODE = None  # --compile-mode
+STREAM_DTYPE = None  # --bf16-stream
 
 
 def make_data(out: Path, vocab: int) -> None:
@@ -87,7 +89,8 @@ def build(cfg, head: str, device, total_steps: int):
     torch.manual_seed(cfg.seed)
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
     raw.head_loss = make_head_loss(head)
-    model = torch.compile(raw) if device.type == "cuda" else raw
+    raw.stream_dtype = STREAM_DTYPE
+    model = torch.compile(raw, mode=COMPILE_MODE) if device.type == "cuda" else raw
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     return raw, model, opt, sched
@@ -302,7 +305,16 @@ def main() -> int:
     p.add_argument("--tuned", type=Path, help="micro's JSON: use the kernel tile sizes it chose")
     p.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
                    help="restrict scaled_dot_product_attention to one backend")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
+    p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     args = p.parse_args()
+    global COMPILE_MODE, STREAM_DTYPE
+    COMPILE_MODE = args.compile_mode
+    STREAM_DTYPE = torch.bfloat16 if args.bf16_stream else None
+    if args.coord_descent:
+        import torch._inductor.config as ic
+        ic.coordinate_descent_tuning = True
     if args.sdpa != "default":
         for name in ("cudnn", "flash", "efficient"):
             getattr(torch.backends.cuda, f"enable_{'mem_efficient' if name == 'efficient' else name}_sdp")(

@@ -63,14 +63,19 @@ class TrainConfig:
     log_every: int = 10  # steps between host syncs on CUDA; every step still gets a row
     device: str = "auto"
     compile: bool = True
-    head: str = "auto"  # output layer + loss: plain | fused | fp8 (auto: fused on CUDA, plain on CPU)
+    head: str = "auto"  # output layer + loss: plain | fused | fp8 | fp8all (auto: fused on CUDA, plain on CPU)
+    # residual stream between blocks: float32 (what autocast leaves it) or bfloat16 (half the bytes
+    # through every LayerNorm/GELU/add; auto: bfloat16 on CUDA, float32 on CPU)
+    stream_dtype: str = "auto"
     peak_tflops: float | None = None  # None: measured at start on CUDA
     model: GPTConfig = field(default_factory=GPTConfig)
 
     def validate(self) -> None:
         self.model.validate()
-        if self.head not in ("auto", "plain", "fused", "fp8"):
-            raise ValueError(f"--head {self.head}: expected auto, plain, fused or fp8")
+        if self.head not in ("auto", "plain", "fused", "fp8", "fp8all"):
+            raise ValueError(f"--head {self.head}: expected auto, plain, fused, fp8 or fp8all")
+        if self.stream_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--stream-dtype {self.stream_dtype}: expected auto, float32 or bfloat16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device}: expected auto, cpu or cuda")
         for k in ("max_steps", "batch_tokens", "micro_batch", "eval_every", "ckpt_every", "keep_last", "log_every"):

@@ -92,6 +92,8 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
         # how the loss is computed (model.head); the trainer may swap in a fused kernel
         self.head_loss = None
+        # dtype of the residual stream; None keeps the embeddings' float32 (autocast casts only matmuls)
+        self.stream_dtype = None
         self.apply(self._init_weights)
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: residual projections scaled down
         for name, p in self.named_parameters():
@@ -126,6 +128,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if self.stream_dtype is not None:
+            x = x.to(self.stream_dtype)
         for block in self.transformer.h:
             x = block(x, cache)
         if cache is not None:

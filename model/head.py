@@ -111,6 +111,9 @@ def make_head_loss(kind: str):
     """`None` for the plain (autograd + compile) loss, else a loss function the model calls."""
     if kind == "plain":
         return None
+    if kind == "fp8all":
+        from model.head_fp8 import make_fp8_head_loss
+        return make_fp8_head_loss()
     fp8 = kind == "fp8"
 
     @torch.compiler.disable

@@ -62,6 +62,11 @@ def train(ns: argparse.Namespace) -> int:
     tok, tok_sha, tok_vocab = rt.load_tokenizer(tok_path)
     cfg, run_id, resume_from = rt.resolve_config(ns, home, tok_vocab, tok_sha, tok_path)
     device = rt.pick_device(cfg.device, d)
+    if device.type != "cuda":  # FP8 matmuls and Triton kernels; LayerNorm's fp32 weights meet bf16 only under autocast
+        if cfg.head in ("fp8", "fp8all"):
+            raise ValueError(f"--head {cfg.head} needs CUDA (FP8 matmuls); use fused, plain or auto on CPU")
+        if cfg.stream_dtype == "bfloat16":
+            raise ValueError("--stream-dtype bfloat16 needs CUDA (bf16 autocast); use float32 or auto on CPU")
     run_dir = home.run_dir(run_id)
     emit = rt.Emitter(run_dir, d.rank == 0)
     is_cuda = device.type == "cuda"
@@ -92,6 +97,8 @@ def train(ns: argparse.Namespace) -> int:
     if is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    stream = cfg.stream_dtype if cfg.stream_dtype != "auto" else ("bfloat16" if is_cuda else "float32")
+    raw.stream_dtype = torch.bfloat16 if stream == "bfloat16" else None
     train_head = raw.head_loss = make_head_loss(head)  # one object: compile guards on its identity
     eval_head = make_head_loss("fused" if is_cuda else "plain")
     model = torch.compile(raw) if (is_cuda and cfg.compile) else raw
@@ -106,7 +113,7 @@ def train(ns: argparse.Namespace) -> int:
     prompt_ids = tok.encode(cfg.sample_prompt).ids if tok is not None else [0]
 
     emit.event("start", run_id=run_id, run_dir=str(run_dir), step=start, max_steps=cfg.max_steps,
-               device=rt.device_name(device), world=d.world, accum=accum, head=head,
+               device=rt.device_name(device), world=d.world, accum=accum, head=head, stream_dtype=stream,
                compile=bool(is_cuda and cfg.compile), peak_tflops=peak, params=raw.num_params(),
                tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None)
     if d.rank == 0:

@@ -79,6 +79,13 @@ def test_bad_inputs_fail_with_one_line(train_home, tmp_path):
     # a bad parameter
     code, _, text = run_trainer(train_home, *FAST, "--batch-tokens", "1000", "--run-id", "b")
     assert code == 2 and "--batch-tokens 1000" in text
+    # CUDA-only speed options asked for on CPU: refused before any run folder exists
+    for flags, msg in ((("--stream-dtype", "bfloat16"), "--stream-dtype bfloat16 needs CUDA"),
+                       (("--head", "fp8all"), "--head fp8all needs CUDA"),
+                       (("--head", "fp9"), "--head fp9: expected")):
+        code, _, text = run_trainer(train_home, *FAST, *flags, "--max-steps", "2", "--run-id", "c")
+        assert code == 2 and msg in text, text
+        assert not (train_home.root / "runs" / "c").exists()
 
 
 @pytest.mark.timeout(600)

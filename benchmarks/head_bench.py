@@ -1,0 +1,140 @@
+"""The output layer's pieces at the seed shape (65,536 tokens x 512 -> 49,152), timed alone on the GPU:
+the CE kernels, the e5m2 gradient writers (each layout alone and both at once), FP8 backward matmuls, and each whole head against float64.
+Trade-off: pieces alone ignore how they share L2 and clocks inside a step; `train_bench speed` decides.
+
+    python benchmarks/head_bench.py --json $OUT/head.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import triton.testing as tt  # noqa: E402
+
+import model.head as H  # noqa: E402
+import model.head_fp8 as H8  # noqa: E402
+
+N, C, VP, V = 65536, 512, 49152, 48951
+OUT: list[dict] = []
+
+
+def rec(name, fn, nflop=0, nbytes=0):
+    try:
+        ms = tt.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    except Exception as e:  # one failing variant must not lose the others
+        print(f"{name:44s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        OUT.append(dict(name=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+        return None
+    r = dict(name=name, ms=ms, tflops=nflop / ms / 1e9 if nflop else None, gbps=nbytes / ms / 1e6 if nbytes else None)
+    OUT.append(r)
+    print(f"{name:44s} {ms:7.3f} ms" + (f"  {r['tflops']:6.0f} TFLOP/s" if nflop else "")
+          + (f"  {r['gbps']:6.0f} GB/s" if nbytes else ""), flush=True)
+    return ms
+
+
+def pieces() -> None:
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    h = torch.randn(N, C, device=dev, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(VP, C, device=dev, dtype=torch.bfloat16, generator=g) * 0.05
+    t = torch.randint(0, V, (N,), device=dev, generator=g)
+    flops = 2 * N * C * VP
+    logits = torch.randn(N, VP, device=dev, dtype=torch.bfloat16, generator=g) * 3
+    for blk, nw in [(8192, 32)]:
+        H.CE_BLOCK, H.CE_WARPS = blk, nw
+        rec(f"CE bf16 two reads BLOCK={blk} w={nw}", lambda: H.ce_grad_inplace(logits, t, V, 1.0 / N),
+            nbytes=2 * N * VP * 2)
+    H.CE_BLOCK, H.CE_WARPS = 8192, 32
+    lse, _, _ = H8.ce_rm8(logits, t, V, 1.0 / N)
+    rec("CE row pass -> e5m2 row-major + lse", lambda: H8.ce_rm8(logits, t, V, 1.0 / N), nbytes=N * VP * 3)
+    best = {}
+    for tm, tn, nw in [(64, 256, 8), (128, 128, 8), (32, 256, 4), (64, 128, 4), (128, 256, 16), (64, 512, 16)]:
+        H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
+        for rm, tr in [(True, False), (False, True), (True, True)]:
+            ms = rec(f"grad8 {tm}x{tn} w{nw} rowmajor={rm:d} transposed={tr:d}",
+                     lambda: H8.grad8(logits, t, lse, V, rm, tr), nbytes=N * VP * (2 + rm + tr))
+            if ms and ms < best.get((rm, tr), (1e9,))[0]:
+                best[(rm, tr)] = (ms, tm, tn, nw)
+    for k, v in best.items():
+        OUT.append(dict(name="best grad8", row_major=k[0], transposed=k[1], ms=v[0], tile=v[1:]))
+    ms_b, tm, tn, nw = best.get((True, True), (0, 64, 256, 8))
+    H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
+    dl8, dlT8 = H8.grad8(logits, t, lse, V, True, True)
+    h8, sh = H.to_fp8(h)
+    w8, sw = H.to_fp8(w)
+    hT8, wT8 = h8.t().contiguous(), w8.t().contiguous()
+    one = torch.ones((), device=dev)
+    rec("logits bf16", lambda: h @ w.t(), flops)
+    rec("logits fp8 (incl. quantize)", lambda: H.fp8_linear(h, w), flops)
+    g16 = (torch.randn(N, VP, device=dev, dtype=torch.bfloat16, generator=g) * 1e-5)
+    rec("grad_x bf16", lambda: g16 @ w, flops)
+    rec("grad_W bf16", lambda: g16.t() @ h, flops)
+    del g16
+    for fast in (False, True):
+        rec(f"grad_x fp8 e5m2xe4m3 fast_accum={fast}",
+            lambda: torch._scaled_mm(dl8, wT8.t(), scale_a=one, scale_b=sw, out_dtype=torch.bfloat16,
+                                     use_fast_accum=fast), flops)
+        rec(f"grad_W fp8 from transposed fast_accum={fast}",
+            lambda: torch._scaled_mm(dlT8, hT8.t(), scale_a=one, scale_b=sh, out_dtype=torch.float32,
+                                     use_fast_accum=fast), flops)
+    del logits, dl8, dlT8
+
+
+def whole_heads() -> None:
+    """Each head's forward + backward alone, then its loss and gradients against float64."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(2)
+    h = (torch.randn(N, C, device=dev, generator=g)).requires_grad_()
+    w = (torch.randn(VP, C, device=dev, generator=g) * 0.05).requires_grad_()
+    t = torch.randint(0, V, (N,), device=dev, generator=g)
+    heads = {k: H.make_head_loss(k) for k in ("fused", "fp8", "fp8all")}
+    for name, fn in heads.items():
+        def step():
+            fn(h, w, t, V).backward()
+        rec(f"whole head fwd+bwd {name}", step, 3 * 2 * N * C * VP)
+    m = 4096
+    hh = torch.randn(m, C, device=dev, dtype=torch.float64, generator=g)
+    ww = torch.randn(VP, C, device=dev, dtype=torch.float64, generator=g) * 0.05
+    tt_ = torch.randint(0, V, (m,), device=dev, generator=g)
+    hr, wr = hh.clone().requires_grad_(), ww.clone().requires_grad_()
+    col = torch.arange(VP, device=dev)
+    ref = torch.nn.functional.cross_entropy((hr @ wr.t()).masked_fill(col >= V, float("-inf")), tt_)
+    ref.backward()
+    for name, fn in heads.items():
+        a, b = hh.float().requires_grad_(), ww.float().requires_grad_()
+        loss = fn(a, b, tt_, V)
+        loss.backward()
+        e = lambda x, y: float((x.double() - y).norm() / y.norm())
+        r = dict(name=f"check {name}", loss_rel=abs(float(loss) - float(ref)) / float(ref),
+                 grad_h_rel=e(a.grad, hr.grad), grad_w_rel=e(b.grad, wr.grad),
+                 finite=bool(torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()))
+        OUT.append(r)
+        print(f"check {name:10s} loss rel {r['loss_rel']:.2e}  grad_h rel {r['grad_h_rel']:.2e}  "
+              f"grad_W rel {r['grad_w_rel']:.2e}  finite {r['finite']}", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--skip-pieces", action="store_true")
+    args = p.parse_args()
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    if not args.skip_pieces:
+        pieces()
+    torch.cuda.empty_cache()
+    whole_heads()
+    if args.json:
+        args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                             date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
