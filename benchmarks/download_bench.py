@@ -36,6 +36,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import storage.hub as hub_mod  # noqa: E402
+from storage import hub_io  # noqa: E402
 
 REPO = "HuggingFaceFW/fineweb-edu"
 
@@ -55,7 +56,7 @@ class _NoHash(hub_mod._Hasher):
     no hashing. So `verify_overhead` counts all that verification adds: the hash and the handoff to it."""
 
     def __init__(self, size: int, git: bool):
-        self.size, self.git, self.buf = size, git, mmap.mmap(-1, hub_mod.hub_io.CHUNK)  # page-aligned, as O_DIRECT needs
+        self.size, self.git, self.buf = size, git, mmap.mmap(-1, hub_io.CHUNK)  # page-aligned, as O_DIRECT needs
 
     def take(self) -> bytearray:
         return self.buf

@@ -6,7 +6,6 @@ from __future__ import annotations
 import email.utils
 import fcntl
 import fnmatch
-import hashlib
 import os
 import posixpath
 import random
@@ -23,7 +22,6 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, parse_ratelimit_headers
 
 from storage.atomic import fsync_dir
-from storage import hub_io
 from storage.hub_io import CHUNK, Sink, TooLong, socket_body
 from storage.hub_io import Hasher as _Hasher  # a module name the benchmark swaps for its hashing-off variant
 

@@ -1,5 +1,5 @@
-"""The bytes under storage.hub: a response body read from its socket into a ring of reused buffers, written
-to the part file (O_DIRECT where it can) and hashed on its own thread. Lean per byte; leans on httpcore internals, with a fallback."""
+"""The bytes under storage.hub: a body read from its socket into reused buffers, written O_DIRECT where it can, hashed on a thread.
+Lean per byte (client CPU ~ sha256 alone), at the price of reaching into httpcore's internals, with iter_raw as the fallback."""
 from __future__ import annotations
 
 import ctypes
