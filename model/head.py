@@ -22,10 +22,8 @@ CE_BLOCK, CE_WARPS = 8192, 32
 
 if triton is not None:
     @triton.jit
-    def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, scale,
-                        BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
+    def row_lse(base, V, BLOCK: tl.constexpr):
+        """log-sum-exp of one row's first V values: one online max/sum pass (shared by the CE kernels)."""
         offs = tl.arange(0, BLOCK)
         # finite sentinel: exp(m - m_new) of two -inf lanes would be NaN
         m = tl.full([BLOCK], -1e30, tl.float32)
@@ -38,17 +36,37 @@ if triton is not None:
             s = s * tl.exp(m - m_new) + tl.where(ok, tl.exp(x - m_new), 0.0)
             m = m_new
         mx = tl.max(m, 0)
-        lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+        return mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+
+    @triton.jit
+    def softmax_minus_onehot(x, cols, V, tgt, lse):
+        """dCE/dlogits of one slice of a row; padded columns (>= V) get 0."""
+        p = tl.where(cols < V, tl.exp(x - lse), 0.0)
+        return tl.where(cols == tgt, p - 1.0, p)
+
+    @triton.jit
+    def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, scale, lse_ptr, out_ptr, out_scale,
+                        BLOCK: tl.constexpr, FP8_OUT: tl.constexpr):
+        # FP8_OUT (model.head_fp8): keep the logits, store lse, write (p - onehot) * out_scale as e5m2
+        # to out_ptr; else the gradient overwrites the logits in place
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        lse = row_lse(base, V, BLOCK)
         tgt = tl.load(targets_ptr + row).to(tl.int64)
         x_t = tl.load(base + tgt).to(tl.float32)
         tl.store(loss_ptr + row, (lse - x_t) * scale)
+        if FP8_OUT:
+            tl.store(lse_ptr + row, lse)
         # second read of the row: it was read microseconds ago, so mostly served from L2
+        offs = tl.arange(0, BLOCK)
         for start in tl.range(0, VP, BLOCK):
             cols = start + offs
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
-            p = tl.where(cols < V, tl.exp(x - lse), 0.0)
-            p = tl.where(cols == tgt, p - 1.0, p)
-            tl.store(base + cols, (p * scale).to(logits_ptr.dtype.element_ty), mask=cols < VP)
+            p = softmax_minus_onehot(x, cols, V, tgt, lse)
+            if FP8_OUT:
+                tl.store(out_ptr + row * VP + cols, (p * out_scale).to(tl.float8e5), mask=cols < VP)
+            else:
+                tl.store(base + cols, (p * scale).to(logits_ptr.dtype.element_ty), mask=cols < VP)
 
 
 def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
@@ -57,8 +75,8 @@ def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     if logits.is_cuda and triton is not None:
         assert logits.stride(1) == 1
-        _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, scale,
-                              BLOCK=CE_BLOCK, num_warps=CE_WARPS)
+        _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, scale, loss, logits, 1.0,
+                              BLOCK=CE_BLOCK, num_warps=CE_WARPS, FP8_OUT=False)
         return loss
     x = logits[:, :vocab_size].float()
     lse = torch.logsumexp(x, dim=-1)

@@ -11,6 +11,8 @@ from model.head import FP8_MAX, to_fp8
 try:
     import triton
     import triton.language as tl
+
+    from model.head import _ce_grad_kernel, softmax_minus_onehot
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
@@ -23,36 +25,6 @@ TILE_M, TILE_N, TILE_WARPS = 32, 256, 4  # fastest transposed-only tile in head_
 
 if triton is not None:
     @triton.jit
-    def _ce_rm8_kernel(logits_ptr, stride, targets_ptr, lse_ptr, loss_ptr, out_ptr, V, VP, scale, qscale,
-                       BLOCK: tl.constexpr):
-        # as model.head's CE kernel, but the gradient goes to a separate e5m2 buffer: half the bytes
-        # written, and the logits stay intact for the transposed pass that follows
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
-        offs = tl.arange(0, BLOCK)
-        m = tl.full([BLOCK], -1e30, tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
-        for start in tl.range(0, V, BLOCK):
-            cols = start + offs
-            ok = cols < V
-            x = tl.load(base + cols, mask=ok, other=-1e30).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            s = s * tl.exp(m - m_new) + tl.where(ok, tl.exp(x - m_new), 0.0)
-            m = m_new
-        mx = tl.max(m, 0)
-        lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
-        tgt = tl.load(targets_ptr + row).to(tl.int64)
-        x_t = tl.load(base + tgt).to(tl.float32)
-        tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, (lse - x_t) * scale)
-        for start in tl.range(0, VP, BLOCK):
-            cols = start + offs
-            x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
-            p = tl.where(cols < V, tl.exp(x - lse), 0.0)
-            p = tl.where(cols == tgt, p - 1.0, p)
-            tl.store(out_ptr + row * VP + cols, (p * qscale).to(tl.float8e5), mask=cols < VP)
-
-    @triton.jit
     def _grad8_kernel(logits_ptr, stride, targets_ptr, lse_ptr, out_ptr, outT_ptr, N, V, VP, qscale,
                       BM: tl.constexpr, BN: tl.constexpr, ROW_MAJOR: tl.constexpr, TRANSPOSED: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -61,8 +33,7 @@ if triton is not None:
         x = tl.load(logits_ptr + r64[:, None] * stride + cols[None, :]).to(tl.float32)
         lse = tl.load(lse_ptr + rows)
         tgt = tl.load(targets_ptr + rows)
-        p = tl.where(cols[None, :] < V, tl.exp(x - lse[:, None]), 0.0)
-        p = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p)
+        p = softmax_minus_onehot(x, cols[None, :], V, tgt[:, None], lse[:, None])
         q = (p * qscale).to(tl.float8e5)
         if ROW_MAJOR:
             tl.store(out_ptr + r64[:, None] * VP + cols[None, :], q)
@@ -77,8 +48,8 @@ def ce_rm8(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: 
     lse = torch.empty(n, device=logits.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     out = torch.empty(n, vp, device=logits.device, dtype=torch.float8_e5m2)
-    _ce_rm8_kernel[(n,)](logits, logits.stride(0), targets, lse, loss, out, vocab_size, vp, scale, GRAD_SCALE,
-                         BLOCK=LSE_BLOCK, num_warps=LSE_WARPS)
+    _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, scale, lse, out, GRAD_SCALE,
+                          BLOCK=LSE_BLOCK, num_warps=LSE_WARPS, FP8_OUT=True)
     return lse, loss, out
 
 
