@@ -84,7 +84,7 @@ class Fp8HeadLoss(torch.autograd.Function):
         del logits
         gscale = torch.full((), 1.0 / (GRAD_SCALE * n), device=h.device, dtype=torch.float32)
         ctx.save_for_backward(h8.t().contiguous(), sh, w8.t().contiguous(), sw, dl8, dlT8, gscale)
-        ctx.h_shape, ctx.h_dtype, ctx.w_dtype = gw, h.shape, h.dtype, weight.dtype
+        ctx.h_shape, ctx.h_dtype, ctx.w_dtype = h.shape, h.dtype, weight.dtype
         return rows.sum()
 
     @staticmethod
