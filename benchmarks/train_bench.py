@@ -271,7 +271,7 @@ def profile(args) -> list[dict]:
     for spec in args.variants.split(","):
         dropout = float(args.dropouts.split(",")[0])
         cfg, train, _ = setup(args.home, dropout, args.preset)
-        T, micro = cfg.model.block_size, cfg.micro_batch
+        micro = cfg.micro_batch
         raw, model, opt, sched = build(cfg, spec, device, 10 ** 6)
         pf = Prefetcher(train, cfg.seed, micro, 1, 0, 1, 0, device)
         autocast, params = autocast_for(device), list(raw.parameters())

@@ -4,7 +4,6 @@ closed terminal leaves them up. Trade-off: `down` stops in-flight runs of the wo
 could not report to a stopped server anyway); use the Prefect UI to cancel one run instead."""
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket

@@ -4,7 +4,6 @@ parent; on CUDA the host syncs only every `log_every` steps, so rows arrive in s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch.distributed as dist
 
 from model import args as cli_args
 from model import runtime as rt
-from model.config import TrainConfig
 from model.data import Prefetcher, TokenWindows, load_shard_list
 from model.generate import sample
 from model.gpt import GPT
