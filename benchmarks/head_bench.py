@@ -76,7 +76,6 @@ def pieces() -> None:
     g16 = (torch.randn(N, VP, device=dev, dtype=torch.bfloat16, generator=g) * 1e-5)
     rec("grad_x bf16", lambda: g16 @ w, flops)
     rec("grad_W bf16", lambda: g16.t() @ h, flops)
-    del g16
     for fast in (False, True):
         rec(f"grad_x fp8 e5m2xe4m3 fast_accum={fast}",
             lambda: torch._scaled_mm(dl8, wT8.t(), scale_a=one, scale_b=sw, out_dtype=torch.bfloat16,
@@ -84,7 +83,6 @@ def pieces() -> None:
         rec(f"grad_W fp8 from transposed fast_accum={fast}",
             lambda: torch._scaled_mm(dlT8, hT8.t(), scale_a=one, scale_b=sh, out_dtype=torch.float32,
                                      use_fast_accum=fast), flops)
-    del logits, dl8, dlT8
 
 
 def whole_heads() -> None:

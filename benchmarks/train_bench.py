@@ -222,9 +222,8 @@ def micro(args) -> list[dict]:
         print(f"{name:34s} {ms:7.3f} ms" + (f"  {r['tflops']:6.0f} TFLOP/s" if nflop else "")
               + (f"  {r['gbps']:6.0f} GB/s" if nbytes else ""), flush=True)
 
-    big = torch.empty(2 * 2 ** 30, device=dev, dtype=torch.uint8)
-    rec("copy 2 GiB", tt.do_bench(lambda: big.clone(), return_mode="median"), nbytes=4 * 2 ** 30)
-    del big
+    rec("copy 2 GiB", tt.do_bench(torch.empty(2 * 2 ** 30, device=dev, dtype=torch.uint8).clone,
+                                  return_mode="median"), nbytes=4 * 2 ** 30)
     rec("logits h@W^T bf16", tt.do_bench(lambda: h @ w.t(), return_mode="median"), flops)
     rec("logits fp8 (incl. quantize)", tt.do_bench(lambda: H.fp8_linear(h, w), return_mode="median"), flops)
     rec("grad_x dlogits@W bf16", tt.do_bench(lambda: g @ w, return_mode="median"), flops)
