@@ -278,15 +278,18 @@ def child_baseline(corpus: Path, tok_json: Path, out: Path) -> dict:
 def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
     """flows/tokenize.py `tokenize` + run_tokenize without Prefect: the same plain functions in the same
     order (tasks in a thread pool of 2), from listing the files to the pipeline_runs row. The tokenizer
-    file is given (`--tokenizer`), so no training; copying and loading it (one Encoder per process) is timed."""
+    file is given (`--tokenizer`), so no training; copying and loading it (one Encoder per process) is timed,
+    and, as in the flow, done before any read: each file is read once (scan + encode), then finished."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from storage import shard_catalog, sources
     from storage.atomic import remove_stale_temps
     from storage.paths import Home
     from tasks.filter import FilterConfig
-    from tasks.plan import check_reprocess, plan_one
+    from tasks.finish import finish_file
+    from tasks.plan import check_reprocess, likely_built, plan_one
     from tasks.scan import scan_file
+    from tasks.stage import stage_file
     from tasks.tokenize import tokenize_file
     from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer
 
@@ -319,11 +322,19 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
                 return
 
     with ThreadPoolExecutor(2) as ex:
-        scans = [ex.submit(scan_file, home, f, fcfg) for f in files]
         sources.record(home, files, "verified")
         states = shard_catalog.shard_states(home)
+        sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json), load=False)[1]
+        scans = [ex.submit(stage_file, home, f, fcfg, str(home.tokenizer), sha)        # scan_task
+                 if likely_built(home, f, files[:i], fcfg, sha, states) else ex.submit(scan_file, home, f, fcfg)
+                 for i, f in enumerate(files)]
         origin, sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json))  # tokenizer_task
         vocab = Encoder.cached(home.tokenizer, sha).vocab_size
+
+        def build(j, staged: bool):                                                      # tokenize_task
+            enc = lambda: Encoder.cached(j.tokenizer_path, j.tokenizer_sha256)  # noqa: E731
+            return finish_file(home, j, enc) if staged else tokenize_file(home, j, enc())
+
         recorded = False
         for i, (f, sc) in enumerate(zip(files, scans)):
             if sc.result().error:
@@ -340,8 +351,7 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
             shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
                                               for j in jobs], None)
             for job in jobs:
-                building[ex.submit(lambda j: tokenize_file(home, j, Encoder.cached(j.tokenizer_path,
-                                                                                   j.tokenizer_sha256)), job)] = job
+                building[ex.submit(build, job, scans[files.index(job.source)].result().staged)] = job
             queued = []
             record_finished(block=False)
         record_finished(block=True)

@@ -22,9 +22,11 @@ from storage.lock import exclusive
 from storage.paths import Home
 from storage.sources import SourceFile
 from tasks.filter import FilterConfig
-from tasks.plan import check_reprocess, plan_one, tokenizer_prefix
+from tasks.finish import finish_file
+from tasks.plan import check_reprocess, likely_built, plan_one, tokenizer_prefix
 from tasks.read import BadInput
 from tasks.scan import ScanCounts, scan_file
+from tasks.stage import discard, stage_file
 from tasks.tokenize import ShardJob, tokenize_file
 from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, tokenizer_ready
 
@@ -58,9 +60,10 @@ class TokenizeParams(ScaleOut):  # ScaleOut: dask_address / dask_local
 
 
 @task(name="scan", retries=1, task_run_name="scan-{src.shard_id:06d}")
-def scan_task(home: Home, src: SourceFile, cfg: FilterConfig) -> ScanCounts:
+def scan_task(home: Home, src: SourceFile, cfg: FilterConfig, tok: tuple[str, str] | None = None) -> ScanCounts:
+    """`tok` (tokenizer path, sha256): also encode the shard in the same read, staged until its dedup."""
     try:
-        return scan_file(home, src, cfg)
+        return stage_file(home, src, cfg, *tok) if tok else scan_file(home, src, cfg)
     except BadInput as e:
         get_run_logger().error(str(e))
         return ScanCounts(src.shard_id, 0, 0, skipped=False, error=str(e))
@@ -77,8 +80,10 @@ def tokenizer_task(home: Home, usable: list[SourceFile], params: TokenizeParams)
 
 # retries re-run the whole shard: outputs are keyed by its config hash, so a retry writes the same bytes
 @task(name="tokenize-shard", retries=1, task_run_name="shard-{job.source.shard_id:06d}")
-def tokenize_task(home: Home, job: ShardJob):
-    res = tokenize_file(home, job, Encoder.cached(job.tokenizer_path, job.tokenizer_sha256))
+def tokenize_task(home: Home, job: ShardJob, staged: bool = False):
+    def encoder() -> Encoder:
+        return Encoder.cached(job.tokenizer_path, job.tokenizer_sha256)
+    res = finish_file(home, job, encoder) if staged else tokenize_file(home, job, encoder())
     log = get_run_logger()
     if res.error:
         log.error(res.error)
@@ -126,16 +131,33 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             sources.record(home, files, "verified")
         raise
     scans: dict[int, PrefectFuture] = {}
-    for f in files:  # first, so the catalog work below overlaps them
-        if isinstance(f, SourceFile):
-            scans[f.position] = scan_task.submit(home, f, fcfg)
+    tok, sha, states = None, None, {}
+
+    def scan(src: SourceFile) -> PrefectFuture:
+        """With the tokenizer known, a file whose shard will likely be built is encoded in its one read."""
+        before = [e if isinstance(e, SourceFile) else e._done for e in files if e.position < src.position]
+        known = tok[1] if tok else sha  # trained meanwhile, or resolved before loading
+        stage = known is not None and None not in before and likely_built(
+            home, src, before, fcfg, known, states, params.reprocess, params.force)
+        return scan_task.submit(home, src, fcfg, (str(home.tokenizer), known) if stage else None)
+
+    ready = tokenizer_ready(home.tokenizer, params.tokenizer_config(), params.tokenizer, params.retrain_tokenizer)
+    if not ready:  # first, so the catalog work below overlaps them
+        for f in files:
+            if isinstance(f, SourceFile):
+                scans[f.position] = scan(f)
     if listed:
         sources.record(home, [f for f in files if isinstance(f, SourceFile)], "verified")
     states = shard_catalog.shard_states(home)
     usable, failed, building, results, skipped, queued = [], {}, {}, [], [], []
-    # a given or reusable tokenizer needs no sample: load it now, while the first files are scanned
-    tok = _tokenizer(home, [], params) if tokenizer_ready(home.tokenizer, params.tokenizer_config(),
-                                                             params.tokenizer, params.retrain_tokenizer) else None
+    if ready:  # a given or reusable tokenizer needs no sample: its sha256 now, so each file is read once,
+        # and loading it (tokenizer_task) overlaps the first reads
+        sha = ensure_tokenizer(home.tokenizer, [], fcfg, params.tokenizer_config(), params.tokenizer,
+                               params.retrain_tokenizer, load=False)[1]
+        for f in files:
+            if isinstance(f, SourceFile) and f.position not in scans:
+                scans[f.position] = scan(f)
+        tok = _tokenizer(home, [], params)  # the same file: a staged shard is checked against its job's sha256
     recorded = False
 
     def submit(srcs: list[SourceFile]) -> None:
@@ -152,13 +174,15 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
                                     params.reprocess, params.force, flow_run.id)
             if job is None:
                 skipped.append(src.shard_id)
+                if scans[src.position].result().staged:
+                    discard(home, src.shard_id)  # the guess was wrong: up to date after all
             else:
                 jobs.append(job)
         if jobs:
             shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
                                               for j in jobs], flow_run.id)
         for job in jobs:
-            building[tokenize_task.submit(home, job)] = job
+            building[tokenize_task.submit(home, job, scans[job.source.position].result().staged)] = job
 
     for i, f in enumerate(files):
         src = f if isinstance(f, SourceFile) else _arrived(home, f, failed)
@@ -166,9 +190,9 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             continue
         for later in files[i + 1:]:  # scan files that finished downloading meanwhile
             if isinstance(later, Incoming) and later.position not in scans and later.ready():
-                scans[later.position] = scan_task.submit(home, later.result(), fcfg)
+                scans[later.position] = scan(later.result())
         if src.position not in scans:  # not setdefault: its argument would submit a second scan
-            scans[src.position] = scan_task.submit(home, src, fcfg)
+            scans[src.position] = scan(src)
         sc = scans[src.position].result()
         if sc.error:
             failed[src.file] = sc.error

@@ -86,6 +86,11 @@ class Home:
     def shard_counts(self, shard_id: int) -> Path:
         return self.shards / f"shard_{shard_id:06d}.counts.parquet"
 
+    def staging(self, shard_id: int) -> Path:
+        """A shard encoded before its cross-file dedup is known (tasks/stage.py); a hidden temp name,
+        so remove_stale_temps clears what a killed run left and no reader ever lists it."""
+        return self.shards / f".shard_{shard_id:06d}.staged.tmp"
+
     def index_file(self, shard_id: int) -> Path:
         return self.index / f"index_{shard_id:06d}.parquet"
 

@@ -52,3 +52,24 @@ def tokenizer_prefix(usable: list[SourceFile], sample_bytes: int) -> bool:
 
     Parquet is compressed, so its size understates the text inside: the prefix is never too short."""
     return sum(f.size_bytes for f in usable) >= sample_bytes
+
+
+def likely_built(home: Home, src: SourceFile, before: list[SourceFile], fcfg: FilterConfig, tok_sha: str,
+                 states: dict, reprocess: list[int] | None = None, force: bool = False) -> bool:
+    """Whether `plan_one` will probably build this shard, judged before the earlier files are scanned:
+    it decides whether the file's one read also encodes it (tasks/stage.py). Earlier files are taken
+    as usable unless the same bytes failed their scan before. A wrong guess costs time, never bytes:
+    an encode thrown away, or the file read a second time as before."""
+    if reprocess:
+        return src.shard_id in reprocess
+    if force:
+        return True
+    earlier = [e for e in before if not _failed_scan(states.get(e.shard_id), e)]
+    st = states.get(src.shard_id)
+    return not (st is not None and st["status"] == "done" and st["source_sha256"] == src.sha256
+                and st["config_hash"] == config_hash(src, earlier, fcfg, tok_sha)
+                and all(home.shard(src.shard_id, s).exists() for s in ("train", "val")))
+
+
+def _failed_scan(st: dict | None, f: SourceFile) -> bool:
+    return st is not None and st["status"] == "failed" and st["config_hash"] is None and st["source_sha256"] == f.sha256

@@ -25,6 +25,7 @@ class ScanCounts:
     passed_rules: int
     skipped: bool
     error: str | None = None
+    staged: bool = False  # its shard was also encoded in the same read (tasks/stage.py)
 
 
 def index_key(src: SourceFile, cfg: FilterConfig) -> str:
@@ -48,16 +49,23 @@ def scan_file(home: Home, src: SourceFile, cfg: FilterConfig) -> ScanCounts:
         n = pq.read_metadata(out).num_rows
         passed = pl.scan_parquet(out).filter(pl.col("rule_reason").is_null()).select(pl.len()).collect().item()
         return ScanCounts(src.shard_id, n, passed, skipped=True)
-    parts = []
-    for t in iter_batches(src.path, COLUMNS):
-        df = pl.from_arrow(t)
-        parts.append(df.select(rule_reason(cfg).alias("rule_reason"), *hash_columns()))
+    parts = [index_rows(pl.from_arrow(t), cfg) for t in iter_batches(src.path, COLUMNS)]
+    return write_index(home, src, cfg, parts)
+
+
+def index_rows(df: pl.DataFrame, cfg: FilterConfig) -> pl.DataFrame:
+    return df.select(rule_reason(cfg).alias("rule_reason"), *hash_columns())
+
+
+def write_index(home: Home, src: SourceFile, cfg: FilterConfig, parts: list[pl.DataFrame]) -> ScanCounts:
+    """Save the index atomically (pyarrow's writer: the bytes do not depend on how `parts` are cut)."""
+    key = index_key(src, cfg)
     idx = pl.concat(parts) if parts else pl.DataFrame(schema={
         "rule_reason": pl.String, "id_hash": pl.UInt64, "text_hash": pl.UInt64, "text_len": pl.UInt64})
     table = idx.to_arrow().replace_schema_metadata({KEY: key.encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(home.index_file(src.shard_id), buf.getvalue())
     return ScanCounts(src.shard_id, idx.height, idx["rule_reason"].null_count(), skipped=False)
 
 

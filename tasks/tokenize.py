@@ -89,25 +89,11 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
         reasons = _reasons(home, job)
         row = 0
         for t in iter_batches(src.path, COLUMNS):
-            df = pl.from_arrow(t).with_columns(
-                reasons.slice(row, t.num_rows).alias("drop_reason"),
-                val_mask(pl.col("id"), job.filter.val_fraction).alias("_val"))
+            df = pl.from_arrow(t).with_columns(reasons.slice(row, t.num_rows).alias("drop_reason"))
             if df.height != t.num_rows or row + t.num_rows > reasons.len():
                 raise BadInput(f"{src.path}: changed since it was scanned")
             row += t.num_rows
-            kept = df.filter(pl.col("drop_reason").is_null())
-            ntok = np.zeros(kept.height, dtype=np.int64)
-            for split, sel in (("train", ~kept["_val"]), ("val", kept["_val"])):
-                texts = kept.filter(sel)["text"].to_list()
-                if not texts:
-                    continue
-                lens = []
-                for toks, starts in encoder.encode_docs(texts, writers[split].dtype):
-                    writers[split].append(toks, starts)
-                    counts[split] += _bincount(toks, encoder.vocab_size)
-                    lens.append(np.diff(starts, append=toks.size) - 1)  # minus the EOT
-                ntok[sel.to_numpy()] = np.concatenate(lens)
-            docs.append(_document_rows(df, kept, ntok, src, sid))
+            docs.append(encode_batch(df, job.filter, writers, counts, encoder, src))
         if row != reasons.len():
             raise BadInput(f"{src.path}: changed since it was scanned")
         shas = {s: w.close() for s, w in writers.items()}
@@ -119,7 +105,8 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
         raise
     res.seconds = time.perf_counter() - t0
     try:
-        _finish(home, job, res, shas, writers, counts, pl.concat(docs) if docs else None, started)
+        sizes = {s: (w.n_docs, w.n_tokens) for s, w in writers.items()}
+        finish(home, job, res, shas, sizes, counts, pl.concat(docs) if docs else None, started)
     except OSError as e:  # e.g. the disk filled up while writing the sidecars
         return _failed(home, res, e, t0)
     return res
@@ -132,6 +119,26 @@ def _failed(home: Home, res: ShardCounts, e: Exception, t0: float) -> ShardCount
     res.status, res.error, res.seconds = "failed", msg, time.perf_counter() - t0
     remove_outputs(home, res.shard_id)
     return res
+
+
+def encode_batch(df: pl.DataFrame, fcfg: FilterConfig, writers: dict, counts: dict, encoder: Encoder,
+                 src: SourceFile) -> pl.DataFrame:
+    """Encode the rows of `df` whose `drop_reason` is null into the split writers; their catalog rows.
+    Shared by the two-read path (here) and the one-read staged path (tasks/stage.py): same bytes."""
+    df = df.with_columns(val_mask(pl.col("id"), fcfg.val_fraction).alias("_val"))
+    kept = df.filter(pl.col("drop_reason").is_null())
+    ntok = np.zeros(kept.height, dtype=np.int64)
+    for split, sel in (("train", ~kept["_val"]), ("val", kept["_val"])):
+        texts = kept.filter(sel)["text"].to_list()
+        if not texts:
+            continue
+        lens = []
+        for toks, starts in encoder.encode_docs(texts, writers[split].dtype):
+            writers[split].append(toks, starts)
+            counts[split] += _bincount(toks, encoder.vocab_size)
+            lens.append(np.diff(starts, append=toks.size) - 1)  # minus the EOT
+        ntok[sel.to_numpy()] = np.concatenate(lens)
+    return _document_rows(df, kept, ntok, src, src.shard_id)
 
 
 def _document_rows(df: pl.DataFrame, kept: pl.DataFrame, ntok: np.ndarray, src: SourceFile, sid: int) -> pl.DataFrame:
@@ -159,9 +166,10 @@ def remove_outputs(home: Home, sid: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def _finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, writers: dict, counts: dict,
-            documents: pl.DataFrame | None, started) -> None:
-    """Sidecars: documents and token counts as parquet, then the `.json` that marks the shard complete."""
+def finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, sizes: dict, counts: dict | None,
+           documents: pl.DataFrame | None, started, write_sidecars: bool = True) -> None:
+    """Sidecars: documents and token counts as parquet, then the `.json` that marks the shard complete.
+    `sizes`: split -> (n_docs, n_tokens); without `write_sidecars` the parquet ones are already in place."""
     src, sid = job.source, job.source.shard_id
     finished = utcnow()
     if documents is None or documents.height == 0:
@@ -170,28 +178,32 @@ def _finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, writers: di
     res.kept = int(documents["kept"].sum()) if documents.height else 0
     vc = documents.filter(~pl.col("kept"))["drop_reason"].value_counts()
     res.dropped = {r: int(n) for r, n in vc.iter_rows() if r in REASONS}
-    res.docs = {s: w.n_docs for s, w in writers.items()}
-    res.tokens = {s: w.n_tokens for s, w in writers.items()}
+    res.docs = {s: n for s, (n, _) in sizes.items()}
+    res.tokens = {s: t for s, (_, t) in sizes.items()}
     res.status = "done"
     rows = [dict(shard_id=sid, split=s, source_file=src.file, path=home.shard(sid, s).name,
-                 n_docs=writers[s].n_docs, n_tokens=writers[s].n_tokens, sha256=shas[s],
+                 n_docs=sizes[s][0], n_tokens=sizes[s][1], sha256=shas[s],
                  source_sha256=src.sha256, tokenizer_sha256=job.tokenizer_sha256,
                  config_hash=job.config_hash, status="done") for s in SPLITS]
     res.timing = dict(started_at=started, finished_at=finished, seconds=res.seconds, flow_run_id=job.flow_run_id)
-    token_counts = pl.concat([
-        pl.DataFrame({"shard_id": np.full(nz.size, sid, np.int32), "split": [s] * nz.size,
-                      "token_id": nz.astype(np.int32), "count": c[nz]},
-                     schema={"shard_id": pl.Int32, "split": pl.String, "token_id": pl.Int32, "count": pl.Int64})
-        for s, c in counts.items() for nz in [np.flatnonzero(c)]])
-    _write_parquet(documents, home.shard_docs(sid))
-    _write_parquet(token_counts, home.shard_counts(sid))
+    if write_sidecars:
+        write_parquet(documents, home.shard_docs(sid))
+        write_parquet(token_counts_frame(counts, sid), home.shard_counts(sid))
     meta = dict(shard_id=sid, source=asdict(src), filter=job.filter.as_dict(),
                 tokenizer_sha256=job.tokenizer_sha256, config_hash=job.config_hash,
                 earlier=list(job.earlier), rows=rows, rows_in=res.rows_in, kept=res.kept, dropped=res.dropped)
     atomic_write_text(home.shard_meta(sid), json.dumps(meta, indent=2, sort_keys=True))
 
 
-def _write_parquet(df: pl.DataFrame, path) -> None:
+def token_counts_frame(counts: dict, sid: int) -> pl.DataFrame:
+    return pl.concat([
+        pl.DataFrame({"shard_id": np.full(nz.size, sid, np.int32), "split": [s] * nz.size,
+                      "token_id": nz.astype(np.int32), "count": c[nz]},
+                     schema={"shard_id": pl.Int32, "split": pl.String, "token_id": pl.Int32, "count": pl.Int64})
+        for s, c in counts.items() for nz in [np.flatnonzero(c)]])
+
+
+def write_parquet(df: pl.DataFrame, path) -> None:
     buf = io.BytesIO()
     df.write_parquet(buf, compression="zstd")
     atomic_write_bytes(path, buf.getvalue())

@@ -208,12 +208,13 @@ def tokenizer_ready(home_tokenizer: Path, tcfg: TokenizerConfig, given: str | No
                            and json.loads(cfg_path.read_text()) == asdict(tcfg))
 
 
-def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig,
-                     tcfg: TokenizerConfig, given: str | None = None, retrain: bool = False) -> tuple[str, str]:
+def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig, tcfg: TokenizerConfig,
+                     given: str | None = None, retrain: bool = False, load: bool = True) -> tuple[str, str]:
     """Return (origin, sha256) of the home's tokenizer.json, training or copying it if needed.
 
     A given file is copied into the home so training and generation find it later; an existing
-    trained tokenizer is reused unless its config differs or `retrain` is set."""
+    trained tokenizer is reused unless its config differs or `retrain` is set. `load=False`: the
+    given file is not loaded yet (so reads can start meanwhile; loading it checks it)."""
     cfg_path = home_tokenizer.with_suffix(".config.json")
     if given:
         src = Path(given)
@@ -226,7 +227,8 @@ def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: Filt
             atomic_write_text(home_tokenizer, data)
             atomic_write_text(cfg_path, json.dumps({"given": str(src.resolve())}, indent=2))
         sha = file_sha256(home_tokenizer)
-        Encoder.cached(home_tokenizer, sha)  # fails early, naming the file, if it has no <|endoftext|>
+        if load:
+            Encoder.cached(home_tokenizer, sha)  # fails early, naming the file, if it has no <|endoftext|>
         return f"given:{src.name}", sha
     same_cfg = cfg_path.exists() and json.loads(cfg_path.read_text()) == asdict(tcfg)
     if home_tokenizer.exists() and same_cfg and not retrain:
