@@ -15,8 +15,7 @@ from storage.shards import ShardWriter, idx_path, open_shard
 from tasks.filter import dedup_reasons
 from tasks.scan import earlier_keys
 from tasks.stage import MARKER, discard, staged_meta
-from tasks.tokenize import (ShardCounts, ShardJob, _bincount, _failed, finish, token_counts_frame,
-                            tokenize_file, utcnow, write_parquet)
+from tasks.tokenize import ShardCounts, ShardJob, _bincount, _failed, finish, tokenize_file, utcnow
 from tasks.tokenizer import Encoder
 
 COPY_TOKENS = 1 << 24  # tokens per copied piece: a 2 GB shard is never read into memory whole
