@@ -13,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from flows.runtime import ScaleOut, tasks_on
 from storage import shard_catalog, sources

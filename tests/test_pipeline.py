@@ -4,7 +4,6 @@ from collections import Counter
 
 import numpy as np
 import polars as pl
-import pytest
 
 from flows.prepare import PrepareParams, prepare
 from flows.tokenize import TokenizeParams, tokenize
