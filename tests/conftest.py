@@ -41,6 +41,20 @@ def prefect_api():
         yield get_current_settings().api.url
 
 
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> dict[str, Path]:
+    """FineWeb-Edu's repository laid out for the fake Hub (tests/fakehub.py), built once per module."""
+    from tests.fakehub import build_fineweb_tree
+    return build_fineweb_tree(tmp_path_factory.mktemp("hub_tree"))
+
+
+@pytest.fixture
+def hf_isolated(tmp_path, monkeypatch) -> None:
+    """No developer login or Hub cache leaks into a test; subprocesses inherit this."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     from storage.paths import Home

@@ -14,22 +14,13 @@ import pytest
 from storage import catalog
 from storage.hub import DiskSpaceError, Hub, HubFile, part_path
 from tasks.download import DownloadError, DownloadParams, download, fetch_file, plan_download, record_fetch
-from tests.fakehub import Fault, FakeHub, build_fineweb_tree
+from tests.fakehub import Fault, FakeHub
 
 BIG = "sample/10BT/004_00000.parquet"
 TEN = [f"sample/10BT/{i:03d}_00000.parquet" for i in range(5)]
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> dict[str, Path]:
-    return build_fineweb_tree(tmp_path_factory.mktemp("hub_tree"))
-
-
-@pytest.fixture(autouse=True)
-def _no_real_token(tmp_path, monkeypatch):
-    # never read a developer's stored login; subprocesses inherit this
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+pytestmark = pytest.mark.usefixtures("hf_isolated")
 
 
 @pytest.fixture

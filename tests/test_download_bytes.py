@@ -12,20 +12,13 @@ import pytest
 import storage.hub as hub_mod
 from storage import hub_io
 from storage.hub import Hub, VerifyError, part_path
-from tests.fakehub import Fault, FakeHub, build_fineweb_tree
+from tests.fakehub import Fault, FakeHub
 
 BIG = "sample/10BT/004_00000.parquet"
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> dict[str, Path]:
-    return build_fineweb_tree(tmp_path_factory.mktemp("hub_tree"))
-
-
 @pytest.fixture
-def fake(tree, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def fake(tree, hf_isolated):
     with FakeHub(tree) as h:
         yield h
 

@@ -17,21 +17,14 @@ from storage.hub import part_path
 from storage.paths import Home
 from tasks.download import DownloadParams
 from tests.conftest import ROOT, run_cli
-from tests.fakehub import Fault, FakeHub, build_fineweb_tree
+from tests.fakehub import Fault, FakeHub
 
 BIG = "sample/10BT/004_00000.parquet"
 TEN = [f"sample/10BT/{i:03d}_00000.parquet" for i in range(5)]
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> dict[str, Path]:
-    return build_fineweb_tree(tmp_path_factory.mktemp("hub_tree"))
-
-
 @pytest.fixture
-def hub(tree, home, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no developer login leaks in
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def hub(tree, home, hf_isolated, monkeypatch):
     with FakeHub(tree) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
         yield h

@@ -4,20 +4,12 @@ import pytest
 from storage import catalog
 from storage.paths import Home
 from tests.conftest import run_cli
-from tests.fakehub import FakeHub, Fault, build_fineweb_tree
+from tests.fakehub import FakeHub, Fault
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return build_fineweb_tree(tmp_path_factory.mktemp("hub_tree"))
-
-
-@pytest.fixture(autouse=True)
-def _no_real_token(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+pytestmark = pytest.mark.usefixtures("hf_isolated")
 
 
 def test_prepare_downloads_and_tokenizes_in_one_flow_run(prefect_api, tmp_path, tree):

@@ -15,20 +15,13 @@ from storage.paths import Home
 from tasks.download import DownloadParams, download
 from tests.conftest import ROOT, run_cli
 from tests.faults import ledger
-from tests.fakehub import FakeHub, Fault, build_fineweb_tree
+from tests.fakehub import FakeHub, Fault
 
 BIG = "sample/10BT/004_00000.parquet"
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return build_fineweb_tree(tmp_path_factory.mktemp("hub_tree"))
-
-
 @pytest.fixture
-def hub(tree, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def hub(tree, hf_isolated, monkeypatch):
     with FakeHub(tree) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
         yield h
