@@ -325,7 +325,7 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
     from tasks.scan import scan_file
     from tasks.stage import stage_file
     from tasks.tokenize import tokenize_file
-    from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer
+    from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer
 
     shutil.rmtree(home_dir, ignore_errors=True)
     home, fcfg, tcfg = Home(home_dir.resolve()).ensure(), FilterConfig(), TokenizerConfig()
@@ -356,12 +356,13 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
                 return
 
     with ThreadPoolExecutor(2) as ex:
-        sources.record(home, files, "verified")
+        preload_tokenizer(home.tokenizer, str(tok_json))
         states = shard_catalog.shard_states(home)
         sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json), load=False)[1]
         scans = [ex.submit(stage_file, home, f, fcfg, str(home.tokenizer), sha)        # scan_task
                  if likely_built(home, f, files[:i], fcfg, sha, states) else ex.submit(scan_file, home, f, fcfg)
                  for i, f in enumerate(files)]
+        sources.record(home, files, "verified")
         origin, sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json))  # tokenizer_task
         vocab = Encoder.cached(home.tokenizer, sha).vocab_size
 
@@ -383,9 +384,16 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
             jobs = [plan_one(home, q, usable[:usable.index(q)], fcfg, str(home.tokenizer), sha, states)[1]
                     for q in queued]
             shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
-                                              for j in jobs], None)
+                                              for j in jobs if not scans[files.index(j.source)].result().staged], None)
+            now = []
             for job in jobs:
-                building[ex.submit(build, job, scans[files.index(job.source)].result().staged)] = job
+                if scans[files.index(job.source)].result().staged:  # finished at once, in this thread
+                    now.append(build(job, True))
+                else:
+                    building[ex.submit(build, job, False)] = job
+            if now:
+                res.extend(now)
+                shard_catalog.record_shards(home, [(r.shard_id, r.timing) for r in now])
             queued = []
             record_finished(block=False)
         record_finished(block=True)

@@ -12,7 +12,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 def add_tokenize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", help="folder of parquet files laid out like the Hub subset")
-    p.add_argument("--workers", type=int, default=2, help="shards tokenized concurrently")
+    p.add_argument("--workers", type=int, default=2, help="source files read and encoded at once (default 2)")
     p.add_argument("--tokenizer", help="use this tokenizer.json (e.g. GPT-2's) instead of training one")
     p.add_argument("--vocab-size", type=int, default=48_951)
     p.add_argument("--tokenizer-sample-mb", type=int, default=48)

@@ -74,7 +74,7 @@ def prepare(params: PrepareParams) -> dict:
         shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "running", started)
         try:
             files, listed = _files(home, params)  # downloads stay on this machine's threads
-            with tasks_on(params):        # scans and shards on them too, or on Dask
+            with tasks_on(params, params.workers):  # scans and shards on --workers threads, or on Dask
                 summary = run_tokenize(params, files, listed)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "failed", started,

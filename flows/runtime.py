@@ -65,25 +65,29 @@ def dask_runner(opts: ScaleOut):
 
 
 @contextlib.contextmanager
-def tasks_on(opts: ScaleOut) -> Iterator[None]:
-    """Inside a running flow: `task.submit` goes to the Dask cluster `opts` names until the block ends.
+def tasks_on(opts: ScaleOut, threads: int | None = None) -> Iterator[None]:
+    """Inside a running flow: `task.submit` goes to the Dask cluster `opts` names until the block ends,
+    or, without one, to a pool of `threads` threads of this process (None: the flow's own runner).
 
     Every future must be resolved inside the block (the cluster closes at its end). Tasks on Dask write
     only files under the home; the flow's process stays the only catalog writer."""
-    runner = dask_runner(opts)
-    if runner is None:
+    dask = dask_runner(opts)
+    if dask is None and threads is None:
         yield
         return
     from prefect import get_run_logger
     from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
 
     ctx = FlowRunContext.get()
     if ctx is None:
         raise RuntimeError("tasks_on() needs a running flow")
+    runner = dask or ThreadPoolTaskRunner(max_workers=threads)
     with runner:
-        client = runner.client  # connect now: a wrong address fails here, before any work is planned
-        workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-        get_run_logger().info(f"tasks run on Dask at {client.scheduler.address} ({workers} workers)")
+        if dask is not None:
+            client = runner.client  # connect now: a wrong address fails here, before any work is planned
+            workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            get_run_logger().info(f"tasks run on Dask at {client.scheduler.address} ({workers} workers)")
         # Prefect's ContextModel.model_copy drops the entered token, so the copy can be entered
         with ctx.model_copy(update={"task_runner": runner}):
             yield

@@ -28,14 +28,15 @@ from tasks.read import BadInput
 from tasks.scan import ScanCounts, scan_file
 from tasks.stage import discard, stage_file
 from tasks.tokenize import ShardJob, tokenize_file
-from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, tokenizer_ready
+from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer, tokenizer_ready
 
 
 class TokenizeParams(ScaleOut):  # ScaleOut: dask_address / dask_local
     """Parameters of `tokenize` (and the tokenize half of `prepare`)."""
     source: str | None = Field(None, description="folder of parquet files laid out like the Hub subset")
     home: str | None = Field(None, description="state folder; default $LANGPWT_HOME or ./.langpwt")
-    workers: int = Field(2, ge=1, le=256)
+    workers: int = Field(2, ge=1, le=256, description="files read and encoded at once (threads of this process; "
+                                                      "on Dask, the cluster's workers decide)")
     tokenizer: str | None = Field(None, description="use this tokenizer.json instead of training one")
     vocab_size: int = Field(48_951, ge=258, le=2**31 - 1)
     tokenizer_sample_mb: int = Field(48, ge=1)
@@ -142,21 +143,23 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         return scan_task.submit(home, src, fcfg, (str(home.tokenizer), known) if stage else None)
 
     ready = tokenizer_ready(home.tokenizer, params.tokenizer_config(), params.tokenizer, params.retrain_tokenizer)
-    if not ready:  # first, so the catalog work below overlaps them
+    if ready:  # a given or reusable tokenizer: its load, the longest fixed cost, overlaps everything below
+        preload_tokenizer(home.tokenizer, params.tokenizer)
+    else:  # first, so the catalog work below overlaps them
         for f in files:
             if isinstance(f, SourceFile):
                 scans[f.position] = scan(f)
-    if listed:
-        sources.record(home, [f for f in files if isinstance(f, SourceFile)], "verified")
     states = shard_catalog.shard_states(home)
-    usable, failed, building, results, skipped, queued = [], {}, {}, [], [], []
-    if ready:  # a given or reusable tokenizer needs no sample: its sha256 now, so each file is read once,
-        # and loading it (tokenizer_task) overlaps the first reads
+    usable, failed, building, results, skipped, queued, done_now = [], {}, {}, [], [], [], []
+    if ready:  # no sample needed: its sha256 now, so each file is read once (scan + encode)
         sha = ensure_tokenizer(home.tokenizer, [], fcfg, params.tokenizer_config(), params.tokenizer,
                                params.retrain_tokenizer, load=False)[1]
         for f in files:
             if isinstance(f, SourceFile) and f.position not in scans:
                 scans[f.position] = scan(f)
+    if listed:
+        sources.record(home, [f for f in files if isinstance(f, SourceFile)], "verified")
+    if ready:
         tok = _tokenizer(home, [], params)  # the same file: a staged shard is checked against its job's sha256
     recorded = False
 
@@ -178,11 +181,17 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
                     discard(home, src.shard_id)  # the guess was wrong: up to date after all
             else:
                 jobs.append(job)
-        if jobs:
+        staged = [j for j in jobs if scans[j.source.position].result().staged]
+        to_build = [j for j in jobs if j not in staged]
+        if to_build:  # a staged shard is finished right here: a `running` row would live a few ms
             shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
-                                              for j in jobs], flow_run.id)
-        for job in jobs:
-            building[tokenize_task.submit(home, job, scans[job.source.position].result().staged)] = job
+                                              for j in to_build], flow_run.id)
+        for job in staged:
+            # finishing is a rename in the usual case: here, at once, rather than queued behind the
+            # remaining scans on the workers, so its catalog rows are written while they run
+            done_now.append((job, tokenize_task(home, job, True)))
+        for job in to_build:
+            building[tokenize_task.submit(home, job, False)] = job
 
     for i, f in enumerate(files):
         src = f if isinstance(f, SourceFile) else _arrived(home, f, failed)
@@ -209,14 +218,14 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         if queued and not (nxt is not None and nxt.state.is_final()):  # plan the files scanned so far at once
             submit(queued)
             queued = []
-        _record_finished(home, building, results, failed, block=False)
+        _record_finished(home, building, results, failed, done_now, block=False)
     if not usable:
         raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files)}")
     if tok is None:
         tok = _tokenizer(home, usable, params)
         submit(usable)
-    log.info(f"{len(building)} shards built, {len(skipped)} up to date")
-    _record_finished(home, building, results, failed, block=True)
+    log.info(f"{len(building) + len(results) + len(done_now)} shards built, {len(skipped)} up to date")
+    _record_finished(home, building, results, failed, done_now, block=True)
     summary = summarize(results, skipped, failed, time.time() - t0)
     create_table_artifact(key="tokenize-summary", table=summary["table"] or [{"shard": "none built"}],
                           description=f"{summary['built']} shards built, {len(skipped)} up to date")
@@ -237,20 +246,21 @@ def _tokenizer(home: Home, usable: list[SourceFile], params: TokenizeParams) -> 
     return tokenizer_task(home, usable, params)
 
 
-def _record_finished(home: Home, building: dict, results: list, failed: dict, block: bool) -> None:
+def _record_finished(home: Home, building: dict, results: list, failed: dict, done_now: list, block: bool) -> None:
     """Record shards whose task finished (all of them if `block`), so viewers see progress. Shards
-    that finished together are recorded in one transaction: one DuckDB open and checkpoint, not one each."""
-    while building:
+    that finished together are recorded in one transaction: one DuckDB open and checkpoint, not one each.
+    `done_now`: (job, result) of shards finished in this thread, emptied here."""
+    while building or done_now:
         done = [f for f in building if f.state.is_final()]
-        if not done:
+        if not done and not done_now:
             if not block:
                 return
             next(iter(as_completed(list(building))))  # wait for one, then take all that are done
             continue
         finished = []
-        for fut in done:
-            job = building.pop(fut)
-            res = fut.result()
+        ready = [(building.pop(fut), fut.result()) for fut in done] + done_now
+        done_now.clear()
+        for job, res in ready:
             results.append(res)
             if res.error:
                 failed[res.source_file] = res.error
@@ -299,7 +309,7 @@ def tokenize(params: TokenizeParams) -> dict:
         files, listed = local_files(home, params)
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)
         try:
-            with tasks_on(params):  # per-file tasks on this process's threads, or on Dask
+            with tasks_on(params, params.workers):  # per-file tasks on --workers threads, or on Dask
                 summary = run_tokenize(params, files, listed)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(),

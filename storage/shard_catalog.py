@@ -31,6 +31,8 @@ def mark_running(home: Home, jobs: list[tuple[int, str, str, str]], flow_run_id:
     """A `running` row per split of each (shard_id, source_file, source_sha256, config_hash), in one
     transaction: visible progress, never mistaken for finished work."""
     started = utcnow()
+    if not jobs:
+        return started
     with catalog.writer(home) as con:
         for shard_id, source_file, source_sha256, config_hash in jobs:
             rows = [dict(shard_id=shard_id, split=s, source_file=source_file, source_sha256=source_sha256,

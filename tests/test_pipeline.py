@@ -119,3 +119,36 @@ def test_token_counts_match_shards(prefect_api, home, sample_source):
         got = dict(catalog.query_rows(home, "SELECT token_id, count FROM token_counts WHERE shard_id=? AND split='train'",
                                       [sid]))
         assert {i: int(c) for i, c in enumerate(want) if c} == got
+
+
+def _file_task_spans(flow_run_id) -> list[tuple]:
+    """(start, end) of every scan and shard task run of one flow run, as Prefect recorded them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [(r.start_time, r.end_time) for r in runs if r.name.startswith(("scan-", "shard-"))]
+
+
+def _most_at_once(spans: list[tuple]) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    now = best = 0
+    for _, d in edges:
+        now += d
+        best = max(best, now)
+    return best
+
+
+def test_workers_bounds_the_file_tasks_running_at_once(prefect_api, home, tmp_path):
+    rows = sample_rows()
+    src = tmp_path / "four"
+    for i in range(4):  # four files, scanned together as soon as the run starts
+        write_parquet(src / f"{i:03d}_00000.parquet", rows[i::4])
+    for workers in (1, 2):
+        state = tokenize(TokenizeParams(source=str(src), home=str(tmp_path / f"home{workers}"), vocab_size=VOCAB,
+                                        workers=workers), return_state=True)
+        assert state.result()["built"] == 4
+        spans = _file_task_spans(state.state_details.flow_run_id)
+        assert len(spans) == 8 and all(s and e for s, e in spans)  # 4 scans, 4 shards
+        assert _most_at_once(spans) <= workers, (workers, sorted(spans))
