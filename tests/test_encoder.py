@@ -76,3 +76,30 @@ def test_encode_docs_is_eot_then_each_document(tokenizer_path, backend, monkeypa
     assert np.array_equal(got, want)
     assert np.array_equal(starts, offs[:-1].astype(np.int64) + np.arange(len(texts)))
     assert np.array_equal(enc.encode_flat(texts)[0], Encoder(tokenizer_path, backend="tokenizers").encode_flat(texts)[0])
+
+
+@pytest.mark.parametrize("layout", ["as_written", "pretty", "model_first"])
+def test_eot_template_loads_from_any_layout_of_the_file(tokenizer_path, tmp_path, layout):
+    """The loader edits the post-processor without parsing the model where the file allows it; every
+    layout of the same JSON must give the same ids (with the EOT template) as the file tokenizers wrote."""
+    import json
+
+    from tasks.tokenizer import _split_model
+
+    spec = json.loads(tokenizer_path.read_text())
+    if layout == "as_written":
+        path = tokenizer_path
+    else:
+        if layout == "model_first":
+            spec = {"model": spec.pop("model"), **spec}
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(spec, indent=2 if layout == "pretty" else None, ensure_ascii=False))
+    head, model = _split_model(path.read_text())
+    assert (model is None) == (layout == "model_first")
+    if model is not None:  # the split is exact: head and model make the file's object again
+        assert json.loads(head[:-1] + ',"model":' + model) == spec
+    texts = [r["text"] for r in sample_rows()[:200]] + ODD
+    want = list(Encoder(tokenizer_path).encode_docs(texts, np.uint32))
+    got = list(Encoder(path).encode_docs(texts, np.uint32))
+    assert len(got) == len(want) and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                                         for a, b in zip(got, want))
