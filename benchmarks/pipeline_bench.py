@@ -331,6 +331,7 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
     home, fcfg, tcfg = Home(home_dir.resolve()).ensure(), FilterConfig(), TokenizerConfig()
     t0, c0 = time.perf_counter(), _cpu()
     started = shard_catalog.utcnow()
+    preload_tokenizer(home.tokenizer, str(tok_json))                                     # warm_tokenizer
     files = sources.list_local(corpus)                                                   # local_files
     shard_catalog.record_pipeline_run(home, "bench", "tokenize", {}, "running", started)
     for folder in (home.shards, home.index, home.tokenizer_dir):
@@ -355,8 +356,7 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
             if not block:
                 return
 
-    with ThreadPoolExecutor(2) as ex:
-        preload_tokenizer(home.tokenizer, str(tok_json))
+    with ThreadPoolExecutor(int(os.environ.get("BENCH_WORKERS", "2"))) as ex:
         states = shard_catalog.shard_states(home)
         sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json), load=False)[1]
         scans = [ex.submit(stage_file, home, f, fcfg, str(home.tokenizer), sha)        # scan_task

