@@ -325,6 +325,7 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
     from tasks.scan import scan_file
     from tasks.stage import stage_file
     from tasks.tokenize import tokenize_file
+    from flows.record import RECORD_EVERY_S
     from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer
 
     shutil.rmtree(home_dir, ignore_errors=True)
@@ -337,24 +338,25 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
     for folder in (home.shards, home.index, home.tokenizer_dir):
         remove_stale_temps(folder)
     check_reprocess(None, [f.position for f in files])
-    usable, building, res, queued = [], {}, [], []
+    usable, building, res, queued, done, last, tok_row = [], {}, [], [], [], [time.monotonic()], {}
 
-    def record_finished(block: bool) -> None:                                           # _record_finished
-        while building:
-            done = [f for f in building if f.done()]
-            if not done:
-                if not block:
-                    return
-                next(as_completed(building))
-                continue
-            for f in done:
+    def record_finished(block: bool) -> None:                                       # ShardRecorder.flush
+        while True:
+            for f in [f for f in building if f.done()]:
                 building.pop(f)
-                if f.result().error:
-                    raise SystemExit(f"ours failed: {f.result().error}")
-                res.append(f.result())
-            shard_catalog.record_shards(home, [(r.shard_id, r.timing) for r in res[-len(done):]])
-            if not block:
+                done.append(f.result())
+            due = time.monotonic() - last[0] >= RECORD_EVERY_S
+            if (due or (block and not building)) and (done or tok_row):
+                if any(r.error for r in done):
+                    raise SystemExit(f"ours failed: {[r.error for r in done if r.error]}")
+                res.extend(done)
+                shard_catalog.record_shards(home, [(r.shard_id, r.timing) for r in done], tokenizer=tok_row or None)
+                done.clear()
+                tok_row.clear()
+                last[0] = time.monotonic()
+            if not (block and building):
                 return
+            next(as_completed(building))
 
     with ThreadPoolExecutor(int(os.environ.get("BENCH_WORKERS", "2"))) as ex:
         states = shard_catalog.shard_states(home)
@@ -379,21 +381,18 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
             if i + 1 < len(files) and scans[i + 1].done():
                 continue  # planned together with the next file(s)
             if not recorded:
-                shard_catalog.record_tokenizer(home, sha, str(home.tokenizer), vocab, origin, tcfg.__dict__)
+                tok_row.update(sha256=sha, path=str(home.tokenizer), vocab_size=vocab, origin=origin,
+                               config=tcfg.__dict__)
                 recorded = True
             jobs = [plan_one(home, q, usable[:usable.index(q)], fcfg, str(home.tokenizer), sha, states)[1]
                     for q in queued]
             shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
                                               for j in jobs if not scans[files.index(j.source)].result().staged], None)
-            now = []
             for job in jobs:
                 if scans[files.index(job.source)].result().staged:  # finished at once, in this thread
-                    now.append(build(job, True))
+                    done.append(build(job, True))
                 else:
                     building[ex.submit(build, job, False)] = job
-            if now:
-                res.extend(now)
-                shard_catalog.record_shards(home, [(r.shard_id, r.timing) for r in now])
             queued = []
             record_finished(block=False)
         record_finished(block=True)

@@ -10,11 +10,12 @@ from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
+from flows.record import ShardRecorder
 from flows.runtime import ScaleOut, tasks_on
 from storage import shard_catalog, sources
 from storage.atomic import remove_stale_temps
@@ -148,7 +149,8 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             if isinstance(f, SourceFile):
                 scans[f.position] = scan(f)
     states = shard_catalog.shard_states(home)
-    usable, failed, building, results, skipped, queued, done_now = [], {}, {}, [], [], [], []
+    usable, failed, skipped, queued = [], {}, [], []
+    rec = ShardRecorder(home, failed, flow_run.id)
     if ready:  # no sample needed: its sha256 now, so each file is read once (scan + encode)
         sha = ensure_tokenizer(home.tokenizer, [], fcfg, params.tokenizer_config(), params.tokenizer,
                                params.retrain_tokenizer, load=False)[1]
@@ -165,8 +167,8 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         nonlocal recorded
         if srcs and not recorded:  # only once a file is usable, as when it is trained
             origin, sha, vocab = tok
-            shard_catalog.record_tokenizer(home, sha, str(home.tokenizer), vocab, origin,
-                                           params.tokenizer_config().__dict__)
+            rec.tokenizer = dict(sha256=sha, path=str(home.tokenizer), vocab_size=vocab, origin=origin,
+                                 config=params.tokenizer_config().__dict__)
             recorded = True
         jobs = []
         for src in srcs:
@@ -186,10 +188,10 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
                                               for j in to_build], flow_run.id)
         for job in staged:
             # finishing is a rename in the usual case: here, at once, rather than queued behind the
-            # remaining scans on the workers, so its catalog rows are written while they run
-            done_now.append((job, tokenize_task(home, job, True)))
+            # remaining scans on the workers
+            rec.finished(job, tokenize_task(home, job, True))
         for job in to_build:
-            building[tokenize_task.submit(home, job, False)] = job
+            rec.submitted(tokenize_task.submit(home, job, False), job)
 
     for i, f in enumerate(files):
         src = f if isinstance(f, SourceFile) else _arrived(home, f, failed)
@@ -216,15 +218,15 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         if queued and not (nxt is not None and nxt.state.is_final()):  # plan the files scanned so far at once
             submit(queued)
             queued = []
-        _record_finished(home, building, results, failed, done_now, block=False)
+        rec.flush()
     if not usable:
         raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files)}")
     if tok is None:
         tok = _tokenizer(home, usable, params)
         submit(usable)
-    log.info(f"{len(building) + len(results) + len(done_now)} shards built, {len(skipped)} up to date")
-    _record_finished(home, building, results, failed, done_now, block=True)
-    summary = summarize(results, skipped, failed, time.time() - t0)
+    log.info(f"{rec.count} shards built, {len(skipped)} up to date")
+    rec.flush(block=True)
+    summary = summarize(rec.results, skipped, failed, time.time() - t0)
     create_table_artifact(key="tokenize-summary", table=summary["table"] or [{"shard": "none built"}],
                           description=f"{summary['built']} shards built, {len(skipped)} up to date")
     return summary
@@ -251,34 +253,6 @@ def _arrived(home: Home, inc: Incoming, failed: dict) -> SourceFile | None:
 def _tokenizer(home: Home, usable: list[SourceFile], params: TokenizeParams) -> tuple[str, str, int]:
     """(origin, sha256, vocab size); recorded in the catalog by the first `submit`."""
     return tokenizer_task(home, usable, params)
-
-
-def _record_finished(home: Home, building: dict, results: list, failed: dict, done_now: list, block: bool) -> None:
-    """Record shards whose task finished (all of them if `block`), so viewers see progress. Shards
-    that finished together are recorded in one transaction: one DuckDB open and checkpoint, not one each.
-    `done_now`: (job, result) of shards finished in this thread, emptied here."""
-    while building or done_now:
-        done = [f for f in building if f.state.is_final()]
-        if not done and not done_now:
-            if not block:
-                return
-            next(iter(as_completed(list(building))))  # wait for one, then take all that are done
-            continue
-        finished = []
-        ready = [(building.pop(fut), fut.result()) for fut in done] + done_now
-        done_now.clear()
-        for job, res in ready:
-            results.append(res)
-            if res.error:
-                failed[res.source_file] = res.error
-                shard_catalog.record_failed(home, res.shard_id, res.source_file, job.source.sha256,
-                                            job.config_hash, res.error, None, flow_run.id)
-                sources.mark(home, res.source_file, "failed", res.error)
-            else:
-                finished.append((res.shard_id, res.timing))
-        shard_catalog.record_shards(home, finished)
-        if not block:
-            return
 
 
 def summarize(results: list, skipped: list[int], failed: dict, seconds: float) -> dict:

@@ -49,10 +49,11 @@ def record_shard(home: Home, shard_id: int, timing: dict | None = None) -> dict:
     return record_shards(home, [(shard_id, timing)])[0]
 
 
-def record_shards(home: Home, finished: list[tuple[int, dict | None]]) -> list[dict]:
+def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer: dict | None = None) -> list[dict]:
     """`record_shard` for several (shard_id, timing) in one transaction: each DuckDB open and the
     checkpoint on close cost ~30-100 ms, and shards often finish together. Still one short unit of
-    work, so readers get their turn between two calls."""
+    work, so readers get their turn between two calls. `tokenizer`: `record_tokenizer`'s arguments,
+    its row written in the same transaction."""
     import pyarrow.parquet as pq
 
     loaded = []
@@ -63,8 +64,10 @@ def record_shards(home: Home, finished: list[tuple[int, dict | None]]) -> list[d
         # ParquetFile.read skips the dataset machinery read_table imports on first use (~0.6 s)
         loaded.append((shard_id, meta, rows, pq.ParquetFile(home.shard_docs(shard_id)).read(),
                        pq.ParquetFile(home.shard_counts(shard_id)).read()))
-    if loaded:
+    if loaded or tokenizer:
         with catalog.writer(home) as con:
+            if tokenizer:
+                _insert_tokenizer(con, **tokenizer)
             for shard_id, _, rows, documents, token_counts in loaded:
                 _insert_done(con, shard_id, rows, documents, token_counts)
     return [m for _, m, *_ in loaded]
@@ -122,9 +125,13 @@ def mark_stale(home: Home, shard_ids: list[int]) -> None:
 
 def record_tokenizer(home: Home, sha256: str, path: str, vocab_size: int, origin: str, config: dict) -> None:
     with catalog.writer(home) as con:
-        con.execute("DELETE FROM tokenizers WHERE sha256 = ?", [sha256])
-        con.execute("INSERT INTO tokenizers VALUES (?, ?, ?, ?, ?, ?)",
-                    [sha256, path, vocab_size, origin, json.dumps(config, sort_keys=True), utcnow()])
+        _insert_tokenizer(con, sha256, path, vocab_size, origin, config)
+
+
+def _insert_tokenizer(con, sha256: str, path: str, vocab_size: int, origin: str, config: dict) -> None:
+    con.execute("DELETE FROM tokenizers WHERE sha256 = ?", [sha256])
+    con.execute("INSERT INTO tokenizers VALUES (?, ?, ?, ?, ?, ?)",
+                [sha256, path, vocab_size, origin, json.dumps(config, sort_keys=True), utcnow()])
 
 
 def record_pipeline_run(home: Home, run_id: str, flow: str, params: dict, status: str,
