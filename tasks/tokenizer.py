@@ -101,16 +101,17 @@ class Encoder:
             return _CACHE[sha256]
 
     @classmethod
-    def preload(cls, path: str | Path, sha256: str) -> threading.Thread:
+    def preload(cls, path: str | Path, sha256: str) -> None:
         """Start `cached` on a thread: loading takes 0.3-0.45 s, the longest fixed cost of a run, and the
         first reads and catalog writes can overlap it. A failure is left to the next `cached` call to raise."""
+        if sha256 in _CACHE:
+            return
+
         def load() -> None:
             with contextlib.suppress(Exception):
                 cls.cached(path, sha256)
 
-        t = threading.Thread(target=load, name="tokenizer-load", daemon=True)
-        t.start()
-        return t
+        threading.Thread(target=load, name="tokenizer-load", daemon=True).start()
 
     @property
     def ref(self):
