@@ -30,6 +30,7 @@ from model.step import autocast_for, train_step  # noqa: E402
 OUT = ROOT / "benchmarks" / "out"
 COMPILE_MODE = None  # --compile-mode
 STREAM_DTYPE = None  # --bf16-stream
+REGIONAL = False  # --regional
 
 
 def make_data(out: Path, vocab: int) -> None:
@@ -90,7 +91,12 @@ def build(cfg, head: str, device, total_steps: int):
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
     raw.head_loss = make_head_loss(head)
     raw.stream_dtype = STREAM_DTYPE
-    model = torch.compile(raw, mode=COMPILE_MODE) if device.type == "cuda" else raw
+    if device.type == "cuda" and REGIONAL:  # the four identical blocks share one compiled graph
+        for block in raw.transformer.h:
+            block.compile(mode=COMPILE_MODE)
+        model = raw
+    else:
+        model = torch.compile(raw, mode=COMPILE_MODE) if device.type == "cuda" else raw
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     return raw, model, opt, sched
@@ -307,9 +313,11 @@ def main() -> int:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
+    p.add_argument("--regional", action="store_true", help="compile each block instead of the whole model")
     args = p.parse_args()
-    global COMPILE_MODE, STREAM_DTYPE
+    global COMPILE_MODE, STREAM_DTYPE, REGIONAL
     COMPILE_MODE = args.compile_mode
+    REGIONAL = args.regional
     STREAM_DTYPE = torch.bfloat16 if args.bf16_stream else None
     if args.coord_descent:
         import torch._inductor.config as ic
