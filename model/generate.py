@@ -42,29 +42,42 @@ def sample(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: 
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
+
+    def step(tokens: list[int], cache: KVCache) -> torch.Tensor:
+        # contexts per call, not across the yields: the caller's own work runs between tokens
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), _attention():
+            h = model.hidden(torch.tensor([tokens], device=device), cache)
+            return model.logits(h[:, -1])[0]
+
+    def prefill(window: list[int]) -> tuple[KVCache, torch.Tensor]:
+        c = KVCache(cfg, 1, device, dtype)
+        return c, step(window, c)
+
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ids = list(prompt_ids)[-cfg.block_size:]
-
-            def prefill(window: list[int]) -> tuple[KVCache, torch.Tensor]:
-                c = KVCache(cfg, 1, device, dtype)
-                h = model.hidden(torch.tensor([window], device=device), c)
-                return c, model.logits(h[:, -1])[0]
-
-            cache, logits = prefill(ids)
-            for _ in range(max_new_tokens):
-                nxt = pick(logits, temperature, top_k, top_p, gen)
-                yield nxt
-                if nxt == stop_id:
-                    return
-                ids.append(nxt)
-                if cache.pos >= cfg.block_size:
-                    cache, logits = prefill(ids[-max(cfg.block_size // 2, 1):])
-                else:
-                    h = model.hidden(torch.tensor([[nxt]], device=device), cache)
-                    logits = model.logits(h[:, -1])[0]
+        ids = list(prompt_ids)[-cfg.block_size:]
+        cache, logits = prefill(ids)
+        for _ in range(max_new_tokens):
+            nxt = pick(logits, temperature, top_k, top_p, gen)
+            yield nxt
+            if nxt == stop_id:
+                return
+            ids.append(nxt)
+            if cache.pos >= cfg.block_size:
+                cache, logits = prefill(ids[-max(cfg.block_size // 2, 1):])
+            else:
+                logits = step([nxt], cache)
     finally:
         model.train(was_training)
+
+
+def _attention():
+    """Any attention kernel but cuDNN's while decoding: cuDNN builds a graph for every new key length
+    (hundreds of ms each, pytorch#155958), and each generated token is one; flash and memory-efficient
+    kernels take any length as it comes. (The seed runs' first eval and sample cost ~5 s, later ones
+    nothing, which fits; not yet measured with this change.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class TextStream:
