@@ -23,6 +23,27 @@ def _defaults_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
+# commands that run Prefect flows (or show them): they report to the home's `langpwt server up`
+FLOW_COMMANDS = {"prepare", "tokenize", "download", "train", "demo", "dashboard"}
+
+
+def _use_local_server() -> None:
+    """Point PREFECT_API_URL at the server `langpwt server up` keeps for this home, if it runs and none
+    is set: the runs then show in its UI, and no temporary server is started for them (7-15 s each)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from flows.cli_server import healthy, running
+    from storage.paths import Home
+
+    d = Home.from_env().root / "prefect"
+    try:
+        url = (d / "api_url").read_text().strip()
+    except OSError:
+        return
+    if url and running(d / "server.pid") and healthy(url, timeout=1.0):
+        os.environ["PREFECT_API_URL"] = url
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="langpwt", description="FineWeb-Edu -> tokens -> a small GPT")
     p.add_argument("--home", help="state folder (default $LANGPWT_HOME or ./.langpwt)")
@@ -53,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if args.command in FLOW_COMMANDS:
+        _use_local_server()
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

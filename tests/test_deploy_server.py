@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import SAMPLE, run_cli
 from tests.test_deploy import free_port
 
 pytestmark = pytest.mark.slow
@@ -21,6 +21,15 @@ def alive(pid: int) -> bool:
     # a zombie (exited, not yet reaped by its parent) counts as gone
     stat = open(f"/proc/{pid}/stat").read() if os.path.exists(f"/proc/{pid}/stat") else ""
     return stat.split(")")[-1].split()[:1] != ["Z"]
+
+
+def flow_runs(api_url: str, name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as c:
+        return c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
 
 
 def test_up_status_down(tmp_path):
@@ -45,6 +54,13 @@ def test_up_status_down(tmp_path):
 
         other = run_cli("--home", str(tmp_path / "other"), "server", "up", "--port", str(port), "--pool", "", env=env)
         assert other.returncode == 2 and other.stderr.count("\n") == 1 and "in use" in other.stderr, other.stderr
+
+        # with no PREFECT_API_URL set, a flow command of this home reports to the server that is up (its
+        # own PREFECT_HOME: a temporary server would keep the run in another database)
+        tok = run_cli("tokenize", "--source", str(SAMPLE), "--vocab-size", "1024",
+                      env=dict(env, PREFECT_HOME=str(tmp_path / "cli_prefect_home")))
+        assert tok.returncode == 0, tok.stdout + tok.stderr
+        assert [r.state.type.value for r in flow_runs(f"http://127.0.0.1:{port}/api", "tokenize")] == ["COMPLETED"]
     finally:
         down = run_cli("server", "down", env=env, timeout=120)
     assert down.returncode == 0 and "stopped worker" in down.stdout and "server" in down.stdout, down.stdout
