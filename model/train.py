@@ -4,6 +4,7 @@ parent; on CUDA the host syncs only every `log_every` steps, so rows arrive in s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -123,6 +124,13 @@ def train(ns: argparse.Namespace) -> int:
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
     t_window, t0 = time.perf_counter(), time.perf_counter()
     last_ckpt = ckpts.latest(ckpts.checkpoint_root(home, run_id))
+    saver = ckpts.BackgroundSaver(cfg.keep_last)  # the loop goes on while a checkpoint is written
+
+    def landed(done: list) -> None:
+        nonlocal last_ckpt
+        for info, removed in done:
+            last_ckpt = info
+            emit.event("checkpoint", **info.to_dict(), removed=removed)
 
     def flush() -> None:
         nonlocal t_window
@@ -154,6 +162,7 @@ def train(ns: argparse.Namespace) -> int:
             loss_acc, gnorm = train_step(model, params, opt, pf.next, accum, d.ddp, autocast, cfg.grad_clip)
             sched.step()
             pending.append((step, loss_acc, gnorm, lr))
+            landed(saver.poll())
             do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
             do_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
             if step % cfg.log_every == 0 or do_eval or do_ckpt or not is_cuda:
@@ -168,17 +177,17 @@ def train(ns: argparse.Namespace) -> int:
                     text = tok.decode(list(sample(raw, prompt_ids, cfg.sample_tokens, top_k=50,
                                                   seed=cfg.seed + step))) if tok is not None else ""
                     emit.eval_row(step, val_loss, cfg.sample_prompt, text)
-                if do_ckpt:
-                    info = ckpts.save(ckpts.checkpoint_root(home, run_id), step,
-                                      model_state=raw.state_dict(), optim_state=opt.state_dict(),
-                                      train_state=rt.train_state(step, sched, cfg, best, shards),
-                                      config=rt.ckpt_config(cfg, run_id, tok_sha, step, d.world),
-                                      val_loss=val_loss, run_id=run_id)
-                    removed = ckpts.prune(ckpts.checkpoint_root(home, run_id), cfg.keep_last)
-                    last_ckpt = info
-                    emit.event("checkpoint", **info.to_dict(), removed=removed)
+                if do_ckpt:  # the state is copied to host memory now, written meanwhile
+                    landed(saver.submit(ckpts.checkpoint_root(home, run_id), step,
+                                        model_state=raw.state_dict(), optim_state=opt.state_dict(),
+                                        train_state=rt.train_state(step, sched, cfg, best, shards),
+                                        config=rt.ckpt_config(cfg, run_id, tok_sha, step, d.world),
+                                        val_loss=val_loss, run_id=run_id))
                 t_window = time.perf_counter()  # eval and saving are not training throughput
+        landed(saver.wait())
     except NonFiniteLoss as e:
+        with contextlib.suppress(ckpts.CheckpointWriteError):
+            landed(saver.wait())  # a good state taken before the bad step may still be landing
         where = last_ckpt.path if last_ckpt else "none written"
         emit.fail("nan", f"non-finite loss, training stopped ({e}); last good checkpoint: {where}")
         return EXIT_NAN
@@ -190,6 +199,8 @@ def train(ns: argparse.Namespace) -> int:
                          f"--batch-tokens {cfg.batch_tokens} is kept by gradient accumulation")
         return EXIT_OOM
     finally:
+        with contextlib.suppress(Exception):
+            saver.wait()  # an error on the way out: still let a write in flight finish
         pf.close()
         emit.close()
     emit.event("done", run_id=run_id, step=cfg.max_steps, elapsed_s=time.perf_counter() - t0,

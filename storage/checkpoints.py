@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,13 +63,13 @@ class CheckpointWriteError(OSError):
 def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_state: dict,
          config: dict, val_loss: float | None, run_id: str | None = None) -> CheckpointInfo:
     """Write `root/step_NNNNNN/` atomically; the COMPLETE marker is the last file to appear."""
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(root)
     final = root / step_dir_name(step)
     tmp = tmp_path_for(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         torch.save(model_state, tmp / "model.pt")
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(train_state, tmp / "state.pt")
@@ -77,7 +78,7 @@ def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_s
         atomic_replace_dir(tmp, final)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free
+        free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.is_dir())).free
         why = "No space left on device" if free < (64 << 20) or "space" in str(e) else str(e).splitlines()[0]
         raise CheckpointWriteError(f"{final}: checkpoint not written ({why}, {free >> 20} MiB free); "
                                    f"the previous checkpoint is kept") from None
@@ -87,6 +88,61 @@ def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_s
                           run_id=run_id)
     atomic_write_text(final / MARKER, json.dumps(info.to_dict(), indent=1))
     return info
+
+
+def to_host(obj):
+    """A copy of `obj` with every tensor cloned to host memory: what a step saw, whatever later steps do."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """`save` (then `prune`) on a thread, so training goes on while ~600 MB are written and fsynced
+    (~3 s a checkpoint for the seed model). The state is copied to host memory before the call returns;
+    one write at a time. A failed write raises its CheckpointWriteError from the next `poll` or `wait`."""
+
+    def __init__(self, keep_last: int):
+        self.keep_last = keep_last
+        self._thread: threading.Thread | None = None
+        self._out: tuple[CheckpointInfo, list[int]] | BaseException | None = None
+
+    def submit(self, root: Path, step: int, *, model_state: dict, optim_state: dict, train_state: dict,
+               config: dict, val_loss: float | None, run_id: str | None = None) -> list[tuple[CheckpointInfo, list[int]]]:
+        """Start writing `root/step_NNNNNN/`; returns what an earlier write finished meanwhile (see `wait`)."""
+        done = self.wait()
+        state = to_host(dict(model_state=model_state, optim_state=optim_state, train_state=train_state))
+
+        def write() -> None:
+            try:
+                info = save(root, step, config=config, val_loss=val_loss, run_id=run_id, **state)
+                self._out = (info, prune(root, self.keep_last))
+            except BaseException as e:  # handed to the training thread
+                self._out = e
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}")
+        self._thread.start()
+        return done
+
+    def poll(self) -> list[tuple[CheckpointInfo, list[int]]]:
+        """The finished write, if there is one: [(info, steps pruned)]; never waits."""
+        if self._thread is None or self._thread.is_alive():
+            return []
+        return self.wait()
+
+    def wait(self) -> list[tuple[CheckpointInfo, list[int]]]:
+        """Wait for the write in flight; [(info, steps pruned)] or [] when none was."""
+        if self._thread is None:
+            return []
+        self._thread.join()
+        self._thread, out, self._out = None, self._out, None
+        if isinstance(out, BaseException):
+            raise out
+        return [out]
 
 
 def read_info(step_dir: Path) -> CheckpointInfo | None:

@@ -2,6 +2,7 @@
 A one-layer model keeps each save in milliseconds; the format is the same as the seed model's."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.config import GPTConfig
@@ -53,3 +54,57 @@ def test_rewriting_a_step_replaces_it_whole(tmp_path):
     b = _save(root, 5, m, 0.5)
     assert a.sha256 != b.sha256 and ckpts.read_info(root / "step_000005").sha256 == b.sha256
     assert [p.name for p in root.iterdir()] == ["step_000005"]
+
+
+def test_background_saver_writes_the_state_of_its_step(tmp_path):
+    """Training goes on while a checkpoint is written: the files hold the state at `submit`, whatever the
+    model does next; a failed write surfaces on the next call, with nothing left under a final name."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=100))
+    root = tmp_path / "runs" / "r" / "checkpoints"
+    saver = ckpts.BackgroundSaver(keep_last=1)
+    kept = {k: v.clone() for k, v in m.state_dict().items()}
+    opt_state = {"s": torch.tensor([10])}
+    assert saver.submit(root, 10, model_state=m.state_dict(), optim_state=opt_state, train_state={"step": 10},
+                        config={"train": {"model": m.config.__dict__}}, val_loss=3.0, run_id="r") == []
+    with torch.no_grad():  # the next steps change the live tensors in place
+        for p in m.parameters():
+            p.add_(1.0)
+    opt_state["s"].add_(5)
+    done = saver.submit(root, 20, model_state=m.state_dict(), optim_state=opt_state, train_state={"step": 20},
+                        config={"train": {"model": m.config.__dict__}}, val_loss=2.0, run_id="r")
+    assert [(i.step, removed) for i, removed in done] == [(10, [])]
+    (info, removed), = saver.wait()
+    assert info.step == 20 and removed == [10] and saver.wait() == [] and saver.poll() == []
+    assert not (root / "step_000010").exists()  # pruned: keep_last=1 and step 20 is the best
+    cfg, sd = ckpts.load_weights(root / "step_000020")
+    for k, v in m.state_dict().items():
+        assert torch.equal(sd[k], v) and not torch.equal(sd[k], kept[k]), k
+    assert torch.equal(ckpts.load_train_state(root / "step_000020")["optimizer"]["s"], torch.tensor([15]))
+
+    # a write that cannot happen: a file where the checkpoint folder must go
+    bad = tmp_path / "blocked"
+    bad.write_text("not a folder")
+    saver.submit(bad, 30, model_state=m.state_dict(), optim_state=opt_state, train_state={"step": 30},
+                 config={}, val_loss=None)
+    with pytest.raises(ckpts.CheckpointWriteError, match="blocked/step_000030: checkpoint not written"):
+        saver.wait()
+    assert saver.wait() == [] and not list(tmp_path.glob("blocked*/step_*"))
+
+
+def test_background_saver_snapshot_ignores_later_steps(tmp_path):
+    """The same with the first checkpoint kept: its bytes are those of step 10, not of what came after."""
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=100))
+    root = tmp_path / "ck"
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    saver = ckpts.BackgroundSaver(keep_last=5)
+    saver.submit(root, 10, model_state=m.state_dict(), optim_state={}, train_state={"step": 10},
+                 config={"train": {"model": m.config.__dict__}}, val_loss=1.0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(-3.0)
+    saver.wait()
+    _, sd = ckpts.load_weights(root / "step_000010")
+    for k, v in before.items():
+        assert torch.equal(sd[k], v), k
