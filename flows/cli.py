@@ -32,10 +32,9 @@ def _use_local_server() -> None:
     is set: the runs then show in its UI, and no temporary server is started for them (7-15 s each)."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from flows.cli_server import healthy, running
-    from storage.paths import Home
+    from flows.cli_server import healthy, running, state_dir
 
-    d = Home.from_env().root / "prefect"
+    d = state_dir(create=False)
     try:
         url = (d / "api_url").read_text().strip()
     except OSError:

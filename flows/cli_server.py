@@ -22,11 +22,12 @@ def err(msg: str) -> int:
     return 2
 
 
-def state_dir() -> Path:
+def state_dir(create: bool = True) -> Path:
     from storage.paths import Home
 
     d = Home.from_env().root / "prefect"
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
     return d
 
 
