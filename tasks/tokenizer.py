@@ -185,9 +185,8 @@ def _load_fast(path: Path):
         "single": [{"SpecialToken": {"id": EOT, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {EOT: {"id": EOT, "ids": [eot], "tokens": [EOT]}}}
-    if model is None:
-        return fastokens.Tokenizer.from_json_str(json.dumps(spec))
-    return fastokens.Tokenizer.from_json_str(json.dumps(spec)[:-1] + ',"model":' + model)
+    body = json.dumps(spec)
+    return fastokens.Tokenizer.from_json_str(body if model is None else body[:-1] + ',"model":' + model)
 
 
 def _split_model(text: str) -> tuple[str, str | None]:
