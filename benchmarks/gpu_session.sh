@@ -3,20 +3,27 @@
 # original's whole run (5000 x 65,536 tokens) timed from process start to exit. Results under $OUT.
 # Run on the GPU machine from the repo root, with shards made here by `train_bench.py make-data`
 # carried along (benchmarks/out/home): bash benchmarks/gpu_session.sh
+# PARTS picks what runs (ce = the CE kernel against its previous version, speed, seed), to split it over calls.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/out/gpu}
 HOME_DIR=${HOME_DIR:-benchmarks/out/home}
 VARIANTS=${VARIANTS:-plain,fused,fp8all}
 SEED_HEAD=${SEED_HEAD:-auto}
+PARTS=${PARTS:-ce,speed,seed}
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 {
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,power.limit,memory.total --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } | tee "$OUT/env.txt"
-python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants "$VARIANTS" --dropouts 0.1,0.0 \
+if has ce; then
+  python3 benchmarks/head_bench.py --ce-only --json "$OUT/ce.json" 2>&1 | grep -v Warning | tee "$OUT/ce.log"
+fi
+has speed && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants "$VARIANTS" --dropouts 0.1,0.0 \
   --bf16-stream --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
+has seed || exit 0
 # the seed run: a fresh Inductor cache, so the compile is counted cold
 export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 start=$(date +%s.%N)

@@ -24,6 +24,74 @@ import model.head_fp8 as H8  # noqa: E402
 N, C, VP, V = 65536, 512, 49152, 48951
 OUT: list[dict] = []
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _ce_v1_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, scale, BLOCK: tl.constexpr):
+    """The CE kernel as of 2026-12-01 (f48866b), kept to time the current one against: a rescale exp per
+    value, loads masked at V (not a multiple of 16, so not vectorised), the one-hot as a select per value."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    offs = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], -1e30, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(0, V, BLOCK):
+        cols = start + offs
+        ok = cols < V
+        x = tl.load(base + cols, mask=ok, other=-1e30).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.where(ok, tl.exp(x - m_new), 0.0)
+        m = m_new
+    mx = tl.max(m, 0)
+    lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+    tgt = tl.load(targets_ptr + row).to(tl.int64)
+    tl.store(loss_ptr + row, (lse - tl.load(base + tgt).to(tl.float32)) * scale)
+    for start in tl.range(0, VP, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
+        p = tl.where(cols < V, tl.exp(x - lse), 0.0)
+        p = tl.where(cols == tgt, p - 1.0, p)
+        tl.store(base + cols, (p * scale).to(logits_ptr.dtype.element_ty), mask=cols < VP)
+
+
+def ce_v1(logits, t, v, scale):
+    loss = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
+    _ce_v1_kernel[(logits.size(0),)](logits, logits.stride(0), t, loss, v, logits.size(1), scale, BLOCK=8192,
+                                     num_warps=32)
+    return loss
+
+
+def ce_kernels() -> None:
+    """The CE kernel against its previous version, several tile shapes, and both against float64."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    t = torch.randint(0, V, (N,), device=dev, generator=g)
+    logits = torch.randn(N, VP, device=dev, dtype=torch.bfloat16, generator=g) * 3
+    rec("CE v1 (f48866b) 8192 x 32 warps", lambda: ce_v1(logits, t, V, 1.0 / N), nbytes=2 * N * VP * 2)
+    for blk, nw in [(8192, 32), (4096, 16), (2048, 8), (8192, 16), (4096, 8), (16384, 32)]:
+        H.CE_BLOCK, H.CE_WARPS = blk, nw
+        rec(f"CE v2 BLOCK={blk} w={nw}", lambda: H.ce_grad_inplace(logits, t, V, 1.0 / N), nbytes=2 * N * VP * 2)
+    H.CE_BLOCK, H.CE_WARPS = 8192, 32
+    m = 4096
+    x = torch.randn(m, VP, device=dev, dtype=torch.bfloat16, generator=g) * 3
+    tm = t[:m]
+    xd = x[:, :V].double()
+    lse = torch.logsumexp(xd, 1)
+    loss_ref = (lse - xd.gather(1, tm[:, None]).squeeze(1)) / m
+    p = torch.exp(xd - lse[:, None])
+    p[torch.arange(m, device=dev), tm] -= 1
+    for name, fn in [("v1", ce_v1), ("v2", H.ce_grad_inplace)]:
+        lg = x.clone()
+        loss = fn(lg, tm, V, 1.0 / m)
+        r = dict(name=f"check CE {name}", loss_abs=float((loss.double() - loss_ref).abs().max()),
+                 grad_rel=float((lg[:, :V].double() * m - p).norm() / p.norm()),
+                 pad_zero=bool((lg[:, V:] == 0).all()))
+        OUT.append(r)
+        print(f"check CE {name}: loss abs {r['loss_abs']:.2e}  grad rel {r['grad_rel']:.2e}  pad zero {r['pad_zero']}",
+              flush=True)
+
 
 def rec(name, fn, nflop=0, nbytes=0):
     try:
@@ -122,12 +190,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path)
     p.add_argument("--skip-pieces", action="store_true")
+    p.add_argument("--ce-only", action="store_true", help="only the CE kernels against their previous version")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    if not args.skip_pieces:
+    ce_kernels()
+    if not (args.ce_only or args.skip_pieces):
         pieces()
     torch.cuda.empty_cache()
-    whole_heads()
+    if not args.ce_only:
+        whole_heads()
     if args.json:
         args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                              date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))

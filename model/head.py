@@ -5,6 +5,8 @@ Costs: the gradient's memory is held until backward (as the plain step's logits 
 rounds the forward logits (loss within 3e-4 of float64, gradients within 3e-3: train_bench)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 try:  # triton exists only where CUDA does; the CPU path uses the torch reference below
@@ -14,59 +16,92 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+LOG2E = 1.4426950408889634
 # columns per loop iteration and warps per row: the fastest of those `train_bench.py micro` tried on the
 # H100 (5.6 ms for 65,536 x 49,152 against 7.0 ms for 4096/8): 32 warps keep fewer rows in flight, so
-# the second read of a row is more often served from L2
+# the second read of a row is more often served from L2; 8192 / (32 warps x 32 lanes) = 8 values per thread,
+# one 16-byte load of bf16 that shares one running max
 CE_BLOCK, CE_WARPS = 8192, 32
 
 
 if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)  # Triton reads only constexpr globals
+
     @triton.jit
-    def row_lse(base, V, BLOCK: tl.constexpr):
-        """log-sum-exp of one row's first V values: one online max/sum pass (shared by the CE kernels)."""
-        offs = tl.arange(0, BLOCK)
-        # finite sentinel: exp(m - m_new) of two -inf lanes would be NaN
-        m = tl.full([BLOCK], -1e30, tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
-        for start in tl.range(0, V, BLOCK):
+    def _online(x, m, s):
+        """One [rows, R] slice into per-row running (max, sum of exp2) in log2 units."""
+        m_new = tl.maximum(m, tl.max(x, 1))
+        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), 1)
+        return m_new, s
+
+    @triton.jit
+    def row_lse2(base, V, VP, V_FULL, BLOCK: tl.constexpr, R: tl.constexpr):
+        """log2-sum-exp2 of one row's first V values times log2(e), i.e. lse / ln 2.
+        The row is viewed as [BLOCK // R, R]: each thread's R contiguous values share one running max, so
+        the rescale costs one exp2 per R values, and blocks below V_FULL need no mask (vector loads)."""
+        offs = tl.arange(0, BLOCK // R)[:, None] * R + tl.arange(0, R)[None, :]
+        # finite sentinel: exp2(m - m_new) of two -inf lanes would be NaN
+        m = tl.full([BLOCK // R], -1e30, tl.float32)
+        s = tl.zeros([BLOCK // R], tl.float32)
+        for start in tl.range(0, V_FULL, BLOCK):
+            x = tl.load(base + start + offs).to(tl.float32) * _LOG2E
+            m, s = _online(x, m, s)
+        for start in tl.range(V_FULL, VP, BLOCK):
             cols = start + offs
-            ok = cols < V
-            x = tl.load(base + cols, mask=ok, other=-1e30).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            s = s * tl.exp(m - m_new) + tl.where(ok, tl.exp(x - m_new), 0.0)
-            m = m_new
+            x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32) * _LOG2E
+            m, s = _online(tl.where(cols < V, x, -1e30), m, s)
         mx = tl.max(m, 0)
-        return mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+        return mx + tl.log2(tl.sum(s * tl.exp2(m - mx), 0))
 
     @triton.jit
     def softmax_minus_onehot(x, cols, V, tgt, lse):
         """dCE/dlogits of one slice of a row; padded columns (>= V) get 0."""
-        p = tl.where(cols < V, tl.exp(x - lse), 0.0)
+        p = tl.where(cols < V, tl.exp2(x * _LOG2E - lse * _LOG2E), 0.0)
         return tl.where(cols == tgt, p - 1.0, p)
 
     @triton.jit
-    def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, scale, lse_ptr, out_ptr, out_scale,
-                        BLOCK: tl.constexpr, FP8_OUT: tl.constexpr):
-        # FP8_OUT (model.head_fp8): keep the logits, store lse, write (p - onehot) * out_scale as e5m2
-        # to out_ptr; else the gradient overwrites the logits in place
+    def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
+                        out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr):
+        # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
+        # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
+        # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
-        lse = row_lse(base, V, BLOCK)
+        lse2 = row_lse2(base, V, VP, V_FULL, BLOCK, R)
+        lse = lse2 / _LOG2E
         tgt = tl.load(targets_ptr + row).to(tl.int64)
         x_t = tl.load(base + tgt).to(tl.float32)
         tl.store(loss_ptr + row, (lse - x_t) * scale)
         if FP8_OUT:
             tl.store(lse_ptr + row, lse)
+        dst = out_ptr + row * out_stride
+        shift = lse2 - log2_out  # p * 2^log2_out = exp2(x log2 e - shift): one FMA and one exp2 per value
         # second read of the row: it was read microseconds ago, so mostly served from L2
         offs = tl.arange(0, BLOCK)
-        for start in tl.range(0, VP, BLOCK):
+        for start in tl.range(0, V_FULL, BLOCK):
+            x = tl.load(base + start + offs).to(tl.float32)
+            tl.store(dst + start + offs, tl.exp2(x * _LOG2E - shift).to(dst.dtype.element_ty))
+        for start in tl.range(V_FULL, VP, BLOCK):
             cols = start + offs
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
-            p = softmax_minus_onehot(x, cols, V, tgt, lse)
-            if FP8_OUT:
-                tl.store(out_ptr + row * VP + cols, (p * out_scale).to(tl.float8e5), mask=cols < VP)
-            else:
-                tl.store(base + cols, (p * scale).to(logits_ptr.dtype.element_ty), mask=cols < VP)
+            g = tl.where(cols < V, tl.exp2(x * _LOG2E - shift), 0.0)
+            tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
+        # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
+        tl.debug_barrier()
+        g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
+        tl.store(dst + tgt, g_t.to(dst.dtype.element_ty))
+
+
+def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float, loss: torch.Tensor,
+              lse: torch.Tensor, out: torch.Tensor, out_scale: float, block: int, warps: int) -> None:
+    """One program per row of `logits` (CUDA); `out` is `logits` itself (in place) or an e5m2 buffer."""
+    n, vp = logits.shape
+    assert logits.stride(1) == 1 and vp % 16 == 0 and block % (32 * warps) == 0
+    r = block // (32 * warps)
+    v_full = vocab_size // block * block
+    _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, v_full, scale,
+                          math.log2(out_scale), lse, out, out.stride(0), BLOCK=block, R=r, FP8_OUT=out is not logits,
+                          num_warps=warps)
 
 
 def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
@@ -74,9 +109,7 @@ def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     n, vp = logits.shape
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     if logits.is_cuda and triton is not None:
-        assert logits.stride(1) == 1
-        _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, scale, loss, logits, 1.0,
-                              BLOCK=CE_BLOCK, num_warps=CE_WARPS, FP8_OUT=False)
+        launch_ce(logits, targets, vocab_size, scale, loss, loss, logits, scale, CE_BLOCK, CE_WARPS)
         return loss
     x = logits[:, :vocab_size].float()
     lse = torch.logsumexp(x, dim=-1)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from model.head import FP8_MAX, to_fp8
+from model.head import FP8_MAX, launch_ce, to_fp8
 
 try:
     import triton
     import triton.language as tl
 
-    from model.head import _ce_grad_kernel, softmax_minus_onehot
+    from model.head import softmax_minus_onehot
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
@@ -48,8 +48,7 @@ def ce_rm8(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: 
     lse = torch.empty(n, device=logits.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     out = torch.empty(n, vp, device=logits.device, dtype=torch.float8_e5m2)
-    _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, scale, lse, out, GRAD_SCALE,
-                          BLOCK=LSE_BLOCK, num_warps=LSE_WARPS, FP8_OUT=True)
+    launch_ce(logits, targets, vocab_size, scale, loss, lse, out, GRAD_SCALE, LSE_BLOCK, LSE_WARPS)
     return lse, loss, out
 
 
