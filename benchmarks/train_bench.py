@@ -291,7 +291,34 @@ def profile(args) -> list[dict]:
         print(f"=== {spec} dropout={dropout}: 5 steps")
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=int(args.steps)))
         (args.out / f"profile_{spec}.txt").write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=80))
+        trace = args.out / f"trace_{spec}.json"
+        p.export_chrome_trace(str(trace))
+        gpu_gaps(trace)
     return []
+
+
+def gpu_gaps(trace: Path, top: int = 12) -> None:
+    """Is the GPU ever idle within the profiled steps? Busy time against the span, and the largest gaps
+    with the kernels around them and the CUDA runtime calls the host made meanwhile (a sync shows here)."""
+    ev = json.loads(trace.read_text())["traceEvents"]
+    ks = sorted((e for e in ev if e.get("cat") == "kernel" or e.get("cat") == "gpu_memcpy"), key=lambda e: e["ts"])
+    rt = [e for e in ev if e.get("cat") == "cuda_runtime" and e.get("dur", 0) > 50]
+    if not ks:
+        print("no kernels in the trace")
+        return
+    span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
+    busy, end, gaps = 0.0, ks[0]["ts"], []
+    for a, b in zip(ks, ks[1:] + [None]):
+        s0, e0 = max(a["ts"], end), a["ts"] + a["dur"]
+        busy += max(0.0, e0 - s0)
+        end = max(end, e0)
+        if b is not None and b["ts"] > end:
+            gaps.append((b["ts"] - end, end, a["name"][:50], b["name"][:50]))
+    print(f"GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span ({100 * busy / span:.1f} %), "
+          f"{len(gaps)} gaps, {sum(g[0] for g in gaps) / 1e3:.2f} ms idle")
+    for g, at, before, after in sorted(gaps, reverse=True)[:top]:
+        calls = sorted({e["name"] for e in rt if e["ts"] < at + g and e["ts"] + e["dur"] > at})
+        print(f"  gap {g / 1e3:6.3f} ms after {before!r} before {after!r}; host in: {', '.join(calls)[:160]}")
 
 
 def main() -> int:
@@ -314,11 +341,15 @@ def main() -> int:
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     p.add_argument("--regional", action="store_true", help="compile each block instead of the whole model")
+    p.add_argument("--gradx-wt", action="store_true", help="fused head: grad-x from a K-major copy of W")
     args = p.parse_args()
     global COMPILE_MODE, STREAM_DTYPE, REGIONAL
     COMPILE_MODE = args.compile_mode
     REGIONAL = args.regional
     STREAM_DTYPE = torch.bfloat16 if args.bf16_stream else None
+    if args.gradx_wt:
+        import model.head as H
+        H.GRADX_WT = True
     if args.coord_descent:
         import torch._inductor.config as ic
         ic.coordinate_descent_tuning = True
