@@ -342,6 +342,8 @@ def main() -> int:
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     p.add_argument("--regional", action="store_true", help="compile each block instead of the whole model")
     p.add_argument("--gradx-wt", action="store_true", help="fused head: grad-x from a K-major copy of W")
+    p.add_argument("--fallback-random", action="store_true",
+                   help="Inductor calls aten's dropout kernels instead of generating random numbers in its own")
     args = p.parse_args()
     global COMPILE_MODE, STREAM_DTYPE, REGIONAL
     COMPILE_MODE = args.compile_mode
@@ -350,6 +352,9 @@ def main() -> int:
     if args.gradx_wt:
         import model.head as H
         H.GRADX_WT = True
+    if args.fallback_random:
+        import torch._inductor.config as ic
+        ic.fallback_random = True
     if args.coord_descent:
         import torch._inductor.config as ic
         ic.coordinate_descent_tuning = True
