@@ -341,7 +341,6 @@ def main() -> int:
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     p.add_argument("--regional", action="store_true", help="compile each block instead of the whole model")
-    p.add_argument("--gradx-wt", action="store_true", help="fused head: grad-x from a K-major copy of W")
     p.add_argument("--fallback-random", action="store_true",
                    help="Inductor calls aten's dropout kernels instead of generating random numbers in its own")
     args = p.parse_args()
@@ -349,9 +348,6 @@ def main() -> int:
     COMPILE_MODE = args.compile_mode
     REGIONAL = args.regional
     STREAM_DTYPE = torch.bfloat16 if args.bf16_stream else None
-    if args.gradx_wt:
-        import model.head as H
-        H.GRADX_WT = True
     if args.fallback_random:
         import torch._inductor.config as ic
         ic.fallback_random = True

@@ -22,7 +22,6 @@ LOG2E = 1.4426950408889634
 # the second read of a row is more often served from L2; 8192 / (32 warps x 32 lanes) = 8 values per thread,
 # one 16-byte load of bf16 that shares one running max
 CE_BLOCK, CE_WARPS = 8192, 32
-GRADX_WT = False  # grad-x from a K-major copy of W (benchmark switch: cuBLAS picks another kernel per layout)
 
 
 if triton is not None:
@@ -154,7 +153,7 @@ class FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, g):
         hb, weight, dlogits = ctx.saved_tensors
         wb = weight.to(hb.dtype)
-        gx = (dlogits @ (wb.t().contiguous().t() if GRADX_WT else wb)).mul_(g.to(hb.dtype))
+        gx = (dlogits @ wb).mul_(g.to(hb.dtype))
         gw = (dlogits.t() @ hb).to(weight.dtype).mul_(g)
         return gx.view(ctx.h_shape).to(ctx.h_dtype), gw, None, None, None
 
