@@ -17,8 +17,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LOG2E = 1.4426950408889634
-# columns per loop iteration and warps per row: the fastest of those `train_bench.py micro` tried on the
-# H100 (5.6 ms for 65,536 x 49,152 against 7.0 ms for 4096/8): 32 warps keep fewer rows in flight, so
+# columns per loop iteration and warps per row: the fastest of those `head_bench.py --ce-only` tried on the
+# H200 (3.6 ms for 65,536 x 49,152 against 4.2-4.7 ms for the others): 32 warps keep fewer rows in flight, so
 # the second read of a row is more often served from L2; 8192 / (32 warps x 32 lanes) = 8 values per thread,
 # one 16-byte load of bf16 that shares one running max
 CE_BLOCK, CE_WARPS = 8192, 32
