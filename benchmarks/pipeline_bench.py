@@ -326,7 +326,7 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
     from tasks.stage import stage_file
     from tasks.tokenize import tokenize_file
     from flows.record import RECORD_EVERY_S
-    from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer
+    from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer, ready_sha256
 
     shutil.rmtree(home_dir, ignore_errors=True)
     home, fcfg, tcfg = Home(home_dir.resolve()).ensure(), FilterConfig(), TokenizerConfig()
@@ -360,8 +360,8 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
 
     with ThreadPoolExecutor(int(os.environ.get("BENCH_WORKERS", "2"))) as ex:
         states = shard_catalog.shard_states(home)
-        sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json), load=False)[1]
-        scans = [ex.submit(stage_file, home, f, fcfg, str(home.tokenizer), sha)        # scan_task
+        sha = ready_sha256(home.tokenizer, str(tok_json))
+        scans = [ex.submit(stage_file, home, f, fcfg, str(tok_json), sha)              # scan_task
                  if likely_built(home, f, files[:i], fcfg, sha, states) else ex.submit(scan_file, home, f, fcfg)
                  for i, f in enumerate(files)]
         sources.record(home, files, "verified")

@@ -29,7 +29,8 @@ from tasks.read import BadInput
 from tasks.scan import ScanCounts, scan_file
 from tasks.stage import discard, stage_file
 from tasks.tokenize import ShardJob, tokenize_file
-from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer, tokenizer_ready
+from tasks.tokenizer import (Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer, ready_sha256,
+                             tokenizer_ready)
 
 
 class TokenizeParams(ScaleOut):  # ScaleOut: dask_address / dask_local
@@ -141,7 +142,8 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         known = tok[1] if tok else sha  # trained meanwhile, or resolved before loading
         stage = known is not None and None not in before and likely_built(
             home, src, before, fcfg, known, states, params.reprocess, params.force)
-        return scan_task.submit(home, src, fcfg, (str(home.tokenizer), known) if stage else None)
+        # a given file is loaded from where it is: its copy in the home comes later, once it is checked
+        return scan_task.submit(home, src, fcfg, (params.tokenizer or str(home.tokenizer), known) if stage else None)
 
     ready = warm_tokenizer(home, params)
     if not ready:  # first, so the catalog work below overlaps them
@@ -152,8 +154,7 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
     usable, failed, skipped, queued = [], {}, [], []
     rec = ShardRecorder(home, failed, flow_run.id)
     if ready:  # no sample needed: its sha256 now, so each file is read once (scan + encode)
-        sha = ensure_tokenizer(home.tokenizer, [], fcfg, params.tokenizer_config(), params.tokenizer,
-                               params.retrain_tokenizer, load=False)[1]
+        sha = ready_sha256(home.tokenizer, params.tokenizer)
         for f in files:
             if isinstance(f, SourceFile) and f.position not in scans:
                 scans[f.position] = scan(f)

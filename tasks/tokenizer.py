@@ -4,6 +4,7 @@ the fallback for vocabularies fastokens refuses (shared/NOTES.md)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import threading
 from dataclasses import asdict, dataclass
@@ -13,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import polars as pl
 
-from storage.atomic import atomic_write_text
+from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.shards import file_sha256
 from storage.sources import SourceFile
 from tasks.filter import FilterConfig, rule_reason
@@ -258,27 +259,39 @@ def tokenizer_ready(home_tokenizer: Path, tcfg: TokenizerConfig, given: str | No
                            and json.loads(cfg_path.read_text()) == asdict(tcfg))
 
 
+def ready_sha256(home_tokenizer: Path, given: str | None = None) -> str:
+    """sha256 of the tokenizer a run will use when `tokenizer_ready` said it needs no training: the
+    given file's bytes (the home gets a copy of them) or the home's. No parse: the flow submits its
+    scans with it at once and lets `ensure_tokenizer` check the file while they read."""
+    path = Path(given) if given else home_tokenizer
+    try:
+        return file_sha256(path)
+    except OSError as e:
+        raise ValueError(f"--tokenizer {path}: not a readable tokenizer.json ({e})") from None
+
+
 def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig, tcfg: TokenizerConfig,
-                     given: str | None = None, retrain: bool = False, load: bool = True) -> tuple[str, str]:
+                     given: str | None = None, retrain: bool = False) -> tuple[str, str]:
     """Return (origin, sha256) of the home's tokenizer.json, training or copying it if needed.
 
-    A given file is copied into the home so training and generation find it later; an existing
-    trained tokenizer is reused unless its config differs or `retrain` is set. `load=False`: the
-    given file is not loaded yet (so reads can start meanwhile; loading it checks it)."""
+    A given file is copied into the home so training and generation find it later (checked as JSON
+    when copied; an identical copy was checked then); an existing trained tokenizer is reused unless
+    its config differs or `retrain` is set."""
     cfg_path = home_tokenizer.with_suffix(".config.json")
     if given:
         src = Path(given)
         try:
-            data = src.read_text(encoding="utf-8")
-            json.loads(data)
+            data = src.read_bytes()
+            fresh = not home_tokenizer.exists() or home_tokenizer.read_bytes() != data
+            if fresh:
+                json.loads(data)
         except (OSError, ValueError) as e:
             raise ValueError(f"--tokenizer {given}: not a readable tokenizer.json ({e})") from None
-        if not home_tokenizer.exists() or home_tokenizer.read_text(encoding="utf-8") != data:
-            atomic_write_text(home_tokenizer, data)
+        if fresh:
+            atomic_write_bytes(home_tokenizer, data)
             atomic_write_text(cfg_path, json.dumps({"given": str(src.resolve())}, indent=2))
-        sha = file_sha256(home_tokenizer)
-        if load:
-            Encoder.cached(home_tokenizer, sha)  # fails early, naming the file, if it has no <|endoftext|>
+        sha = hashlib.sha256(data).hexdigest()
+        Encoder.cached(home_tokenizer, sha)  # fails early, naming the file, if it has no <|endoftext|>
         return f"given:{src.name}", sha
     same_cfg = cfg_path.exists() and json.loads(cfg_path.read_text()) == asdict(tcfg)
     if home_tokenizer.exists() and same_cfg and not retrain:

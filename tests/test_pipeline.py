@@ -152,3 +152,22 @@ def test_workers_bounds_the_file_tasks_running_at_once(prefect_api, home, tmp_pa
         spans = _file_task_spans(state.state_details.flow_run_id)
         assert len(spans) == 8 and all(s and e for s, e in spans)  # 4 scans, 4 shards
         assert _most_at_once(spans) <= workers, (workers, sorted(spans))
+
+
+def test_a_given_tokenizer_that_is_not_json_is_refused_and_changes_nothing(prefect_api, home, sample_source, tmp_path):
+    params = TokenizeParams(source=str(sample_source), vocab_size=VOCAB)
+    tokenize(params)
+    before, tok_before = _state(home), home.tokenizer.read_bytes()
+    rows_before = catalog.query_rows(home, "SELECT shard_id, split, status, sha256 FROM shards ORDER BY 1, 2")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": ')  # truncated
+    try:
+        tokenize(params.model_copy(update={"tokenizer": str(bad), "force": True}))
+    except ValueError as e:
+        assert str(bad) in str(e) and "not a readable tokenizer.json" in str(e)
+    else:
+        raise AssertionError("a truncated tokenizer.json was accepted")
+    # the trained tokenizer, the shards and their rows are as they were; the next run reuses them all
+    assert home.tokenizer.read_bytes() == tok_before and _state(home) == before
+    assert catalog.query_rows(home, "SELECT shard_id, split, status, sha256 FROM shards ORDER BY 1, 2") == rows_before
+    assert tokenize(params)["built"] == 0
