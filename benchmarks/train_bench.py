@@ -24,13 +24,14 @@ from model.data import Prefetcher, TokenWindows, find_shards  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.head import make_head_loss  # noqa: E402
 from model.optim import WarmupCosine, make_optimizer  # noqa: E402
-from model.runtime import device_name, load_tokenizer, measure_peak_tflops  # noqa: E402
+from model.runtime import device_name, load_tokenizer, measure_peak_tflops, tune_inductor  # noqa: E402
 from model.step import autocast_for, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 COMPILE_MODE = None  # --compile-mode
 STREAM_DTYPE = None  # --bf16-stream
 REGIONAL = False  # --regional
+MIX_ORDER = False  # --mix-order-reduction
 
 
 def make_data(out: Path, vocab: int) -> None:
@@ -91,6 +92,8 @@ def build(cfg, head: str, device, total_steps: int):
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
     raw.head_loss = make_head_loss(head)
     raw.stream_dtype = STREAM_DTYPE
+    if device.type == "cuda" and not MIX_ORDER:
+        tune_inductor(cfg.model.dropout)  # as the trainer does
     if device.type == "cuda" and REGIONAL:  # the four identical blocks share one compiled graph
         for block in raw.transformer.h:
             block.compile(mode=COMPILE_MODE)
@@ -341,12 +344,15 @@ def main() -> int:
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     p.add_argument("--regional", action="store_true", help="compile each block instead of the whole model")
+    p.add_argument("--mix-order-reduction", action="store_true",
+                   help="keep Inductor's mix-order LayerNorm backward at dropout > 0 (the trainer turns it off)")
     p.add_argument("--fallback-random", action="store_true",
                    help="Inductor calls aten's dropout kernels instead of generating random numbers in its own")
     args = p.parse_args()
-    global COMPILE_MODE, STREAM_DTYPE, REGIONAL
+    global COMPILE_MODE, STREAM_DTYPE, REGIONAL, MIX_ORDER
     COMPILE_MODE = args.compile_mode
     REGIONAL = args.regional
+    MIX_ORDER = args.mix_order_reduction
     STREAM_DTYPE = torch.bfloat16 if args.bf16_stream else None
     if args.fallback_random:
         import torch._inductor.config as ic

@@ -100,6 +100,8 @@ def train(ns: argparse.Namespace) -> int:
     raw.stream_dtype = torch.bfloat16 if stream == "bfloat16" else None
     train_head = raw.head_loss = make_head_loss(head)  # one object: compile guards on its identity
     eval_head = make_head_loss("fused" if is_cuda else "plain")
+    if is_cuda and cfg.compile:
+        rt.tune_inductor(cfg.model.dropout)
     model = torch.compile(raw) if (is_cuda and cfg.compile) else raw
     if d.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP

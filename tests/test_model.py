@@ -115,3 +115,18 @@ def test_warmup_then_cosine():
     assert s.lr_at(500) == pytest.approx(1e-4)
     lrs = [s.lr_at(i) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_inductor_mix_order_reduction_is_off_only_with_dropout():
+    import torch._inductor.config as ic
+
+    from model.runtime import tune_inductor
+
+    default = ic.triton.mix_order_reduction
+    try:
+        tune_inductor(0.1)
+        assert ic.triton.mix_order_reduction is False
+        tune_inductor(0.0)  # a later compile in the same process gets the default back
+        assert ic.triton.mix_order_reduction is default
+    finally:
+        ic.triton.mix_order_reduction = default
