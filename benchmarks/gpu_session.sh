@@ -38,7 +38,12 @@ ev = [json.loads(l) for l in open(path) if l.startswith("{")]
 evals = [(e["step"], round(e["val_loss"], 4)) for e in ev if e.get("event") == "eval"]
 steps = [e for e in ev if e.get("event") == "step"]
 done = next((e for e in ev if e.get("event") == "done"), {})
+begin = next((e for e in ev if e.get("event") == "start"), {})
+first = next((e for e in ev if e.get("event") == "first_step"), {})
 tps = sorted(e["tokens_per_s"] for e in steps)
 print(f"seed run: exit {rc}, wall {end - start:.1f} s process start to exit, loop {done.get('elapsed_s', 0):.1f} s, "
       f"median {tps[len(tps) // 2] / 1e6 if tps else 0:.3f} M tok/s, evals {evals}")
+if begin.get("process_s") and done.get("process_s"):
+    print(f"  start-up {begin['process_s']:.1f} s, first step (compile) {first.get('seconds', 0):.1f} s, "
+          f"exit {end - start - done['process_s']:.1f} s after the done event")
 EOF

@@ -194,6 +194,15 @@ def write_run_config(run_dir: Path, cfg: TrainConfig, run_id: str, tok_sha: str)
     atomic_write_text(run_dir / "config.json", json.dumps(ckpt_config(cfg, run_id, tok_sha, None, 1), indent=1))
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), so start-up and exit can be told from the training loop."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def json_event(_event: str, **data) -> str:
     return json.dumps({"event": _event, **data}, default=str)
 

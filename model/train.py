@@ -116,7 +116,8 @@ def train(ns: argparse.Namespace) -> int:
     emit.event("start", run_id=run_id, run_dir=str(run_dir), step=start, max_steps=cfg.max_steps,
                device=rt.device_name(device), world=d.world, accum=accum, head=head, stream_dtype=stream,
                compile=bool(is_cuda and cfg.compile), peak_tflops=peak, params=raw.num_params(),
-               tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None)
+               tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None,
+               process_s=rt.process_age_s())
     if d.rank == 0:
         rt.write_run_config(run_dir, cfg, run_id, tok_sha)
     emit.say(f"run {run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} x{d.world}, "
@@ -164,6 +165,10 @@ def train(ns: argparse.Namespace) -> int:
             loss_acc, gnorm = train_step(model, params, opt, pf.next, accum, d.ddp, autocast, cfg.grad_clip)
             sched.step()
             pending.append((step, loss_acc, gnorm, lr))
+            if it == start:  # one sync: how long start-up and the compile took, apart from the steps
+                if is_cuda:
+                    torch.cuda.synchronize(device)
+                emit.event("first_step", step=step, seconds=time.perf_counter() - t0, process_s=rt.process_age_s())
             landed(saver.poll())
             do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
             do_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
@@ -206,7 +211,7 @@ def train(ns: argparse.Namespace) -> int:
         pf.close()
         emit.close()
     emit.event("done", run_id=run_id, step=cfg.max_steps, elapsed_s=time.perf_counter() - t0,
-               checkpoint=last_ckpt.path if last_ckpt else None, best_val=best)
+               checkpoint=last_ckpt.path if last_ckpt else None, best_val=best, process_s=rt.process_age_s())
     if d.ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -152,6 +152,8 @@ class Recorder:
                          self.flow_run_id, self.plan.resume_step)
             self.log.info(f"run {ev['run_id']} on {self.device}: {ev['params'] / 1e6:.1f}M params, head={ev['head']}, "
                           f"compile={ev['compile']}, from step {ev['step']} to {ev['max_steps']}")
+        elif kind == "first_step":
+            self.log.info(f"first step done {ev['seconds']:.1f} s into the loop (compile included)")
         elif kind == "step":
             now = time.monotonic()
             if now - self._last_log >= LOG_INTERVAL_S or ev["step"] == ev.get("max_steps"):

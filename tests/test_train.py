@@ -25,6 +25,11 @@ def test_tiny_run_learns_and_checkpoints(train_home):
     assert val[40] < val[20] < 6.9  # below uniform over 1,024 tokens (ln 1024 = 6.93)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("eval") == 2
+    # where the wall clock went: start-up before the loop, the first step, the rest, all on one clock
+    first = next(e for e in events if e["event"] == "first_step")
+    assert first["step"] == 1 and kinds.index("first_step") < kinds.index("eval")
+    assert 0 < events[0]["process_s"] < first["process_s"] <= events[-1]["process_s"]
+    assert 0 < first["seconds"] < events[-1]["elapsed_s"]
     # keep-last 1 plus the best: step 40 is both, so exactly one survives
     infos = ckpts.list_complete(ckpts.checkpoint_root(train_home, "r"))
     assert [i.step for i in infos] == [40]
