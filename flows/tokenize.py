@@ -135,6 +135,10 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         raise
     scans: dict[int, PrefectFuture] = {}
     tok, sha, states = None, None, {}
+    # a given file is loaded from where it is, so scans start before its copy in the home is checked and
+    # made; a remote Dask cluster is promised only the home's path, so there the copy comes first
+    remote = bool(params.tokenizer and params.dask_address)
+    tok_file = params.tokenizer if params.tokenizer and not remote else str(home.tokenizer)
 
     def scan(src: SourceFile) -> PrefectFuture:
         """With the tokenizer known, a file whose shard will likely be built is encoded in its one read."""
@@ -142,8 +146,7 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         known = tok[1] if tok else sha  # trained meanwhile, or resolved before loading
         stage = known is not None and None not in before and likely_built(
             home, src, before, fcfg, known, states, params.reprocess, params.force)
-        # a given file is loaded from where it is: its copy in the home comes later, once it is checked
-        return scan_task.submit(home, src, fcfg, (params.tokenizer or str(home.tokenizer), known) if stage else None)
+        return scan_task.submit(home, src, fcfg, (tok_file, known) if stage else None)
 
     ready = warm_tokenizer(home, params)
     if not ready:  # first, so the catalog work below overlaps them
@@ -154,7 +157,8 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
     usable, failed, skipped, queued = [], {}, [], []
     rec = ShardRecorder(home, failed, flow_run.id)
     if ready:  # no sample needed: its sha256 now, so each file is read once (scan + encode)
-        sha = ready_sha256(home.tokenizer, params.tokenizer)
+        sha = ensure_tokenizer(home.tokenizer, [], fcfg, params.tokenizer_config(), params.tokenizer)[1] \
+            if remote else ready_sha256(home.tokenizer, params.tokenizer)
         for f in files:
             if isinstance(f, SourceFile) and f.position not in scans:
                 scans[f.position] = scan(f)
