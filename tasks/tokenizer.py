@@ -274,24 +274,22 @@ def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: Filt
                      given: str | None = None, retrain: bool = False) -> tuple[str, str]:
     """Return (origin, sha256) of the home's tokenizer.json, training or copying it if needed.
 
-    A given file is copied into the home so training and generation find it later (checked as JSON
-    when copied; an identical copy was checked then); an existing trained tokenizer is reused unless
+    A given file is copied into the home so training and generation find it later, once it loads as a
+    tokenizer with `<|endoftext|>` (the flow's preload has usually loaded it already: a JSON parse here
+    held the GIL for up to 0.5 s while the scans ran); an existing trained tokenizer is reused unless
     its config differs or `retrain` is set."""
     cfg_path = home_tokenizer.with_suffix(".config.json")
     if given:
         src = Path(given)
         try:
             data = src.read_bytes()
-            fresh = not home_tokenizer.exists() or home_tokenizer.read_bytes() != data
-            if fresh:
-                json.loads(data)
-        except (OSError, ValueError) as e:
+            sha = hashlib.sha256(data).hexdigest()
+            Encoder.cached(src, sha)
+        except Exception as e:  # fastokens and tokenizers raise their own types for a file that is not one
             raise ValueError(f"--tokenizer {given}: not a readable tokenizer.json ({e})") from None
-        if fresh:
+        if not home_tokenizer.exists() or home_tokenizer.read_bytes() != data:
             atomic_write_bytes(home_tokenizer, data)
             atomic_write_text(cfg_path, json.dumps({"given": str(src.resolve())}, indent=2))
-        sha = hashlib.sha256(data).hexdigest()
-        Encoder.cached(home_tokenizer, sha)  # fails early, naming the file, if it has no <|endoftext|>
         return f"given:{src.name}", sha
     same_cfg = cfg_path.exists() and json.loads(cfg_path.read_text()) == asdict(tcfg)
     if home_tokenizer.exists() and same_cfg and not retrain:

@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import polars as pl
+import pytest
 
 from flows.prepare import PrepareParams, prepare
 from flows.tokenize import TokenizeParams, tokenize
@@ -154,19 +155,27 @@ def test_workers_bounds_the_file_tasks_running_at_once(prefect_api, home, tmp_pa
         assert _most_at_once(spans) <= workers, (workers, sorted(spans))
 
 
-def test_a_given_tokenizer_that_is_not_json_is_refused_and_changes_nothing(prefect_api, home, sample_source, tmp_path):
+def _no_eot_tokenizer() -> str:
+    from tokenizers import Tokenizer, models
+    return Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).to_str()
+
+
+@pytest.mark.parametrize("text,why", [('{"model": ', "not a readable tokenizer.json"),
+                                      (None, "has no <|endoftext|>")], ids=["truncated", "no-eot"])
+def test_a_given_tokenizer_that_is_not_usable_is_refused_and_changes_nothing(prefect_api, home, sample_source,
+                                                                            tmp_path, text, why):
     params = TokenizeParams(source=str(sample_source), vocab_size=VOCAB)
     tokenize(params)
     before, tok_before = _state(home), home.tokenizer.read_bytes()
     rows_before = catalog.query_rows(home, "SELECT shard_id, split, status, sha256 FROM shards ORDER BY 1, 2")
     bad = tmp_path / "bad.json"
-    bad.write_text('{"model": ')  # truncated
+    bad.write_text(text if text is not None else _no_eot_tokenizer())
     try:
         tokenize(params.model_copy(update={"tokenizer": str(bad), "force": True}))
     except ValueError as e:
-        assert str(bad) in str(e) and "not a readable tokenizer.json" in str(e)
+        assert str(bad) in str(e) and why in str(e) and "\n" not in str(e)
     else:
-        raise AssertionError("a truncated tokenizer.json was accepted")
+        raise AssertionError("an unusable tokenizer.json was accepted")
     # the trained tokenizer, the shards and their rows are as they were; the next run reuses them all
     assert home.tokenizer.read_bytes() == tok_before and _state(home) == before
     assert catalog.query_rows(home, "SELECT shard_id, split, status, sha256 FROM shards ORDER BY 1, 2") == rows_before
