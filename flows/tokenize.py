@@ -148,7 +148,7 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             home, src, before, fcfg, known, states, params.reprocess, params.force)
         return scan_task.submit(home, src, fcfg, (tok_file, known) if stage else None)
 
-    ready = warm_tokenizer(home, params)
+    ready = _needs_no_training(home, params)  # the flows started loading it then (warm_tokenizer)
     if not ready:  # first, so the catalog work below overlaps them
         for f in files:
             if isinstance(f, SourceFile):
@@ -240,10 +240,14 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
 def warm_tokenizer(home: Home, params: TokenizeParams) -> bool:
     """Whether the run's tokenizer is known before any file is read (given, or reusable from the home);
     if so its load, the longest fixed cost of a run, starts now on a thread. Flows call it first thing."""
-    ready = tokenizer_ready(home.tokenizer, params.tokenizer_config(), params.tokenizer, params.retrain_tokenizer)
+    ready = _needs_no_training(home, params)
     if ready:
         preload_tokenizer(home.tokenizer, params.tokenizer)
     return ready
+
+
+def _needs_no_training(home: Home, params: TokenizeParams) -> bool:
+    return tokenizer_ready(home.tokenizer, params.tokenizer_config(), params.tokenizer, params.retrain_tokenizer)
 
 
 def _arrived(home: Home, inc: Incoming, failed: dict) -> SourceFile | None:

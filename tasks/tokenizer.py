@@ -240,14 +240,28 @@ _CACHE: dict[str, Encoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def ready_sha256(home_tokenizer: Path, given: str | None = None) -> str:
+    """sha256 of the tokenizer a run will use when `tokenizer_ready` said it needs no training: the
+    given file's bytes (the home gets a copy of them) or the home's. No parse: the flow submits its
+    scans with it at once and lets `ensure_tokenizer` check the file while they read."""
+    path = _run_file(home_tokenizer, given)
+    try:
+        return file_sha256(path)
+    except OSError as e:
+        raise ValueError(f"--tokenizer {path}: not a readable tokenizer.json ({e})") from None
+
+
 def preload_tokenizer(home_tokenizer: Path, given: str | None = None) -> None:
     """Start loading the tokenizer a run will use (a given file, else the home's) before anything needs it."""
-    path = Path(given) if given else home_tokenizer
     try:
-        sha = file_sha256(path)
-    except OSError:
+        sha = ready_sha256(home_tokenizer, given)
+    except ValueError:
         return  # ensure_tokenizer reports it, naming the file
-    Encoder.preload(path, sha)
+    Encoder.preload(_run_file(home_tokenizer, given), sha)
+
+
+def _run_file(home_tokenizer: Path, given: str | None) -> Path:
+    return Path(given) if given else home_tokenizer
 
 
 def tokenizer_ready(home_tokenizer: Path, tcfg: TokenizerConfig, given: str | None = None,
@@ -257,17 +271,6 @@ def tokenizer_ready(home_tokenizer: Path, tcfg: TokenizerConfig, given: str | No
     cfg_path = home_tokenizer.with_suffix(".config.json")
     return bool(given) or (home_tokenizer.exists() and not retrain and cfg_path.exists()
                            and json.loads(cfg_path.read_text()) == asdict(tcfg))
-
-
-def ready_sha256(home_tokenizer: Path, given: str | None = None) -> str:
-    """sha256 of the tokenizer a run will use when `tokenizer_ready` said it needs no training: the
-    given file's bytes (the home gets a copy of them) or the home's. No parse: the flow submits its
-    scans with it at once and lets `ensure_tokenizer` check the file while they read."""
-    path = Path(given) if given else home_tokenizer
-    try:
-        return file_sha256(path)
-    except OSError as e:
-        raise ValueError(f"--tokenizer {path}: not a readable tokenizer.json ({e})") from None
 
 
 def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig, tcfg: TokenizerConfig,
