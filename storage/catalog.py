@@ -92,13 +92,17 @@ def writer(home: Home, timeout: float = WRITE_TIMEOUT_S) -> Iterator[duckdb.Duck
         fresh = not home.catalog.exists()
         con = _open(home.catalog, False, timeout, None)
         try:
-            if fresh or home.catalog not in _SCHEMA_DONE:  # 10 CREATE IF NOT EXISTS per write add up
-                con.execute(SCHEMA)
-                _SCHEMA_DONE.add(home.catalog)
+            # the schema is part of the transaction: a writer killed while creating it leaves no tables
+            # rather than some of them, which readers took for a catalog missing its `shards`
             con.execute("BEGIN TRANSACTION")
             try:
+                schema = fresh or home.catalog not in _SCHEMA_DONE  # 10 CREATE IF NOT EXISTS per write add up
+                if schema:
+                    con.execute(SCHEMA)
                 yield con
                 con.execute("COMMIT")
+                if schema:
+                    _SCHEMA_DONE.add(home.catalog)
             except BaseException:
                 # after a failed COMMIT (a full disk, say) there is nothing to roll back: keep the cause
                 with contextlib.suppress(duckdb.Error):

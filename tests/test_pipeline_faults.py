@@ -138,3 +138,19 @@ def test_two_runs_on_one_home_refuse(prefect_api, tmp_path):
     assert first.returncode == 0
     assert second.returncode != 0 and "already running" in second.stderr
     assert catalog.query_rows(Home.from_env(h), "SELECT count(*), count(DISTINCT (shard_id, split)) FROM shards")[0] == (4, 4)
+
+
+def test_a_first_catalog_write_that_fails_leaves_no_half_made_schema(tmp_path):
+    """The schema is created in the write's own transaction: a first writer that dies before committing
+    (a SIGKILL in the fault suite, an exception here) leaves no tables, so readers report no catalog
+    instead of failing on a missing `shards` table; the next write creates it whole."""
+    h = Home.from_env(tmp_path / "h")
+    with pytest.raises(RuntimeError, match="dies here"):
+        with catalog.writer(h):
+            raise RuntimeError("dies here")
+    with pytest.raises(catalog.CatalogMissing):
+        catalog.query_rows(h, "SELECT count(*) FROM shards")
+    with catalog.writer(h) as con:
+        con.execute("INSERT INTO tokenizers VALUES ('s', 'p', 1, 'o', '{}', now())")
+    assert catalog.query_rows(h, "SELECT count(*) FROM shards") == [(0,)]
+    assert catalog.query_rows(h, "SELECT count(*) FROM tokenizers") == [(1,)]
