@@ -3,7 +3,9 @@
 # original's whole run (5000 x 65,536 tokens) timed from process start to exit. Results under $OUT.
 # Run on the GPU machine from the repo root, with shards made here by `train_bench.py make-data`
 # carried along (benchmarks/out/home): bash benchmarks/gpu_session.sh
-# PARTS picks what runs (ce = the CE kernel against its previous version, speed, seed), to split it over calls.
+# PARTS picks what runs (ce = the CE kernel against its previous version, speed, regional = speed with
+# --regional, compile = short trainer runs timing start-up + compile cold and warm, seed), to split it over calls.
+# SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/out/gpu}
@@ -23,12 +25,33 @@ if has ce; then
 fi
 has speed && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants "$VARIANTS" --dropouts 0.1,0.0 \
   --bf16-stream --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
+has regional && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants fused --dropouts 0.1,0.0 \
+  --bf16-stream --regional --json "$OUT/speed_regional.json" 2>&1 | grep -v Warning | tee "$OUT/speed_regional.log"
+# first step (start-up + compile) of short trainer runs, each in a fresh process: SCOPE cold, then warm
+short() {  # name scope cache_dir
+  rm -rf "$HOME_DIR/runs/$1"
+  TORCHINDUCTOR_CACHE_DIR=$3 timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps 150 \
+    --compile-scope "$2" --run-id "$1" > "$OUT/$1.jsonl" 2> "$OUT/$1.err"
+  python3 - "$OUT/$1.jsonl" "$1" <<'PY' | tee -a "$OUT/compile_summary.txt"
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+one = lambda k: next((e for e in ev if e.get("event") == k), {})
+tps = [e["tokens_per_s"] for e in ev if e.get("event") == "step"]
+print(f"{sys.argv[2]}: start-up {one('start').get('startup_s')}, first step {one('first_step').get('seconds', 0):.1f} s, "
+      f"tok/s per 50 steps {[round(t / 1e6, 3) for t in tps]}, done at {one('done').get('process_s', 0):.1f} s")
+PY
+}
+if has compile; then
+  for scope in model regions; do
+    c=$(mktemp -d); short "cold-$scope" $scope "$c"; short "warm-$scope" $scope "$c"
+  done
+fi
 has seed || exit 0
 # the seed run: a fresh Inductor cache, so the compile is counted cold
 export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 start=$(date +%s.%N)
 timeout "${SEED_LIMIT:-330}" python3 -m model.train --home "$HOME_DIR" --preset seed --head "$SEED_HEAD" \
-  --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
+  --compile-scope "${SEED_SCOPE:-model}" --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
 rc=$?
 end=$(date +%s.%N)
 python3 - "$OUT/seed.jsonl" "$start" "$end" "$rc" <<'EOF' | tee "$OUT/seed_summary.txt"
@@ -44,6 +67,6 @@ tps = sorted(e["tokens_per_s"] for e in steps)
 print(f"seed run: exit {rc}, wall {end - start:.1f} s process start to exit, loop {done.get('elapsed_s', 0):.1f} s, "
       f"median {tps[len(tps) // 2] / 1e6 if tps else 0:.3f} M tok/s, evals {evals}")
 if begin.get("process_s") and done.get("process_s"):
-    print(f"  start-up {begin['process_s']:.1f} s, first step (compile) {first.get('seconds', 0):.1f} s, "
-          f"exit {end - start - done['process_s']:.1f} s after the done event")
+    print(f"  start-up {begin['process_s']:.1f} s {begin.get('startup_s')}, first step (compile) "
+          f"{first.get('seconds', 0):.1f} s, exit {end - start - done['process_s']:.1f} s after the done event")
 EOF

@@ -94,9 +94,8 @@ def build(cfg, head: str, device, total_steps: int):
     raw.stream_dtype = STREAM_DTYPE
     if device.type == "cuda" and not MIX_ORDER:
         tune_inductor(cfg.model.dropout)  # as the trainer does
-    if device.type == "cuda" and REGIONAL:  # the four identical blocks share one compiled graph
-        for block in raw.transformer.h:
-            block.compile(mode=COMPILE_MODE)
+    if device.type == "cuda" and REGIONAL:  # as the trainer's --compile-scope regions
+        raw.compile_regions(mode=COMPILE_MODE)
         model = raw
     else:
         model = torch.compile(raw, mode=COMPILE_MODE) if device.type == "cuda" else raw
@@ -343,7 +342,7 @@ def main() -> int:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
-    p.add_argument("--regional", action="store_true", help="compile each block instead of the whole model")
+    p.add_argument("--regional", action="store_true", help="compile regions (embedding, one shared block graph, ln_f + loss) as --compile-scope regions")
     p.add_argument("--mix-order-reduction", action="store_true",
                    help="keep Inductor's mix-order LayerNorm backward at dropout > 0 (the trainer turns it off)")
     p.add_argument("--fallback-random", action="store_true",

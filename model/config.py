@@ -63,6 +63,9 @@ class TrainConfig:
     log_every: int = 10  # steps between host syncs on CUDA; every step still gets a row
     device: str = "auto"
     compile: bool = True
+    # what torch.compile covers on CUDA: the whole model (fastest steps) or regions (embedding, one shared
+    # block graph, ln_f + loss: about half the compile time, slightly slower steps; RESULTS.md)
+    compile_scope: str = "model"
     head: str = "auto"  # output layer + loss: plain | fused | fp8 | fp8all (auto: fused on CUDA, plain on CPU)
     # residual stream between blocks: float32 (what autocast leaves it) or bfloat16 (half the bytes
     # through every LayerNorm/GELU/add; auto: bfloat16 on CUDA, float32 on CPU)
@@ -74,6 +77,8 @@ class TrainConfig:
         self.model.validate()
         if self.head not in ("auto", "plain", "fused", "fp8", "fp8all"):
             raise ValueError(f"--head {self.head}: expected auto, plain, fused, fp8 or fp8all")
+        if self.compile_scope not in ("model", "regions"):
+            raise ValueError(f"--compile-scope {self.compile_scope}: expected model or regions")
         if self.stream_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--stream-dtype {self.stream_dtype}: expected auto, float32 or bfloat16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

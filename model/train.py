@@ -57,11 +57,13 @@ def evaluate(model: GPT, val: torch.Tensor, micro: int, device, autocast) -> flo
 
 def train(ns: argparse.Namespace) -> int:
     home = Home.from_env(ns.home)
+    startup = {"imports": rt.process_age_s()}  # where start-up goes, in seconds since the process began
     d = rt.setup_dist()
     tok_path = ns.tokenizer or home.tokenizer
     tok, tok_sha, tok_vocab = rt.load_tokenizer(tok_path)
     cfg, run_id, resume_from = rt.resolve_config(ns, home, tok_vocab, tok_sha, tok_path)
     device = rt.pick_device(cfg.device, d)
+    startup["config"] = rt.process_age_s()
     if device.type != "cuda":  # FP8 matmuls and Triton kernels; LayerNorm's fp32 weights meet bf16 only under autocast
         if cfg.head in ("fp8", "fp8all"):
             raise ValueError(f"--head {cfg.head} needs CUDA (FP8 matmuls); use fused, plain or auto on CPU")
@@ -79,6 +81,7 @@ def train(ns: argparse.Namespace) -> int:
     train_w = TokenWindows(shards["train"], T, cfg.model.vocab_size, "train")
     val_w = TokenWindows(shards["val"], T, cfg.model.vocab_size, "val")
     val = torch.from_numpy(val_w.fixed(cfg.eval_batches * micro))
+    startup["data"] = rt.process_age_s()
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     raw = GPT(cfg.model).to(device)
@@ -101,15 +104,21 @@ def train(ns: argparse.Namespace) -> int:
     raw.stream_dtype = torch.bfloat16 if stream == "bfloat16" else None
     train_head = raw.head_loss = make_head_loss(head)  # one object: compile guards on its identity
     eval_head = make_head_loss("fused" if is_cuda else "plain")
+    startup["model"] = rt.process_age_s()
+    model = raw
     if is_cuda and cfg.compile:
         rt.tune_inductor(cfg.model.dropout)
-    model = torch.compile(raw) if (is_cuda and cfg.compile) else raw
+        if cfg.compile_scope == "regions":
+            raw.compile_regions()
+        else:
+            model = torch.compile(raw)
     if d.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[d.local_rank] if is_cuda else None)
     autocast = autocast_for(device)
     params = list(raw.parameters())
     peak = cfg.peak_tflops or (rt.measure_peak_tflops(device) if is_cuda else None)
+    startup["peak_probe"] = rt.process_age_s()
     flops_tok = raw.flops_per_token(T)
     step_tokens = micro * T * accum * d.world
     prompt_ids = tok.encode(cfg.sample_prompt).ids if tok is not None else [0]
@@ -118,7 +127,7 @@ def train(ns: argparse.Namespace) -> int:
                device=rt.device_name(device), world=d.world, accum=accum, head=head, stream_dtype=stream,
                compile=bool(is_cuda and cfg.compile), peak_tflops=peak, params=raw.num_params(),
                tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None,
-               process_s=rt.process_age_s())
+               process_s=rt.process_age_s(), startup_s=startup)
     if d.rank == 0:
         rt.write_run_config(run_dir, cfg, run_id, tok_sha)
     emit.say(f"run {run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} x{d.world}, "
