@@ -49,6 +49,7 @@ fi
 has seed || exit 0
 # the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun)
 export TORCHINDUCTOR_CACHE_DIR=${SEED_CACHE:-$(mktemp -d)}
+rm -rf "$HOME_DIR/runs/seed-bench"
 start=$(date +%s.%N)
 timeout "${SEED_LIMIT:-330}" python3 -m model.train --home "$HOME_DIR" --preset seed --head "$SEED_HEAD" \
   --compile-scope "${SEED_SCOPE:-model}" --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
