@@ -52,7 +52,7 @@ export TORCHINDUCTOR_CACHE_DIR=${SEED_CACHE:-$(mktemp -d)}
 rm -rf "$HOME_DIR/runs/seed-bench"
 start=$(date +%s.%N)
 timeout "${SEED_LIMIT:-330}" python3 -m model.train --home "$HOME_DIR" --preset seed --head "$SEED_HEAD" \
-  --compile-scope "${SEED_SCOPE:-model}" --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
+  --compile-scope "${SEED_SCOPE:-auto}" --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
 rc=$?
 end=$(date +%s.%N)
 python3 - "$OUT/seed.jsonl" "$start" "$end" "$rc" <<'EOF' | tee "$OUT/seed_summary.txt"

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 VOCAB_MULTIPLE = 256
 
 
+# ~8 s of compile saved against ~1 % of each 37 ms seed step: break-even near 21k steps (RESULTS.md)
+REGIONS_MAX_STEPS = 20_000
+
+
 def padded(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return (vocab_size + multiple - 1) // multiple * multiple
 
@@ -63,9 +67,10 @@ class TrainConfig:
     log_every: int = 10  # steps between host syncs on CUDA; every step still gets a row
     device: str = "auto"
     compile: bool = True
-    # what torch.compile covers on CUDA: the whole model (fastest steps) or regions (embedding, one shared
-    # block graph, ln_f + loss: about half the compile time, slightly slower steps; RESULTS.md)
-    compile_scope: str = "model"
+    # what torch.compile covers on CUDA: the whole model (fastest steps) or regions (embedding, one block
+    # graph all blocks share, ln_f + loss): a seed-model cold compile 22.9 -> 14.8 s, steps ~1 % slower
+    # (RESULTS.md), so regions pay off below ~800 s of steps; auto = regions up to REGIONS_MAX_STEPS
+    compile_scope: str = "auto"
     head: str = "auto"  # output layer + loss: plain | fused | fp8 | fp8all (auto: fused on CUDA, plain on CPU)
     # residual stream between blocks: float32 (what autocast leaves it) or bfloat16 (half the bytes
     # through every LayerNorm/GELU/add; auto: bfloat16 on CUDA, float32 on CPU)
@@ -77,8 +82,8 @@ class TrainConfig:
         self.model.validate()
         if self.head not in ("auto", "plain", "fused", "fp8", "fp8all"):
             raise ValueError(f"--head {self.head}: expected auto, plain, fused, fp8 or fp8all")
-        if self.compile_scope not in ("model", "regions"):
-            raise ValueError(f"--compile-scope {self.compile_scope}: expected model or regions")
+        if self.compile_scope not in ("auto", "model", "regions"):
+            raise ValueError(f"--compile-scope {self.compile_scope}: expected auto, model or regions")
         if self.stream_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--stream-dtype {self.stream_dtype}: expected auto, float32 or bfloat16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -88,6 +93,12 @@ class TrainConfig:
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(self, k)}: must be positive")
         if self.lr != self.lr or self.lr < 0:
             raise ValueError(f"--lr {self.lr}: must be a non-negative number")
+
+    @property
+    def resolved_compile_scope(self) -> str:
+        if self.compile_scope != "auto":
+            return self.compile_scope
+        return "regions" if self.max_steps <= REGIONS_MAX_STEPS else "model"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -109,7 +109,7 @@ def train(ns: argparse.Namespace) -> int:
     model = raw
     if is_cuda and cfg.compile:
         rt.tune_inductor(cfg.model.dropout)
-        if cfg.compile_scope == "regions":
+        if cfg.resolved_compile_scope == "regions":
             raw.compile_regions()
         else:
             model = torch.compile(raw)
@@ -127,7 +127,7 @@ def train(ns: argparse.Namespace) -> int:
 
     emit.event("start", run_id=run_id, run_dir=str(run_dir), step=start, max_steps=cfg.max_steps,
                device=rt.device_name(device), world=d.world, accum=accum, head=head, stream_dtype=stream,
-               compile=bool(is_cuda and cfg.compile), peak_tflops=peak, params=raw.num_params(),
+               compile=cfg.resolved_compile_scope if (is_cuda and cfg.compile) else False, peak_tflops=peak, params=raw.num_params(),
                tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None,
                process_s=rt.process_age_s(), startup_s=startup)
     if d.rank == 0:

@@ -106,6 +106,10 @@ def test_compiled_regions_compute_the_same_loss_and_gradients():
     assert list(m.state_dict()) == list(GPT(cfg).state_dict())  # the compiled callables add no weights
     m.eval()  # evaluation and decoding take the eager path
     assert m(x[:, :4]).shape == (3, 1, cfg.padded_vocab) and counter.frame_count == 3
+    # auto: regions for runs short enough that the compile saved outweighs the slower steps
+    assert TrainConfig(max_steps=5000).resolved_compile_scope == "regions"
+    assert TrainConfig(max_steps=50_000).resolved_compile_scope == "model"
+    assert TrainConfig(max_steps=5000, compile_scope="model").resolved_compile_scope == "model"
 
 
 def _shard(tmp_path, n_docs=40):
