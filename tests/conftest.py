@@ -17,6 +17,10 @@ SAMPLE = ROOT / "data" / "sample"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+if not shutil.which("nvidia-smi"):
+    # before anything imports Triton: without a GPU its kernels run in the interpreter (tests/test_kernels.py);
+    # the CPU code paths never launch them
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SCHEMA = pa.schema([("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
                     ("file_path", pa.string()), ("language", pa.string()), ("language_score", pa.float64()),
