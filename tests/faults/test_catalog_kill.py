@@ -66,6 +66,10 @@ def test_kill_while_catalog_is_written_10_times(built, tmp_path):
         rebuilt = False
         try:
             ok, present = _consistent(home) if home.catalog.exists() else (True, 0)
+        except catalog.CatalogMissing:
+            # killed inside the first transaction, which also creates the schema: a file without tables,
+            # which every reader takes for no catalog yet (as intended), and the rerun below fills
+            ok, present = True, 0
         except duckdb.Error:
             shard_catalog.rebuild(home)
             rebuilt, (ok, present) = True, _consistent(home)
