@@ -151,7 +151,8 @@ class Recorder:
             tc.start_run(self.home, self.plan.run_id, self.plan.preset, ev["config"], self.device,
                          self.flow_run_id, self.plan.resume_step)
             self.log.info(f"run {ev['run_id']} on {self.device}: {ev['params'] / 1e6:.1f}M params, head={ev['head']}, "
-                          f"compile={ev['compile']}, from step {ev['step']} to {ev['max_steps']}")
+                          f"compile={ev['compile']}, from step {ev['step']} to {ev['max_steps']}"
+                          + (f", ready {ev['process_s']:.1f} s after its start" if ev.get("process_s") else ""))
         elif kind == "first_step":
             self.log.info(f"first step done {ev['seconds']:.1f} s into the loop (compile included)")
         elif kind == "step":
