@@ -30,7 +30,7 @@ has regional && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --var
 # first step (start-up + compile) of short trainer runs, each in a fresh process: SCOPE cold, then warm
 short() {  # name scope cache_dir
   rm -rf "$HOME_DIR/runs/$1"
-  TORCHINDUCTOR_CACHE_DIR=$3 timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps 150 \
+  TORCHINDUCTOR_CACHE_DIR=$3 TRITON_CACHE_DIR=$3/triton timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps 150 \
     --compile-scope "$2" --run-id "$1" > "$OUT/$1.jsonl" 2> "$OUT/$1.err"
   python3 - "$OUT/$1.jsonl" "$1" <<'PY' | tee -a "$OUT/compile_summary.txt"
 import json, sys
@@ -49,6 +49,7 @@ fi
 has seed || exit 0
 # the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun)
 export TORCHINDUCTOR_CACHE_DIR=${SEED_CACHE:-$(mktemp -d)}
+export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton  # else the trainer keeps Triton's under the home
 rm -rf "$HOME_DIR/runs/seed-bench"
 start=$(date +%s.%N)
 timeout "${SEED_LIMIT:-330}" python3 -m model.train --home "$HOME_DIR" --preset seed --head "$SEED_HEAD" \

@@ -107,6 +107,7 @@ def train(ns: argparse.Namespace) -> int:
     eval_head = make_head_loss("fused" if is_cuda else "plain")
     startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
     model = raw
+    caches = rt.use_compile_cache(home.compile_cache) if is_cuda else {}  # Triton kernels run even uncompiled
     if is_cuda and cfg.compile:
         rt.tune_inductor(cfg.model.dropout)
         if cfg.resolved_compile_scope == "regions":
@@ -129,7 +130,7 @@ def train(ns: argparse.Namespace) -> int:
                device=rt.device_name(device), world=d.world, accum=accum, head=head, stream_dtype=stream,
                compile=cfg.resolved_compile_scope if (is_cuda and cfg.compile) else False, peak_tflops=peak, params=raw.num_params(),
                tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None,
-               process_s=rt.process_age_s(), startup_s=startup)
+               process_s=rt.process_age_s(), startup_s=startup, compile_cache=caches)
     if d.rank == 0:
         rt.write_run_config(run_dir, cfg, run_id, tok_sha)
     emit.say(f"run {run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} x{d.world}, "

@@ -73,6 +73,12 @@ class Home:
     def run_dir(self, run_id: str) -> Path:
         return self.runs / run_id
 
+    @property
+    def compile_cache(self) -> Path:
+        """torch.compile's and Triton's caches (keyed by code, versions and GPU, so stale entries are just
+        unused): kept with the home, a rerun after a reboot or on a copied home compiles in seconds."""
+        return self.root / "cache" / "compile"
+
     def shard(self, shard_id: int, split: str) -> Path:
         return self.shards / shard_name(shard_id, split)
 

@@ -165,3 +165,21 @@ def test_inductor_mix_order_reduction_is_off_only_with_dropout():
         assert ic.triton.mix_order_reduction is default
     finally:
         ic.triton.mix_order_reduction = default
+
+
+def test_compile_caches_live_in_the_home_unless_the_environment_says_otherwise(tmp_path, monkeypatch):
+    from model.runtime import use_compile_cache
+    from storage.paths import Home
+
+    home = Home.from_env(tmp_path / "home")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    got = use_compile_cache(home.compile_cache)
+    assert got == {"TORCHINDUCTOR_CACHE_DIR": str(home.root / "cache" / "compile" / "inductor"),
+                   "TRITON_CACHE_DIR": str(home.root / "cache" / "compile" / "triton")}
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # what Inductor will use
+
+    assert cache_dir() == got["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    assert use_compile_cache(home.compile_cache)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
