@@ -10,19 +10,23 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# read before torch is imported: Inductor writes its default cache folder into the environment on first use,
+# after which a folder the user chose cannot be told from it
+ENV_CACHES = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
 
-from model import args as cli_args
-from model import runtime as rt
-from model.data import Prefetcher, TokenWindows, load_shard_list
-from model.generate import sample
-from model.gpt import GPT
-from model.head import make_head_loss
-from model.optim import WarmupCosine, make_optimizer
-from model.step import autocast_for, train_step
-from storage import checkpoints as ckpts
-from storage.paths import Home
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from model import args as cli_args  # noqa: E402
+from model import runtime as rt  # noqa: E402
+from model.data import Prefetcher, TokenWindows, load_shard_list  # noqa: E402
+from model.generate import sample  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.head import make_head_loss  # noqa: E402
+from model.optim import WarmupCosine, make_optimizer  # noqa: E402
+from model.step import autocast_for, train_step  # noqa: E402
+from storage import checkpoints as ckpts  # noqa: E402
+from storage.paths import Home  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_NAN, EXIT_OOM, EXIT_CKPT = 2, 3, 4, 5
 
@@ -107,7 +111,7 @@ def train(ns: argparse.Namespace) -> int:
     eval_head = make_head_loss("fused" if is_cuda else "plain")
     startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
     model = raw
-    caches = rt.use_compile_cache(home.compile_cache) if is_cuda else {}  # Triton kernels run even uncompiled
+    caches = rt.use_compile_cache(home.compile_cache, ENV_CACHES) if is_cuda else {}  # Triton runs uncompiled too
     if is_cuda and cfg.compile:
         rt.tune_inductor(cfg.model.dropout)
         if cfg.resolved_compile_scope == "regions":

@@ -3,6 +3,7 @@ Small shapes on CPU in float32/float64, so exact comparisons with reference comp
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -171,15 +172,17 @@ def test_compile_caches_live_in_the_home_unless_the_environment_says_otherwise(t
     from model.runtime import use_compile_cache
     from storage.paths import Home
 
-    home = Home.from_env(tmp_path / "home")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    got = use_compile_cache(home.compile_cache)
-    assert got == {"TORCHINDUCTOR_CACHE_DIR": str(home.root / "cache" / "compile" / "inductor"),
-                   "TRITON_CACHE_DIR": str(home.root / "cache" / "compile" / "triton")}
     from torch._inductor.runtime.cache_dir_utils import cache_dir  # what Inductor will use
 
+    home = Home.from_env(tmp_path / "home")
+    cache_dir()  # torch's first call writes its default (/tmp/...) into the environment: it must not win
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    got = use_compile_cache(home.compile_cache, {})  # nothing set when the process started
+    assert got == {"TORCHINDUCTOR_CACHE_DIR": str(home.root / "cache" / "compile" / "inductor"),
+                   "TRITON_CACHE_DIR": str(home.root / "cache" / "compile" / "triton")}
     assert cache_dir() == got["TORCHINDUCTOR_CACHE_DIR"]
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    monkeypatch.delenv("TRITON_CACHE_DIR")
-    assert use_compile_cache(home.compile_cache)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    # a folder the user gave at start stays
+    mine = use_compile_cache(home.compile_cache, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")})
+    assert mine["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine") and cache_dir() == str(tmp_path / "mine")
+    assert mine["TRITON_CACHE_DIR"] == got["TRITON_CACHE_DIR"]
