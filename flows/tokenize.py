@@ -10,7 +10,7 @@ from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
@@ -108,6 +108,7 @@ class Incoming:
     _done: SourceFile | None = None
 
     def ready(self) -> bool:
+        self.future.wait(0)  # a finished future then knows its final state without asking the API
         return self.future.state.is_completed()
 
     def result(self) -> SourceFile:
@@ -198,15 +199,36 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
         for job in to_build:
             rec.submitted(tokenize_task.submit(home, job, False), job)
 
+    def scan_arrived(i: int) -> None:
+        for later in files[i + 1:]:  # scan files that finished downloading meanwhile
+            if isinstance(later, Incoming) and later.position not in scans and later.ready():
+                scans[later.position] = scan(later.result())
+
+    given_up: set = set()  # downloads that ended without a file: settled in their own turn
+
+    def wait_scanning(i: int, fut: PrefectFuture) -> None:
+        """Wait for scan i; a download that lands meanwhile gets its scan at once, not after this one
+        (a worker would idle for the rest of scan i)."""
+        while True:
+            arriving = [f.future for f in files[i + 1:] if isinstance(f, Incoming) and f.position not in scans
+                        and f.future not in given_up]
+            if not arriving:
+                return
+            done = next(as_completed([fut, *arriving]))
+            if done is fut:
+                return
+            scan_arrived(i)
+            if not any(isinstance(f, Incoming) and f.future is done and f.position in scans for f in files):
+                given_up.add(done)
+
     for i, f in enumerate(files):
         src = f if isinstance(f, SourceFile) else _arrived(home, f, failed)
         if src is None:
             continue
-        for later in files[i + 1:]:  # scan files that finished downloading meanwhile
-            if isinstance(later, Incoming) and later.position not in scans and later.ready():
-                scans[later.position] = scan(later.result())
+        scan_arrived(i)
         if src.position not in scans:  # not setdefault: its argument would submit a second scan
             scans[src.position] = scan(src)
+        wait_scanning(i, scans[src.position])
         sc = scans[src.position].result()
         if sc.error:
             failed[src.file] = sc.error

@@ -59,3 +59,39 @@ def test_prepare_never_tokenizes_a_file_that_fails_verification(prefect_api, tmp
     shards = dict(catalog.query_rows(h, "SELECT shard_id, any_value(status) FROM shards GROUP BY 1"))
     assert shards == {0: "done", 2: "done"}
     assert catalog.query_rows(h, "SELECT count(*) FROM documents WHERE source_file LIKE '%001_%'")[0][0] == 0
+
+
+def test_a_file_that_lands_during_a_scan_is_scanned_at_once(prefect_api, tmp_path, tree, monkeypatch):
+    """Two workers: file 1, downloaded while file 0 is being scanned, is scanned then, not after scan 0.
+    Here scan 0 waits (up to 30 s) for scan 1 to begin: the flow must start it without waiting for scan 0."""
+    import threading
+
+    import flows.tokenize as ft
+    from flows.prepare import PrepareParams, prepare
+    from tasks.tokenizer import TokenizerConfig, train_tokenizer
+    from tests.conftest import sample_rows
+
+    tok = tmp_path / "tokenizer.json"  # given, so each scan also encodes (tasks/stage.py)
+    train_tokenizer((r["text"] for r in sample_rows()[:400]), tok, TokenizerConfig(vocab_size=1024))
+    second_began, overlap = threading.Event(), {}
+    stage_file = ft.stage_file
+
+    def stage(home, src, cfg, path, sha):
+        if src.shard_id == 1:
+            second_began.set()
+        else:
+            overlap[src.shard_id] = second_began.wait(30)
+        return stage_file(home, src, cfg, path, sha)
+
+    monkeypatch.setattr(ft, "stage_file", stage)
+    h = Home.from_env(tmp_path / "h")
+    f1 = "sample/10BT/001_00000.parquet"
+    with FakeHub(tree) as hub:
+        hub.faults[f1] = Fault(rate=tree[f1].stat().st_size / 1.5)  # lands ~1.5 s in, while scan 0 runs
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        out = prepare(PrepareParams(home=str(h.root), subset="sample-10BT", max_files=2, tokenizer=str(tok),
+                                    workers=2, min_free_bytes=0, retries=0))
+    assert overlap == {0: True}
+    assert out["built"] == 2 and not out["failed"]
+    shards = catalog.query_rows(h, "SELECT shard_id, any_value(status) FROM shards GROUP BY 1 ORDER BY 1")
+    assert shards == [(0, "done"), (1, "done")]
