@@ -6,10 +6,7 @@ from storage.paths import Home
 from tests.conftest import run_cli
 from tests.fakehub import FakeHub, Fault
 
-pytestmark = pytest.mark.slow
-
-
-pytestmark = pytest.mark.usefixtures("hf_isolated")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hf_isolated")]
 
 
 def test_prepare_downloads_and_tokenizes_in_one_flow_run(prefect_api, tmp_path, tree):
