@@ -204,22 +204,21 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             if isinstance(later, Incoming) and later.position not in scans and later.ready():
                 scans[later.position] = scan(later.result())
 
-    given_up: set = set()  # downloads that ended without a file: settled in their own turn
+    woke: set = set()  # arrivals already seen: scanned, or downloads that failed (settled in their own turn)
 
     def wait_scanning(i: int, fut: PrefectFuture) -> None:
         """Wait for scan i; a download that lands meanwhile gets its scan at once, not after this one
         (a worker would idle for the rest of scan i)."""
         while True:
             arriving = [f.future for f in files[i + 1:] if isinstance(f, Incoming) and f.position not in scans
-                        and f.future not in given_up]
+                        and f.future not in woke]
             if not arriving:
                 return
             done = next(as_completed([fut, *arriving]))
             if done is fut:
                 return
             scan_arrived(i)
-            if not any(isinstance(f, Incoming) and f.future is done and f.position in scans for f in files):
-                given_up.add(done)
+            woke.add(done)
 
     for i, f in enumerate(files):
         src = f if isinstance(f, SourceFile) else _arrived(home, f, failed)

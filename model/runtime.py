@@ -121,15 +121,20 @@ def accum_steps(cfg: TrainConfig, world: int) -> int:
     return cfg.batch_tokens // per
 
 
-def use_compile_cache(folder: Path, given: dict[str, str | None]) -> dict[str, str]:
-    """Inductor's and Triton's caches under `folder` unless `given` (the environment as the process
-    started) names others; set before the first compile. A seed run's first step took 19.4 s with a cold
-    cache and 2.5 s with a warm one (H200, RESULTS.md); the defaults (/tmp, ~/.triton) do not survive a
-    reboot or travel with the home."""
-    mine = {"TORCHINDUCTOR_CACHE_DIR": folder / "inductor", "TRITON_CACHE_DIR": folder / "triton"}
-    for key, path in mine.items():
-        os.environ[key] = given.get(key) or str(path)
-    return {k: os.environ[k] for k in mine}
+def use_compile_cache(folder: Path) -> dict[str, str]:
+    """Inductor's and Triton's caches under `folder` unless the environment names others; set before the
+    first compile. A seed run's first step took 19.4 s with a cold cache and 2.5 s with a warm one (H200,
+    RESULTS.md); the defaults (/tmp, ~/.triton) do not survive a reboot or travel with the home. Inductor
+    writes its default folder into the environment on first use: that value counts as unset."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # older torch: its default is not written into the environment either
+        torch_default = None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", torch_default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    return {k: os.environ[k] for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
 
 
 def tune_inductor(dropout: float) -> None:

@@ -10,23 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-# read before torch is imported: Inductor writes its default cache folder into the environment on first use,
-# after which a folder the user chose cannot be told from it
-ENV_CACHES = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from model import args as cli_args  # noqa: E402
-from model import runtime as rt  # noqa: E402
-from model.data import Prefetcher, TokenWindows, load_shard_list  # noqa: E402
-from model.generate import sample  # noqa: E402
-from model.gpt import GPT  # noqa: E402
-from model.head import make_head_loss  # noqa: E402
-from model.optim import WarmupCosine, make_optimizer  # noqa: E402
-from model.step import autocast_for, train_step  # noqa: E402
-from storage import checkpoints as ckpts  # noqa: E402
-from storage.paths import Home  # noqa: E402
+from model import args as cli_args
+from model import runtime as rt
+from model.data import Prefetcher, TokenWindows, load_shard_list
+from model.generate import sample
+from model.gpt import GPT
+from model.head import make_head_loss
+from model.optim import WarmupCosine, make_optimizer
+from model.step import autocast_for, train_step
+from storage import checkpoints as ckpts
+from storage.paths import Home
 
 EXIT_BAD_INPUT, EXIT_NAN, EXIT_OOM, EXIT_CKPT = 2, 3, 4, 5
 
@@ -111,10 +107,11 @@ def train(ns: argparse.Namespace) -> int:
     eval_head = make_head_loss("fused" if is_cuda else "plain")
     startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
     model = raw
-    caches = rt.use_compile_cache(home.compile_cache, ENV_CACHES) if is_cuda else {}  # Triton runs uncompiled too
-    if is_cuda and cfg.compile:
+    caches = rt.use_compile_cache(home.compile_cache) if is_cuda else {}  # Triton runs uncompiled too
+    scope = cfg.resolved_compile_scope if (is_cuda and cfg.compile) else None
+    if scope:
         rt.tune_inductor(cfg.model.dropout)
-        if cfg.resolved_compile_scope == "regions":
+        if scope == "regions":
             raw.compile_regions()
         else:
             model = torch.compile(raw)
@@ -132,7 +129,7 @@ def train(ns: argparse.Namespace) -> int:
 
     emit.event("start", run_id=run_id, run_dir=str(run_dir), step=start, max_steps=cfg.max_steps,
                device=rt.device_name(device), world=d.world, accum=accum, head=head, stream_dtype=stream,
-               compile=cfg.resolved_compile_scope if (is_cuda and cfg.compile) else False, peak_tflops=peak, params=raw.num_params(),
+               compile=scope or False, peak_tflops=peak, params=raw.num_params(),
                tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None,
                process_s=rt.process_age_s(), startup_s=startup, compile_cache=caches)
     if d.rank == 0:

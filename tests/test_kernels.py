@@ -29,15 +29,6 @@ def _logits(n: int, vp: int, seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16).to(DEV)
 
 
-def _within(got: torch.Tensor, want: torch.Tensor, rel: float, floor: float) -> None:
-    """|got - want| <= rel * |want| + floor everywhere; names the worst element when not."""
-    excess = (got - want).abs() - (want.abs() * rel + floor)
-    worst = int(excess.argmax())
-    r, c = divmod(worst, want.size(-1)) if want.dim() == 2 else (worst, 0)
-    assert excess.max() <= 0, (f"element ({r}, {c}): got {got.flatten()[worst].item():.6g}, "
-                               f"want {want.flatten()[worst].item():.6g} (rel {rel}, floor {floor})")
-
-
 def _reference(x: torch.Tensor, t: torch.Tensor, v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, loss, p - onehot) in float64 over the first v columns."""
     xd = x[:, :v].double().cpu()
@@ -68,7 +59,7 @@ def test_ce_kernel_gives_float64_loss_and_gradient_in_place(v, vp, block, warps)
     # stored in bf16: within one unit of its last place (8 significant bits) of the exact value (the GPU
     # rounds to nearest, Triton's interpreter truncates); the target's p - 1 where p ~ 1 (the dominant row)
     # is off by float32's rounding of that row's log-sum-exp, as the loss is
-    _within(g, p * scale, 2 ** -7, 1e-5 * scale)
+    torch.testing.assert_close(g, p * scale, rtol=2 ** -7, atol=1e-5 * scale)
     assert (logits[:, v:] == 0).all()  # padded columns: never predicted, no gradient
     assert torch.isfinite(logits).all()
     # and the torch path CPU training uses agrees with it
@@ -93,9 +84,9 @@ def test_fp8_gradients_in_both_layouts():
     # e5m2 keeps 3 significant bits: within one unit of the last (2^-31: its subnormals). Only on the GPU:
     # Triton 3.9's interpreter converts some values to e5m2 a factor of 2 off (-0.999 * 2^15 -> -2^14)
     if DEV == "cuda":
-        _within(q, p, 2 ** -2, 2.0 ** -31)
+        torch.testing.assert_close(q, p, rtol=2 ** -2, atol=2.0 ** -31)
     assert (g8[:, v:].float() == 0).all()
     row, tr = H8.grad8(x, t, lse, v, row_major=True, transposed=True)
     assert torch.equal(tr.float().t(), row.float())  # the same rounding in both layouts
     if DEV == "cuda":  # the row-pass kernel and the tiled one compute p in other orders: e5m2's step apart
-        _within(row.float(), g8.float(), 2 ** -2, 2.0 ** -16)
+        torch.testing.assert_close(row.float(), g8.float(), rtol=2 ** -2, atol=2.0 ** -16)

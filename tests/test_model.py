@@ -178,11 +178,12 @@ def test_compile_caches_live_in_the_home_unless_the_environment_says_otherwise(t
     cache_dir()  # torch's first call writes its default (/tmp/...) into the environment: it must not win
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ["TORCHINDUCTOR_CACHE_DIR"])
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    got = use_compile_cache(home.compile_cache, {})  # nothing set when the process started
+    got = use_compile_cache(home.compile_cache)  # only torch's default was there
     assert got == {"TORCHINDUCTOR_CACHE_DIR": str(home.root / "cache" / "compile" / "inductor"),
                    "TRITON_CACHE_DIR": str(home.root / "cache" / "compile" / "triton")}
     assert cache_dir() == got["TORCHINDUCTOR_CACHE_DIR"]
     # a folder the user gave at start stays
-    mine = use_compile_cache(home.compile_cache, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    mine = use_compile_cache(home.compile_cache)
     assert mine["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine") and cache_dir() == str(tmp_path / "mine")
     assert mine["TRITON_CACHE_DIR"] == got["TRITON_CACHE_DIR"]
