@@ -4,7 +4,8 @@
 # Run on the GPU machine from the repo root, with shards made here by `train_bench.py make-data`
 # carried along (benchmarks/out/home): bash benchmarks/gpu_session.sh
 # PARTS picks what runs (ce = the CE kernel against its previous version, speed, regional = speed with
-# --regional, compile = short trainer runs timing start-up + compile cold and warm, seed), to split it over calls.
+# --regional, compile = short trainer runs timing start-up + compile cold and warm, homecache = two short runs
+# on the home's own compile cache, seed), to split it over calls.
 # SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -28,9 +29,11 @@ has speed && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --varian
 has regional && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants fused --dropouts 0.1,0.0 \
   --bf16-stream --regional --json "$OUT/speed_regional.json" 2>&1 | grep -v Warning | tee "$OUT/speed_regional.log"
 # first step (start-up + compile) of short trainer runs, each in a fresh process: SCOPE cold, then warm
-short() {  # name scope cache_dir
+short() {  # name scope cache_dir ("home": the trainer's own choice, HOME/cache/compile)
   rm -rf "$HOME_DIR/runs/$1"
-  TORCHINDUCTOR_CACHE_DIR=$3 TRITON_CACHE_DIR=$3/triton timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps 150 \
+  if [[ $3 == home ]]; then cache=(env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR); else
+    cache=(env TORCHINDUCTOR_CACHE_DIR="$3" TRITON_CACHE_DIR="$3/triton"); fi
+  "${cache[@]}" timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps "${SHORT_STEPS:-150}" \
     --compile-scope "$2" --run-id "$1" > "$OUT/$1.jsonl" 2> "$OUT/$1.err"
   python3 - "$OUT/$1.jsonl" "$1" <<'PY' | tee -a "$OUT/compile_summary.txt"
 import json, sys
@@ -41,6 +44,11 @@ print(f"{sys.argv[2]}: start-up {one('start').get('startup_s')}, first step {one
       f"tok/s per 50 steps {[round(t / 1e6, 3) for t in tps]}, done at {one('done').get('process_s', 0):.1f} s")
 PY
 }
+if has homecache; then  # the compile caches the trainer keeps in the home: a second run must start warm
+  rm -rf "$HOME_DIR/cache/compile"
+  SHORT_STEPS=30 short home-1 auto home; SHORT_STEPS=30 short home-2 auto home
+  { du -sh "$HOME_DIR"/cache/compile/* 2>&1; grep '"event": "start"' "$OUT/home-2.jsonl" | grep -o '"compile_cache": {[^}]*}'; } | tee -a "$OUT/compile_summary.txt"
+fi
 if has compile; then
   for scope in model regions; do
     c=$(mktemp -d); short "cold-$scope" $scope "$c"; short "warm-$scope" $scope "$c"
