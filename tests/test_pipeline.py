@@ -180,3 +180,26 @@ def test_a_given_tokenizer_that_is_not_usable_is_refused_and_changes_nothing(pre
     assert home.tokenizer.read_bytes() == tok_before and _state(home) == before
     assert catalog.query_rows(home, "SELECT shard_id, split, status, sha256 FROM shards ORDER BY 1, 2") == rows_before
     assert tokenize(params)["built"] == 0
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "0"), ("2", "2")], ids=["default", "user-set"])
+def test_pipeline_processes_get_the_allocator_default_before_pyarrow_loads(preset, expected):
+    """The setting only works if it is in the environment when libarrow's mimalloc starts: a fresh process
+    that imports a data step must have it (and pyarrow not yet loaded by then); a user's value must win."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_ARENA_EAGER_COMMIT"}
+    if preset is not None:
+        env["MIMALLOC_ARENA_EAGER_COMMIT"] = preset
+    code = ("import os, sys, builtins\n"
+            "seen = []\n"
+            "real = builtins.__import__\n"
+            "def spy(name, *a, **k):\n"
+            "    if name == 'pyarrow' and not seen: seen.append(os.environ.get('MIMALLOC_ARENA_EAGER_COMMIT'))\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\n"
+            "import flows.tokenize\n"
+            "print(seen[0])\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
