@@ -2,7 +2,7 @@
 Trade-off: the tuning is an environment default read once per process, so it only applies before pyarrow loads."""
 import os
 
-# Arrow (and fastokens) allocate through mimalloc, whose arenas are committed eagerly by default on Linux, as
+# Arrow's default memory pool is mimalloc, whose arenas are committed eagerly by default on Linux, as
 # transparent huge pages: every 2 MB region touched is zeroed whole and zeroed again after each purge. Reading
 # parquet, that zeroing was 17 % of a tokenize run's CPU; committing on demand cut it 13x and the run's wall
 # time 11 % (benchmarks/RESULTS.md, 2026-12-01). setdefault: a user's own MIMALLOC_* setting wins.
