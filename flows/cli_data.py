@@ -12,6 +12,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 def add_tokenize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", help="folder of parquet files laid out like the Hub subset")
+    p.add_argument("--manifest", help="sha256sum output or JSON (a saved Hub listing works) of --source's files: "
+                                      "a file that differs, is missing or is not listed is refused")
     p.add_argument("--workers", type=int, default=2, help="source files read and encoded at once (default 2)")
     p.add_argument("--tokenizer", help="use this tokenizer.json (e.g. GPT-2's) instead of training one")
     p.add_argument("--vocab-size", type=int, default=48_951)
@@ -37,7 +39,7 @@ def tokenize_params(args: argparse.Namespace):
     from storage.paths import parse_shard_id
 
     return TokenizeParams(
-        source=args.source, home=args.home, workers=args.workers, tokenizer=args.tokenizer,
+        source=args.source, manifest=args.manifest, home=args.home, workers=args.workers, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb,
         retrain_tokenizer=args.retrain_tokenizer, min_int_score=args.min_int_score,
         min_language_score=args.min_language_score, min_chars=args.min_chars, max_chars=args.max_chars,
@@ -159,6 +161,7 @@ def cmd_rebuild(args) -> int:
 def cmd_demo(args) -> int:
     """Prepare the bundled sample, train the `tiny` model on it (CPU) and generate from it."""
     args.source = str(SAMPLE)
+    args.manifest = args.manifest or str(SAMPLE / "SHA256SUMS")  # the bundled files are verified before use
     if args.vocab_size == 48_951:
         args.vocab_size = 8192  # the sample's 4 M characters cannot fill the full vocabulary
     rc = run_flow("prepare", args)

@@ -39,9 +39,9 @@ class PrepareParams(TokenizeParams):
                               min_free_bytes=self.min_free_bytes, retries=self.retries, progress=False)
 
 
-def _files(home: Home, params: PrepareParams) -> tuple[list, bool]:
+def _files(home: Home, params: PrepareParams) -> tuple[list, bool, dict[str, str]]:
     """Local files (hashed; recorded by run_tokenize), or the planned Hub files, each a download
-    already under way; and whether they still need recording."""
+    already under way; whether they still need recording; and the files a manifest refused."""
     if params.source:
         return local_files(home, params)
     dparams = params.download_params()
@@ -61,7 +61,7 @@ def _files(home: Home, params: PrepareParams) -> tuple[list, bool]:
 
     return [item.source() if item.done else
             Incoming(item.file.path, item.position, pending[item.position], settle(item))
-            for item in plan.items], False
+            for item in plan.items], False, {}
 
 
 @flow(name="prepare", task_runner=ThreadPoolTaskRunner(max_workers=6), log_prints=True)
@@ -74,9 +74,9 @@ def prepare(params: PrepareParams) -> dict:
         warm_tokenizer(home, params)
         shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "running", started)
         try:
-            files, listed = _files(home, params)  # downloads stay on this machine's threads
+            files, listed, refused = _files(home, params)  # downloads stay on this machine's threads
             with tasks_on(params, params.workers):  # scans and shards on --workers threads, or on Dask
-                summary = run_tokenize(params, files, listed)
+                summary = run_tokenize(params, files, listed, refused)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, run_id, "prepare", params.model_dump(), "failed", started,
                                               {"error": str(e)})

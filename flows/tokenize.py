@@ -36,6 +36,9 @@ from tasks.tokenizer import (Encoder, TokenizerConfig, ensure_tokenizer, preload
 class TokenizeParams(ScaleOut):  # ScaleOut: dask_address / dask_local
     """Parameters of `tokenize` (and the tokenize half of `prepare`)."""
     source: str | None = Field(None, description="folder of parquet files laid out like the Hub subset")
+    manifest: str | None = Field(None, description="sha256sum output or JSON listing the files of `source` with their "
+                                                   "sha256: a file that differs, is missing or is not listed is "
+                                                   "recorded failed and never tokenized")
     home: str | None = Field(None, description="state folder; default $LANGPWT_HOME or ./.langpwt")
     workers: int = Field(2, ge=1, le=256, description="files read and encoded at once (threads of this process; "
                                                       "on Dask, the cluster's workers decide)")
@@ -117,13 +120,15 @@ class Incoming:
         return self._done
 
 
-def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], listed: bool = False) -> dict:
+def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], listed: bool = False,
+                 refused: dict[str, str] | None = None) -> dict:
     """The body shared by `tokenize` and `prepare`: scan, tokenizer, plan, shards, report.
 
     `files` are in shard order; a future is a file still downloading: shard i starts as soon as files
     0..i are in and scanned (dedup needs them) and the tokenizer exists. `listed`: `files` come from a
-    local listing not yet in `source_files`. Tasks may run on other machines (Dask); only this
-    process writes the catalog."""
+    local listing not yet in `source_files`. `refused`: {file: why} of source files already recorded
+    failed (a manifest mismatch): reported, never read. Tasks may run on other machines (Dask); only
+    this process writes the catalog."""
     home = Home.from_env(params.home).ensure()
     for folder in (home.shards, home.index, home.tokenizer_dir):
         remove_stale_temps(folder)
@@ -155,7 +160,7 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             if isinstance(f, SourceFile):
                 scans[f.position] = scan(f)
     states = shard_catalog.shard_states(home)
-    usable, failed, skipped, queued = [], {}, [], []
+    usable, failed, skipped, queued = [], dict(refused or {}), [], []
     rec = ShardRecorder(home, failed, flow_run.id)
     if ready:  # no sample needed: its sha256 now, so each file is read once (scan + encode)
         sha = ensure_tokenizer(home.tokenizer, [], fcfg, params.tokenizer_config(), params.tokenizer)[1] \
@@ -246,7 +251,7 @@ def run_tokenize(params: TokenizeParams, files: list[SourceFile | Incoming], lis
             queued = []
         rec.flush()
     if not usable:
-        raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files)}")
+        raise BadInput(f"{params.source or home.raw}: no usable source file among {len(files) + len(refused or {})}")
     if tok is None:
         tok = _tokenizer(home, usable, params)
         submit(usable)
@@ -299,15 +304,28 @@ def summarize(results: list, skipped: list[int], failed: dict, seconds: float) -
                 docs_in=sum(r.rows_in for r in results), kept=sum(r.kept for r in results))
 
 
-def local_files(home: Home, params: TokenizeParams) -> tuple[list[SourceFile], bool]:
-    """`--source`, else the files this home downloaded, else the source of its last run; and whether
-    they were listed here (run_tokenize records them in `source_files` once their scans are under way)."""
+def local_files(home: Home, params: TokenizeParams) -> tuple[list[SourceFile], bool, dict[str, str]]:
+    """`--source` (checked against `--manifest` if given), else the files this home downloaded, else the
+    source (and manifest) of its last run; whether they were listed here (run_tokenize records them in
+    `source_files` once their scans are under way); and {file: why} of those the manifest refused,
+    recorded `failed` here."""
+    if params.source and params.manifest:
+        good, bad = sources.list_verified(params.source, params.manifest)
+        for f, why in bad:
+            get_run_logger().error(why)
+        sources.record(home, [f for f, _ in bad], "failed", errors={f.file: why for f, why in bad})
+        return good, True, {f.file: why for f, why in bad}
     if params.source:
-        return sources.list_local(params.source), True
+        return sources.list_local(params.source), True, {}
     if files := sources.from_catalog(home):
-        return files, False
+        if params.manifest:
+            raise ValueError(f"--manifest {params.manifest}: checks a local --source; this home's files came from "
+                             "the Hub and were verified against its listing")
+        return files, False, {}
     if last := shard_catalog.last_source(home):
-        return local_files(home, params.model_copy(update={"source": last}))
+        source, manifest = last
+        return local_files(home, params.model_copy(update={"source": source,
+                                                           "manifest": params.manifest or manifest}))
     raise ValueError("--source: not given, and this home has neither downloads nor an earlier run")
 
 
@@ -318,11 +336,11 @@ def tokenize(params: TokenizeParams) -> dict:
     started = shard_catalog.utcnow()
     with exclusive(home.lock, params.wait):
         warm_tokenizer(home, params)
-        files, listed = local_files(home, params)
+        files, listed, refused = local_files(home, params)
         shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(), "running", started)
         try:
             with tasks_on(params, params.workers):  # per-file tasks on --workers threads, or on Dask
-                summary = run_tokenize(params, files, listed)
+                summary = run_tokenize(params, files, listed, refused)
         except BaseException as e:
             shard_catalog.record_pipeline_run(home, str(flow_run.id), "tokenize", params.model_dump(),
                                               "failed", started, {"error": str(e)})

@@ -149,15 +149,17 @@ def shard_table(home: Home) -> pa.Table:
                error FROM shards ORDER BY shard_id, split""")
 
 
-def last_source(home: Home) -> str | None:
-    """The `--source` of the newest pipeline run on this home, so `tokenize --reprocess 3` needs no repeat."""
+def last_source(home: Home) -> tuple[str, str | None] | None:
+    """The `--source` and `--manifest` of the newest pipeline run on this home that had a source, so
+    `tokenize --reprocess 3` needs no repeat (and a file the manifest refused stays refused)."""
     try:
-        rows = catalog.query_rows(home, """SELECT json_extract_string(params, '$.source') FROM pipeline_runs
+        rows = catalog.query_rows(home, """SELECT json_extract_string(params, '$.source'),
+                                                  json_extract_string(params, '$.manifest') FROM pipeline_runs
                                            WHERE json_extract_string(params, '$.source') IS NOT NULL
                                            ORDER BY started_at DESC LIMIT 1""")
     except catalog.CatalogMissing:
         return None
-    return rows[0][0] if rows else None
+    return (rows[0][0], rows[0][1]) if rows else None
 
 
 def rebuild(home: Home) -> int:

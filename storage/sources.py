@@ -3,7 +3,9 @@ Local folders and Hub downloads both end as `SourceFile`s recorded in `source_fi
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -30,29 +32,137 @@ class SourceFile:
         return self.position
 
 
-def list_local(source_dir: str | Path, pattern: str = "*.parquet") -> list[SourceFile]:
-    """Every parquet file under `source_dir`, sorted by relative path, hashed."""
+def _listing(source_dir: str | Path, pattern: str) -> tuple[Path, dict[str, Path]]:
     root = Path(source_dir).expanduser().resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"--source {source_dir}: not a directory")
     files = sorted(p for p in root.rglob(pattern) if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"--source {source_dir}: no files matching {pattern}")
+    return root, {str(p.relative_to(root)): p for p in files}
+
+
+def _hash_all(paths: list[Path]) -> list[str]:
     # hashlib drops the GIL: on 28 GB of FineWeb-Edu the hashing is ~16 s serial, ~8 s on two threads
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        shas = list(pool.map(file_sha256, files))
-    return [SourceFile(str(p.relative_to(root)), str(p), p.stat().st_size, sha, i)
-            for i, (p, sha) in enumerate(zip(files, shas))]
+        return list(pool.map(file_sha256, paths))
+
+
+def list_local(source_dir: str | Path, pattern: str = "*.parquet") -> list[SourceFile]:
+    """Every parquet file under `source_dir`, sorted by relative path, hashed."""
+    _, files = _listing(source_dir, pattern)
+    if not files:
+        raise FileNotFoundError(f"--source {source_dir}: no files matching {pattern}")
+    shas = _hash_all(list(files.values()))
+    return [SourceFile(rel, str(p), p.stat().st_size, sha, i)
+            for i, ((rel, p), sha) in enumerate(zip(files.items(), shas))]
+
+
+_SUM_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
+
+
+def read_manifest(path: str | Path) -> dict[str, tuple[str, int | None]]:
+    """{file: (sha256, size or None)} from `sha256sum` output (`HEX  NAME` lines) or JSON: a list, or
+    {"files": [...]}, of objects with `path` or `file`, `sha256` (or the Hub tree listing's `lfs.oid`) and
+    optionally `size`/`size_bytes`; so a saved Hub listing works as it is."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--manifest {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    out: dict[str, tuple[str, int | None]] = {}
+
+    def add(name, sha, size, where: str) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"--manifest {path}: {where}: no file name")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+            raise ValueError(f"--manifest {path}: {where}: no sha256 (64 hex digits)")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise ValueError(f"--manifest {path}: {where}: size {size!r} is not a byte count")
+        name = name.strip().removeprefix("./")
+        if name in out and out[name][0] != sha.lower():
+            raise ValueError(f"--manifest {path}: {name} is listed twice with different sha256")
+        out[name] = (sha.lower(), size)
+
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--manifest {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        items = data.get("files") if isinstance(data, dict) else data
+        if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+            raise ValueError(f"--manifest {path}: expected a list of objects (or {{\"files\": [...]}})")
+        for k, it in enumerate(items):
+            if it.get("type") == "directory":
+                continue
+            lfs = it.get("lfs") if isinstance(it.get("lfs"), dict) else {}
+            add(it.get("path", it.get("file")), it.get("sha256", lfs.get("oid")),
+                it.get("size_bytes", it.get("size", lfs.get("size"))), f"entry {k}")
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.startswith("#"):
+                m = _SUM_LINE.fullmatch(line.rstrip("\r"))
+                if m is None:
+                    raise ValueError(f"--manifest {path}: line {n}: expected '<sha256>  <file>' as sha256sum writes it")
+                add(m.group(2), m.group(1), None, f"line {n}")
+    if not out:
+        raise ValueError(f"--manifest {path}: lists no file")
+    return out
+
+
+def list_verified(source_dir: str | Path, manifest: str | Path,
+                  pattern: str = "*.parquet") -> tuple[list[SourceFile], list[tuple[SourceFile, str]]]:
+    """`list_local` checked against a manifest: (files that match it, [(file, why) for the rest]). A file
+    whose size or sha256 differs, one it does not list, and one it lists that is missing are refused, each
+    with a one-line reason, to be recorded `failed` and never tokenized. Positions come from the sorted
+    union of both, so a good file's shard id does not depend on whether a bad one is there. Manifest
+    names match a file by its path under `source_dir`, or by a path ending in it (written from a parent
+    folder, as the Hub names them: `sample/10BT/000_00000.parquet`)."""
+    expected = read_manifest(manifest)
+    root, local = _listing(source_dir, pattern)
+    entry_of: dict[str, str] = {}  # local relative path -> manifest name
+    for name in expected:
+        rel = name if name in local else max((r for r in local if name.endswith("/" + r) and r not in entry_of),
+                                             key=len, default=None)
+        if rel is not None and rel not in entry_of:
+            entry_of[rel] = name
+    prefixes = {entry_of[r][:len(entry_of[r]) - len(r)] for r in entry_of}
+    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    missing = {}
+    for n in (n for n in expected if n not in entry_of.values()):
+        short = n[len(prefix):] if prefix and n.startswith(prefix) else n
+        missing[short if short not in local else n] = n
+    names = sorted(set(local) | set(missing))
+    to_hash = [r for r in local if r not in entry_of or expected[entry_of[r]][1] in (None, local[r].stat().st_size)]
+    shas = dict(zip(to_hash, _hash_all([local[r] for r in to_hash])))
+    good, bad = [], []
+    for pos, rel in enumerate(names):
+        if rel in missing:
+            sha, size = expected[missing[rel]]
+            bad.append((SourceFile(rel, str(root / rel), size or 0, sha, pos),
+                        f"{root / rel}: listed in --manifest {manifest} but not in --source"))
+            continue
+        p, size = local[rel], local[rel].stat().st_size
+        if rel not in entry_of:
+            bad.append((SourceFile(rel, str(p), size, shas[rel], pos), f"{p}: not listed in --manifest {manifest}"))
+            continue
+        sha, want = expected[entry_of[rel]]
+        if want is not None and size != want:
+            bad.append((SourceFile(rel, str(p), size, sha, pos),
+                        f"{p}: {size:,} bytes, --manifest {manifest} says {want:,}"))
+        elif shas[rel] != sha:
+            bad.append((SourceFile(rel, str(p), size, sha, pos),
+                        f"{p}: sha256 {shas[rel]} does not match --manifest {manifest} ({sha})"))
+        else:
+            good.append(SourceFile(rel, str(p), size, sha, pos))
+    return good, bad
 
 
 def record(home: Home, files: list[SourceFile], status: str = "verified", *, dataset: str | None = None,
            revision: str | None = None, urls: dict[str, str] | None = None,
-           seconds: dict[str, float] | None = None) -> None:
+           seconds: dict[str, float] | None = None, errors: dict[str, str] | None = None) -> None:
     """Upsert the files' rows in `source_files` (one transaction)."""
     if not files:
         return
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    rows = [dict(asdict(f), status=status, error=None, dataset=dataset, revision=revision,
+    rows = [dict(asdict(f), status=status, error=(errors or {}).get(f.file), dataset=dataset, revision=revision,
                  url=(urls or {}).get(f.file), downloaded_at=now if urls and status == "verified" else None,
                  seconds=(seconds or {}).get(f.file)) for f in files]
     # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports pandas
