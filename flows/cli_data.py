@@ -111,9 +111,13 @@ def print_shards(home) -> None:
 
 
 def cmd_status(args) -> int:
+    from storage import sources
     from storage.paths import Home
 
-    print_shards(Home.from_env())
+    home = Home.from_env()
+    print_shards(home)
+    for file, why in sources.failed(home):  # never read, so they have no shard rows
+        print(f"source file {file}: failed: {why}")
     return 0
 
 

@@ -178,6 +178,14 @@ def mark(home: Home, file: str, status: str, error: str | None = None) -> None:
         con.execute("UPDATE source_files SET status = ?, error = ? WHERE file = ?", [status, error, file])
 
 
+def failed(home: Home) -> list[tuple[str, str | None]]:
+    """(file, why) of the source files recorded `failed` (download or manifest verification), in shard order."""
+    try:
+        return catalog.query_rows(home, "SELECT file, error FROM source_files WHERE status = 'failed' ORDER BY position")
+    except catalog.CatalogMissing:
+        return []
+
+
 def from_catalog(home: Home) -> list[SourceFile]:
     """The verified files recorded by an earlier download, in shard order (positions as recorded)."""
     try:

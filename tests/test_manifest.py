@@ -121,6 +121,8 @@ def test_cli_exits_non_zero_with_one_line_per_refused_file(home, mirror):
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("langpwt: error:")]
     assert errors == [f"langpwt: error: {d / '003_00000.parquet'}: listed in --manifest {sums} but not in --source"]
     assert "3 shards built" in p.stdout
+    p = run_cli("--home", str(home.root), "status", check=True)
+    assert f"source file 003_00000.parquet: failed: {d / '003_00000.parquet'}: listed in --manifest" in p.stdout
     bad = d.parent / "bad.sums"
     bad.write_text("nonsense\n")
     p = run_cli("--home", str(home.root), "tokenize", "--source", str(d), "--manifest", str(bad))
