@@ -311,10 +311,11 @@ def local_files(home: Home, params: TokenizeParams) -> tuple[list[SourceFile], b
     recorded `failed` here."""
     if params.source and params.manifest:
         good, bad = sources.list_verified(params.source, params.manifest)
-        for f, why in bad:
+        refused = {f.file: why for f, why in bad}
+        for why in refused.values():
             get_run_logger().error(why)
-        sources.record(home, [f for f, _ in bad], "failed", errors={f.file: why for f, why in bad})
-        return good, True, {f.file: why for f, why in bad}
+        sources.record(home, [f for f, _ in bad], "failed", errors=refused)
+        return good, True, refused
     if params.source:
         return sources.list_local(params.source), True, {}
     if files := sources.from_catalog(home):

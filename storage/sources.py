@@ -130,7 +130,8 @@ def list_verified(source_dir: str | Path, manifest: str | Path,
         short = n[len(prefix):] if prefix and n.startswith(prefix) else n
         missing[short if short not in local else n] = n
     names = sorted(set(local) | set(missing))
-    to_hash = [r for r in local if r not in entry_of or expected[entry_of[r]][1] in (None, local[r].stat().st_size)]
+    sizes = {r: p.stat().st_size for r, p in local.items()}
+    to_hash = [r for r in local if r not in entry_of or expected[entry_of[r]][1] in (None, sizes[r])]
     shas = dict(zip(to_hash, _hash_all([local[r] for r in to_hash])))
     good, bad = [], []
     for pos, rel in enumerate(names):
@@ -139,7 +140,7 @@ def list_verified(source_dir: str | Path, manifest: str | Path,
             bad.append((SourceFile(rel, str(root / rel), size or 0, sha, pos),
                         f"{root / rel}: listed in --manifest {manifest} but not in --source"))
             continue
-        p, size = local[rel], local[rel].stat().st_size
+        p, size = local[rel], sizes[rel]
         if rel not in entry_of:
             bad.append((SourceFile(rel, str(p), size, shas[rel], pos), f"{p}: not listed in --manifest {manifest}"))
             continue
