@@ -3,7 +3,8 @@
 # original's whole run (5000 x 65,536 tokens) timed from process start to exit. Results under $OUT.
 # Run on the GPU machine from the repo root, with shards made here by `train_bench.py make-data`
 # carried along (benchmarks/out/home): bash benchmarks/gpu_session.sh
-# PARTS picks what runs (ce = the CE kernel against its previous version, speed, regional = speed with
+# PARTS picks what runs (ce = the CE kernel against its previous version, glue = the fused head's backward
+# passes and grad-x widths (head_bench --glue), speed (with the SM clock and power sampled beside it), regional = speed with
 # --regional, compile = short trainer runs timing start-up + compile cold and warm, homecache = two short runs
 # on the home's own compile cache, seed), to split it over calls.
 # SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope.
@@ -24,8 +25,27 @@ mkdir -p "$OUT"
 if has ce; then
   python3 benchmarks/head_bench.py --ce-only --json "$OUT/ce.json" 2>&1 | grep -v Warning | tee "$OUT/ce.log"
 fi
+if has glue; then
+  python3 benchmarks/head_bench.py --glue --json "$OUT/glue.json" 2>&1 | grep -v Warning | tee "$OUT/glue.log"
+fi
+if has speed; then  # the card runs at its power cap: clocks beside the step rate say when it throttles
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 250 > "$OUT/smi.csv" &
+  smi=$!
+fi
 has speed && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants "$VARIANTS" --dropouts 0.1,0.0 \
   --bf16-stream --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
+if has speed; then
+  kill $smi 2>/dev/null
+  python3 - "$OUT/smi.csv" <<'PY' | tee -a "$OUT/speed.log"
+import sys
+rows = [l.split(", ") for l in open(sys.argv[1]) if l.count(",") >= 3]
+busy = [(float(r[1].split()[0]), float(r[2].split()[0])) for r in rows if float(r[2].split()[0]) > 400]
+if busy:
+    clk, pw = sorted(c for c, _ in busy), sorted(p for _, p in busy)
+    print(f"while busy (> 400 W, {len(busy)} samples of 250 ms): SM clock median {clk[len(clk) // 2]:.0f} MHz "
+          f"(min {clk[0]:.0f}, max {clk[-1]:.0f}), power median {pw[len(pw) // 2]:.0f} W (max {pw[-1]:.0f})")
+PY
+fi
 has regional && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants fused --dropouts 0.1,0.0 \
   --bf16-stream --regional --json "$OUT/speed_regional.json" 2>&1 | grep -v Warning | tee "$OUT/speed_regional.log"
 # first step (start-up + compile) of short trainer runs, each in a fresh process: SCOPE cold, then warm

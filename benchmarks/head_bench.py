@@ -150,14 +150,14 @@ def pieces() -> None:
         H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
         for rm, tr in [(True, False), (False, True), (True, True)]:
             ms = rec(f"grad8 {tm}x{tn} w{nw} rowmajor={rm:d} transposed={tr:d}",
-                     lambda: H8.grad8(logits, t, lse, V, rm, tr), nbytes=N * VP * (2 + rm + tr))
+                     lambda: H8.grad8(logits, lse, V, rm, tr), nbytes=N * VP * (2 + rm + tr))
             if ms and ms < best.get((rm, tr), (1e9,))[0]:
                 best[(rm, tr)] = (ms, tm, tn, nw)
     for k, v in best.items():
         OUT.append(dict(name="best grad8", row_major=k[0], transposed=k[1], ms=v[0], tile=v[1:]))
     ms_b, tm, tn, nw = best.get((True, True), (0, 64, 256, 8))
     H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
-    dl8, dlT8 = H8.grad8(logits, t, lse, V, True, True)
+    dl8, dlT8 = H8.grad8(logits, lse, V, True, True)
     h8, sh = H.to_fp8(h)
     w8, sw = H.to_fp8(w)
     hT8, wT8 = h8.t().contiguous(), w8.t().contiguous()
@@ -174,6 +174,60 @@ def pieces() -> None:
         rec(f"grad_W fp8 from transposed fast_accum={fast}",
             lambda: torch._scaled_mm(dlT8, hT8.t(), scale_a=one, scale_b=sh, out_dtype=torch.float32,
                                      use_fast_accum=fast), flops)
+
+
+def backward_glue() -> None:
+    """The fused head's backward on a gradient the head itself produced (not random bits, which draw
+    more power): the 2026-12-01 glue (casts and scales as passes of their own) against the current one
+    (g folded into the operand copies, grad-W written fp32 by cuBLAS), and grad-x at other widths: cuBLAS
+    picks 192 x 192 tiles for it, which leave a third of the last column of tiles idle at N = 512."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(4)
+    h = torch.randn(N, C, device=dev, dtype=torch.bfloat16, generator=gen)
+    w32 = torch.randn(VP, C, device=dev, generator=gen) * 0.05
+    t = torch.randint(0, V, (N,), device=dev, generator=gen)
+    G = h @ w32.to(torch.bfloat16).t()
+    H.ce_grad_inplace(G, t, V, 1.0 / N)
+    g = torch.ones((), device=dev)
+    f = 2 * N * C * VP
+
+    def old():
+        wb = w32.to(torch.bfloat16)
+        gx = (G @ wb).mul_(g.to(torch.bfloat16))
+        gw = (G.t() @ h).to(torch.float32).mul_(g)
+        return gx, gw
+
+    def new():
+        wg = torch.mul(w32, g, out=torch.empty(w32.shape, dtype=torch.bfloat16, device=dev))
+        return G @ wg, H.matmul_f32(G.t(), h * g.to(torch.bfloat16), torch.float32)
+
+    def old_q(x):  # the quantiser as of 2026-12-01: abs, amax, divide, cast (W through a bf16 copy)
+        sx = (x.abs().amax().float() / H.FP8_MAX).clamp_min(1e-12)
+        return (x / sx).to(torch.float8_e4m3fn), sx
+
+    rec("quantise h and W for FP8, old (4 passes each)", lambda: (old_q(h), old_q(w32.to(torch.bfloat16))))
+    rec("quantise h and W for FP8, new (2 passes each)", lambda: (H.to_fp8(h), H.to_fp8(w32)))
+    rec("backward, old glue (2 matmuls + 5 passes)", old, 2 * f)
+    rec("backward, new glue (2 matmuls + 2 passes)", new, 2 * f)
+    (ox, ow), (nx, nw) = old(), new()
+    ref_w = (G.t().double() @ h.double())
+    r = dict(name="check glue", gx_rel=float((nx.double() - ox.double()).norm() / ox.double().norm()),
+             gw_old_rel=float((ow.double() - ref_w).norm() / ref_w.norm()),
+             gw_new_rel=float((nw.double() - ref_w).norm() / ref_w.norm()))
+    OUT.append(r)
+    print(f"check glue: grad-x new vs old {r['gx_rel']:.2e}; grad-W vs float64: old {r['gw_old_rel']:.2e}, "
+          f"new {r['gw_new_rel']:.2e}", flush=True)
+    wb = w32.to(torch.bfloat16)
+    rec("grad_x G @ W (N=512)", lambda: G @ wb, f)
+    for n in (256, 384, 128):
+        ws = wb[:, :n].contiguous()
+        rec(f"grad_x G @ W[:, :{n}]", lambda: G @ ws, f * n // C)
+    rec("grad_W G.T @ h -> bf16", lambda: G.t() @ h, f)
+    rec("grad_W G.T @ h -> fp32 (mm out_dtype)", lambda: torch.mm(G.t(), h, out_dtype=torch.float32), f)
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    rec("grad_x G @ W, cuBLASLt", lambda: G @ wb, f)
+    rec("grad_W G.T @ h, cuBLASLt", lambda: G.t() @ h, f)
+    torch.backends.cuda.preferred_blas_library("cublas")
 
 
 def whole_heads() -> None:
@@ -215,10 +269,14 @@ def main() -> int:
     p.add_argument("--skip-pieces", action="store_true")
     p.add_argument("--ce-only", action="store_true", help="only the CE kernels against their previous version")
     p.add_argument("--layouts", action="store_true", help="only the head's matmuls in each operand layout")
+    p.add_argument("--glue", action="store_true", help="only the fused head's backward: glue and grad-x widths")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    if args.layouts:
-        layouts()
+    if args.layouts or args.glue:
+        layouts() if args.layouts else backward_glue()
+        if args.json:
+            args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                 date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))
         return 0
     ce_kernels()
     if not (args.ce_only or args.skip_pieces):

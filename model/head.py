@@ -54,17 +54,17 @@ if triton is not None:
         return mx + tl.log2(tl.sum(s * tl.exp2(m - mx), 0))
 
     @triton.jit
-    def softmax_minus_onehot(x, cols, V, tgt, lse):
-        """dCE/dlogits of one slice of a row; padded columns (>= V) get 0."""
-        p = tl.where(cols < V, tl.exp2(x * _LOG2E - lse * _LOG2E), 0.0)
-        return tl.where(cols == tgt, p - 1.0, p)
+    def softmax_slice(x, cols, V, lse):
+        """The probabilities of one slice of a row; padded columns (>= V) get 0."""
+        return tl.where(cols < V, tl.exp2(x * _LOG2E - lse * _LOG2E), 0.0)
 
     @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
                         out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr):
         # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
         # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
-        # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
+        # logits, store lse, write p alone as e5m2 to out_ptr (the consumer applies the one-hot exactly);
+        # else the gradient overwrites the logits in place
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         lse2 = row_lse2(base, V, VP, V_FULL, BLOCK, R)
@@ -86,10 +86,11 @@ if triton is not None:
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
             g = tl.where(cols < V, tl.exp2(x * _LOG2E - shift), 0.0)
             tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
-        # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
-        tl.debug_barrier()
-        g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
-        tl.store(dst + tgt, g_t.to(dst.dtype.element_ty))
+        if not FP8_OUT:
+            # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
+            tl.debug_barrier()
+            g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
+            tl.store(dst + tgt, g_t.to(dst.dtype.element_ty))
 
 
 def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float, loss: torch.Tensor,
@@ -122,9 +123,13 @@ def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
 
 
 def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8_e4m3fn copy and its per-tensor dequantisation scale (amax maps to 448)."""
-    sx = (x.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
-    return (x / sx).to(torch.float8_e4m3fn), sx
+    """float8_e4m3fn copy and its per-tensor dequantisation scale (amax maps to 448), in two passes over x
+    (max |x|, then divide and store as e4m3) where abs/amax/div/cast took four; x may be the fp32 master
+    weight itself. Autocast is off here: it would run the norm on an fp32 copy of x."""
+    with torch.autocast(x.device.type, enabled=False):
+        sx = (torch.linalg.vector_norm(x, float("inf")).float() / FP8_MAX).clamp_min(1e-12)
+        q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        return torch.div(x, sx, out=q), sx
 
 
 def fp8_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -134,6 +139,14 @@ def fp8_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._scaled_mm(h8, w8.t(), scale_a=sh, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
+def matmul_f32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b as `dtype`; bf16 operands on CUDA are written out straight from cuBLAS's fp32 accumulator
+    (`mm` with out_dtype), which skips rounding to bf16 and the cast pass over the 100 MB result."""
+    if a.is_cuda and a.dtype != dtype:
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
 class FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size: int, fp8: bool):
@@ -141,7 +154,7 @@ class FusedHeadLoss(torch.autograd.Function):
         hb = h.reshape(-1, h.size(-1)).to(dtype)
         t = targets.reshape(-1)
         if fp8:
-            logits = fp8_linear(hb, weight.to(torch.bfloat16))
+            logits = fp8_linear(hb, weight)  # quantised from the fp32 weight: no bf16 copy in between
         else:
             logits = hb @ weight.to(dtype).t()
         rows = ce_grad_inplace(logits, t, vocab_size, 1.0 / t.numel())
@@ -152,9 +165,11 @@ class FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         hb, weight, dlogits = ctx.saved_tensors
-        wb = weight.to(hb.dtype)
-        gx = (dlogits @ wb).mul_(g.to(hb.dtype))
-        gw = (dlogits.t() @ hb).to(weight.dtype).mul_(g)
+        # g is folded into the small operands, never into the products: W's bf16 copy is made anyway
+        # (torch.mul with a bf16 out= is that one pass) and h is 64 MB against grad-W's 100 MB in fp32
+        wg = torch.mul(weight, g, out=torch.empty(weight.shape, dtype=hb.dtype, device=hb.device))
+        gx = dlogits @ wg
+        gw = matmul_f32(dlogits.t(), hb * g.to(hb.dtype), weight.dtype)
         return gx.view(ctx.h_shape).to(ctx.h_dtype), gw, None, None, None
 
 

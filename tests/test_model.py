@@ -187,3 +187,23 @@ def test_compile_caches_live_in_the_home_unless_the_environment_says_otherwise(t
     mine = use_compile_cache(home.compile_cache)
     assert mine["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine") and cache_dir() == str(tmp_path / "mine")
     assert mine["TRITON_CACHE_DIR"] == got["TRITON_CACHE_DIR"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_to_fp8_maps_amax_to_448_and_rounds_each_value_to_e4m3(dtype):
+    """The FP8 heads' quantiser, from the fp32 master weight or bf16 activations, also under autocast
+    (which must not move it to another dtype): amax lands on 448, every value within e4m3's half step."""
+    from model.head import FP8_MAX, to_fp8
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(256, 64, generator=g) * 0.05).to(dtype)
+    x[3, 7] = -0.4  # the amax, negative
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, s = to_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    assert q[3, 7].float().item() == -FP8_MAX
+    back = q.float() * s
+    assert torch.isfinite(back).all()
+    # e4m3: 3 mantissa bits, so normals are within 2^-4 relative; subnormals (below 2^-6 * s) within 2^-10 * s
+    torch.testing.assert_close(back, x.float(), rtol=2 ** -4, atol=2 ** -10 * s.item())
+    assert not torch.equal(back, x.float())  # it did round: a quantiser that copied would pass the line above
