@@ -150,14 +150,14 @@ def pieces() -> None:
         H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
         for rm, tr in [(True, False), (False, True), (True, True)]:
             ms = rec(f"grad8 {tm}x{tn} w{nw} rowmajor={rm:d} transposed={tr:d}",
-                     lambda: H8.grad8(logits, lse, V, rm, tr), nbytes=N * VP * (2 + rm + tr))
+                     lambda: H8.grad8(logits, t, lse, V, rm, tr), nbytes=N * VP * (2 + rm + tr))
             if ms and ms < best.get((rm, tr), (1e9,))[0]:
                 best[(rm, tr)] = (ms, tm, tn, nw)
     for k, v in best.items():
         OUT.append(dict(name="best grad8", row_major=k[0], transposed=k[1], ms=v[0], tile=v[1:]))
     ms_b, tm, tn, nw = best.get((True, True), (0, 64, 256, 8))
     H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
-    dl8, dlT8 = H8.grad8(logits, lse, V, True, True)
+    dl8, dlT8 = H8.grad8(logits, t, lse, V, True, True)
     h8, sh = H.to_fp8(h)
     w8, sw = H.to_fp8(w)
     hT8, wT8 = h8.t().contiguous(), w8.t().contiguous()

@@ -54,17 +54,17 @@ if triton is not None:
         return mx + tl.log2(tl.sum(s * tl.exp2(m - mx), 0))
 
     @triton.jit
-    def softmax_slice(x, cols, V, lse):
-        """The probabilities of one slice of a row; padded columns (>= V) get 0."""
-        return tl.where(cols < V, tl.exp2(x * _LOG2E - lse * _LOG2E), 0.0)
+    def softmax_minus_onehot(x, cols, V, tgt, lse):
+        """dCE/dlogits of one slice of a row; padded columns (>= V) get 0."""
+        p = tl.where(cols < V, tl.exp2(x * _LOG2E - lse * _LOG2E), 0.0)
+        return tl.where(cols == tgt, p - 1.0, p)
 
     @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
                         out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr):
         # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
         # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
-        # logits, store lse, write p alone as e5m2 to out_ptr (the consumer applies the one-hot exactly);
-        # else the gradient overwrites the logits in place
+        # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         lse2 = row_lse2(base, V, VP, V_FULL, BLOCK, R)
@@ -86,11 +86,10 @@ if triton is not None:
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
             g = tl.where(cols < V, tl.exp2(x * _LOG2E - shift), 0.0)
             tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
-        if not FP8_OUT:
-            # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
-            tl.debug_barrier()
-            g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
-            tl.store(dst + tgt, g_t.to(dst.dtype.element_ty))
+        # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
+        tl.debug_barrier()
+        g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
+        tl.store(dst + tgt, g_t.to(dst.dtype.element_ty))
 
 
 def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float, loss: torch.Tensor,
