@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.atomic import fsync_dir, tmp_path_for
+from storage.direct_io import DirectAppender, sha256_file
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -48,7 +49,7 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = tmp_path_for(self.path)
         self._tmp_idx = tmp_path_for(idx_path(self.path))
-        self._f = open(self._tmp, "wb")
+        self._f = DirectAppender(self._tmp)  # tokens around the page cache; the small .idx through it
         self._fi = open(self._tmp_idx, "wb")
         self._f.write(_header(0, self.dtype))
         self.n_tokens = 0
@@ -58,8 +59,8 @@ class ShardWriter:
         """`tokens` already holds the `<|endoftext|>` separators; `doc_starts` are local offsets."""
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
         starts = np.asarray(doc_starts, dtype=np.uint64) + np.uint64(self.n_tokens)
-        # written from the arrays' own buffers: no bytes copy. The digest is taken in close(), over
-        # the file as it lies on disk, header first, so nothing is hashed here.
+        # the digest is taken in close(), over the file as it lies on disk, header first (its token
+        # count is only known then), so nothing is hashed here
         self._f.write(memoryview(tokens).cast("B"))
         self._fi.write(memoryview(np.ascontiguousarray(starts)).cast("B"))
         self.n_tokens += int(tokens.size)
@@ -70,29 +71,21 @@ class ShardWriter:
         if self.n_tokens >= 2**31:
             raise ValueError(f"{self.path.name}: {self.n_tokens} tokens overflow llm.c's int32 header")
         self._fi.write(np.array([self.n_tokens], dtype=np.uint64).tobytes())
-        header = _header(self.n_tokens, self.dtype)
-        self._f.seek(0)
-        self._f.write(header)
-        for f in (self._f, self._fi):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        # the header is hashed last so the digest equals sha256 of the file as it lies on disk
-        digest = hashlib.sha256(header)
-        with open(self._tmp, "rb") as f:
-            f.seek(HEADER_BYTES)
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        self._f.finish(_header(self.n_tokens, self.dtype))
+        self._fi.flush()
+        os.fsync(self._fi.fileno())
+        self._fi.close()
+        digest = sha256_file(self._tmp)  # read back from the disk: the bytes as they lie there
         # idx first: a .bin under its final name always has its sidecar
         os.replace(self._tmp_idx, idx_path(self.path))
         os.replace(self._tmp, self.path)
         fsync_dir(self.path.parent)
-        return digest.hexdigest()
+        return digest
 
     def abort(self) -> None:
         for f, p in ((self._f, self._tmp), (self._fi, self._tmp_idx)):
             # closing flushes buffered bytes, which fails again on a full disk: the temp goes anyway
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError, TypeError):
                 f.close()
             p.unlink(missing_ok=True)
 
@@ -147,8 +140,10 @@ def open_shard(path: str | os.PathLike) -> Shard:
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """Through the page cache (a source read next by the scan stays warm), into one reused buffer."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
+    buf = bytearray(chunk)
+    with open(path, "rb") as f, memoryview(buf) as view:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
