@@ -28,7 +28,9 @@ def _take(size: int) -> mmap.mmap:
             return _SPARE.get_nowait()
         except queue.Empty:
             pass
-    return mmap.mmap(-1, size)  # anonymous mmap: page-aligned, as O_DIRECT needs
+    # anonymous mmap: page-aligned, as O_DIRECT needs; private, so a forked worker copies the kept
+    # buffers on write instead of sharing them with this process
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
 
 def _give(buf: mmap.mmap) -> None:

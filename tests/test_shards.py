@@ -81,3 +81,28 @@ def test_direct_appender_writes_the_same_bytes_with_its_head_patched(tmp_path, m
     want = (head + data[len(head):]) if size >= len(head) else head[:size]
     assert path.read_bytes() == want
     assert direct_io.sha256_file(path, chunk=8192) == hashlib.sha256(want).hexdigest()
+
+
+def test_kept_buffers_are_not_shared_with_a_forked_worker():
+    """The writer keeps its aligned buffers for the next file; a worker forked from this process (a process
+    pool, a Dask nanny) inherits them and must get its own copy on write, not this process's pages."""
+    import os
+
+    from storage import direct_io
+
+    kept = []  # earlier tests' writers left buffers in the pool: set them aside, so ours is the one taken
+    while not direct_io._SPARE.empty():
+        kept.append(direct_io._SPARE.get())
+    buf = direct_io._take(direct_io.CHUNK)
+    buf[:6] = b"parent"
+    direct_io._give(buf)
+    pid = os.fork()
+    if pid == 0:  # the child takes the kept buffer and writes into it, as its own shard writer would
+        mine = direct_io._take(direct_io.CHUNK)
+        mine[:6] = b"child!" if mine is buf else b"other!"
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert buf[:6] == b"parent"
+    for b in kept:
+        direct_io._give(b)
