@@ -23,11 +23,13 @@ SPARE_MAX = 8
 def _take(size: int) -> mmap.mmap:
     """A page-aligned buffer; a spare one when it fits: fresh pages cost a fault and zeroing on first touch
     (on this VM, more: the host backs them again), so buffers are kept and reused across files."""
-    if size == CHUNK:
-        try:
-            return _SPARE.get_nowait()
-        except queue.Empty:
-            pass
+    try:
+        buf = _SPARE.get_nowait()
+        if len(buf) == size:
+            return buf
+        buf.close()  # kept when CHUNK was another size
+    except queue.Empty:
+        pass
     # anonymous mmap: page-aligned, as O_DIRECT needs; private, so a forked worker copies the kept
     # buffers on write instead of sharing them with this process
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
@@ -56,7 +58,8 @@ class DirectAppender:
     Where O_DIRECT is refused (at open, or EINVAL on the first write) the same bytes go buffered.
     `finish(head)` lays `head` over the file's first bytes (a header only known at the end), then fsyncs."""
 
-    def __init__(self, path, chunk: int = CHUNK):
+    def __init__(self, path, chunk: int | None = None):
+        chunk = chunk or CHUNK
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.dfd = _open_direct(path, os.O_WRONLY)
@@ -94,8 +97,21 @@ class DirectAppender:
         self.fill = 0
         self.cur = self.free.get()
 
+    def written(self) -> int:
+        """Wait until the buffers handed off so far are in the file; how many bytes that is (the bytes
+        still gathering in the current buffer are not)."""
+        landed = threading.Event()
+        self.todo.put(landed)
+        landed.wait()
+        if self.error is not None:
+            raise self.error
+        return self.offset
+
     def _run(self) -> None:
         while (item := self.todo.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
             buf, offset = item
             try:
                 if self.error is None:
