@@ -42,6 +42,23 @@ def _give(buf: mmap.mmap) -> None:
         buf.close()
 
 
+def pwrite_direct(fd: int | None, view: memoryview, offset: int) -> bool:
+    """Write `view` at `offset` through the O_DIRECT descriptor `fd`; False (nothing written) when there is
+    none, the piece is not aligned, or the device refuses our alignment (EINVAL on the first byte): the
+    caller then writes it buffered, and should drop `fd`."""
+    if fd is None or offset % ALIGN or len(view) % ALIGN:
+        return False
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as e:
+        if e.errno != errno.EINVAL or done:
+            raise
+        return False
+    return True
+
+
 def _open_direct(path, flags: int) -> int | None:
     if not DIRECT_IO:
         return None
@@ -122,17 +139,11 @@ class DirectAppender:
             self.free.put(buf)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
+        if pwrite_direct(self.dfd, view, offset):
+            return
         if self.dfd is not None and offset % ALIGN == 0 and len(view) % ALIGN == 0:
-            done = 0
-            try:
-                while done < len(view):
-                    done += os.pwrite(self.dfd, view[done:], offset + done)
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL or done:
-                    raise
-                os.close(self.dfd)  # the device wants a coarser alignment: buffered from here on
-                self.dfd = None
+            os.close(self.dfd)  # refused though aligned: the device wants coarser, buffered from here on
+            self.dfd = None
         while view:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n

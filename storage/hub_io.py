@@ -3,7 +3,6 @@ Lean per byte (client CPU ~ sha256 alone), at the price of reaching into httpcor
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import mmap
 import os
@@ -13,10 +12,11 @@ import sys
 import threading
 from typing import Callable
 
+from storage.direct_io import ALIGN, pwrite_direct
+
 CHUNK = 4 << 20            # bytes per ring buffer, filled by recvs, emptied by one write: 4 MiB costs
                            # ~0.15 CPU-s per GB less than 1 MiB; a killed run refetches at most this much
 RING = 4                   # buffers in flight between the socket and the hasher
-ALIGN = 4096               # O_DIRECT wants offsets, lengths and addresses aligned to the device's block size
 WRITEBACK = 32 << 20       # buffered path: start writing every 32 MiB to disk as it arrives
 DIRECT_IO = hasattr(os, "O_DIRECT")  # tests switch it off to cover the buffered path
 
@@ -151,15 +151,8 @@ class Sink:
             self.on_bytes(n)
 
     def _direct(self, view: memoryview) -> bool:
-        if self.direct is None or self.offset % ALIGN or len(view) % ALIGN:
-            return False
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(self.direct, view[done:], self.offset + done)
+        if pwrite_direct(self.direct, view, self.offset):
             return True
-        except OSError as e:
-            if e.errno != errno.EINVAL or done:
-                raise
-            self.close()  # the device wants a coarser alignment than ALIGN: buffered from here on
-            return False
+        if self.direct is not None and self.offset % ALIGN == 0 and len(view) % ALIGN == 0:
+            self.close()  # refused though aligned: the device wants coarser, buffered from here on
+        return False

@@ -85,7 +85,7 @@ class ShardWriter:
     def abort(self) -> None:
         for f, p in ((self._f, self._tmp), (self._fi, self._tmp_idx)):
             # closing flushes buffered bytes, which fails again on a full disk: the temp goes anyway
-            with contextlib.suppress(OSError, ValueError, TypeError):
+            with contextlib.suppress(OSError):
                 f.close()
             p.unlink(missing_ok=True)
 

@@ -106,3 +106,29 @@ def test_kept_buffers_are_not_shared_with_a_forked_worker():
     assert buf[:6] == b"parent"
     for b in kept:
         direct_io._give(b)
+
+
+def test_direct_appender_falls_back_when_the_device_refuses_the_alignment(tmp_path, monkeypatch):
+    """O_DIRECT opened fine but the first aligned write gets EINVAL (a device wanting coarser blocks): the
+    descriptor is dropped and the same bytes go buffered, header patch included."""
+    import errno
+    import os
+
+    from storage import direct_io
+
+    path = tmp_path / "f.bin"
+    w = direct_io.DirectAppender(path, chunk=8192)
+    assert w.dfd is not None
+    refused, real = [], os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fd == w.dfd:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = bytes(range(256)) * 100  # 25,600 bytes: three whole buffers and a tail
+    w.write(data)
+    w.finish(b"HEAD")
+    assert refused == [0]  # refused once, then buffered for the rest
+    assert path.read_bytes() == b"HEAD" + data[4:]
