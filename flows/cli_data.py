@@ -27,7 +27,7 @@ def add_tokenize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dedup", dest="dedup", action="store_false")
     p.add_argument("--val-fraction", type=float, default=0.005)
     p.add_argument("--reprocess", nargs="+", metavar="SHARD_ID", help="redo exactly these shards")
-    p.add_argument("--force", action="store_true", help="redo every shard (keeps the tokenizer)")
+    p.add_argument("--force", action="store_true", help="redo every shard and re-read every source file for its sha256 (keeps the tokenizer)")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another run on this home")
     d = p.add_mutually_exclusive_group()
     d.add_argument("--dask-address", metavar="tcp://HOST:8786", help="run scans and shards on this Dask cluster")

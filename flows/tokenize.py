@@ -54,7 +54,7 @@ class TokenizeParams(ScaleOut):  # ScaleOut: dask_address / dask_local
     dedup: bool = True
     val_fraction: float = Field(0.005, ge=0.0, lt=1.0)
     reprocess: list[int] | None = None
-    force: bool = False
+    force: bool = Field(False, description="redo every shard and re-read every source file for its sha256")
     wait: float = Field(0.0, ge=0, description="seconds to wait for another run on the same home")
 
     def filter_config(self) -> FilterConfig:
@@ -317,7 +317,8 @@ def local_files(home: Home, params: TokenizeParams) -> tuple[list[SourceFile], b
         sources.record(home, [f for f, _ in bad], "failed", errors=refused)
         return good, True, refused
     if params.source:
-        return sources.list_local(params.source), True, {}
+        # --force also re-reads every file for its sha256 instead of trusting what stat says
+        return sources.list_local(params.source, hashes=home.source_hashes, rehash=params.force), True, {}
     if files := sources.from_catalog(home):
         if params.manifest:
             raise ValueError(f"--manifest {params.manifest}: checks a local --source; this home's files came from "

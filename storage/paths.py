@@ -79,6 +79,11 @@ class Home:
         unused): kept with the home, a rerun after a reboot or on a copied home compiles in seconds."""
         return self.root / "cache" / "compile"
 
+    @property
+    def source_hashes(self) -> Path:
+        """sha256 of local `--source` files by their stat (storage/hash_cache.py)."""
+        return self.root / "cache" / "source_sha256.json"
+
     def shard(self, shard_id: int, split: str) -> Path:
         return self.shards / shard_name(shard_id, split)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 
 from storage import catalog
+from storage.hash_cache import HashCache
 from storage.paths import Home
 from storage.shards import file_sha256
 
@@ -40,18 +41,26 @@ def _listing(source_dir: str | Path, pattern: str) -> tuple[Path, dict[str, Path
     return root, {str(p.relative_to(root)): p for p in files}
 
 
-def _hash_all(paths: list[Path]) -> list[str]:
+def _hash_all(paths: list[Path], cache: HashCache | None = None) -> list[str]:
     # hashlib drops the GIL: on 28 GB of FineWeb-Edu the hashing is ~16 s serial, ~8 s on two threads
+    cache = cache or HashCache(None)
+    known = {p: cache.lookup(p) for p in paths}
+    todo = [p for p in paths if known[p] is None]
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        return list(pool.map(file_sha256, paths))
+        known.update(zip(todo, pool.map(lambda p: cache.hash(p, file_sha256), todo)))
+    cache.save()
+    return [known[p] for p in paths]
 
 
-def list_local(source_dir: str | Path, pattern: str = "*.parquet") -> list[SourceFile]:
-    """Every parquet file under `source_dir`, sorted by relative path, hashed."""
+def list_local(source_dir: str | Path, pattern: str = "*.parquet", hashes: Path | None = None,
+               rehash: bool = False) -> list[SourceFile]:
+    """Every parquet file under `source_dir`, sorted by relative path, hashed; `hashes`: a `HashCache` file
+    (the home's), so a file unchanged since an earlier run is not read again for its sha256; `rehash`: read
+    every file anyway and refresh the cache."""
     _, files = _listing(source_dir, pattern)
     if not files:
         raise FileNotFoundError(f"--source {source_dir}: no files matching {pattern}")
-    shas = _hash_all(list(files.values()))
+    shas = _hash_all(list(files.values()), HashCache(hashes, trust=not rehash))
     return [SourceFile(rel, str(p), p.stat().st_size, sha, i)
             for i, ((rel, p), sha) in enumerate(zip(files.items(), shas))]
 
