@@ -1,7 +1,5 @@
-"""The sha256 of local source files remembered by what `stat` says of them (size, mtime, inode, device), as DVC and git do.
-A rerun on 28 GB skips ~16 CPU-s of hashing and a full read of the files; the price is that an in-place edit keeping
-size and mtime to the nanosecond goes unseen, so an entry is only trusted if the file was last modified well before
-it was hashed (git's racy-clean rule), and `tokenize --force` hashes everything again."""
+"""Local source files' sha256 remembered by what `stat` says (size, mtime, inode, device), as git and DVC do: reruns skip the read.
+Trade-off: an in-place edit keeping size and mtime to the nanosecond goes unseen; racy entries are never trusted, --force re-reads."""
 from __future__ import annotations
 
 import json
