@@ -27,7 +27,7 @@ class HashCache:
     def __init__(self, path: Path | None, trust: bool = True):
         self.path, self.trust = path, trust
         self.entries: dict[str, dict] = {}
-        self.hits = 0
+        self.changed = False  # an unchanged cache is not rewritten: a no-op rerun writes nothing
         if path is not None:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
@@ -47,7 +47,6 @@ class HashCache:
             return None
         if not e or e.get("stat") != _stat_key(st) or e.get("hashed_at_ns", 0) - st.st_mtime_ns < RACY_NS:
             return None
-        self.hits += 1
         return e["sha256"]
 
     def hash(self, p: Path, digest) -> str:
@@ -57,11 +56,12 @@ class HashCache:
         after = p.stat()
         if self.path is not None and _stat_key(before) == _stat_key(after):
             self.entries[str(p)] = {"stat": _stat_key(after), "sha256": sha, "hashed_at_ns": started}
+            self.changed = True
         return sha
 
     def save(self) -> None:
-        if self.path is None:
-            return
         live = {k: v for k, v in self.entries.items() if os.path.exists(k)}  # forget deleted files
+        if self.path is None or not (self.changed or len(live) < len(self.entries)):
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps({"version": VERSION, "files": live}, indent=1, sort_keys=True))

@@ -43,9 +43,14 @@ def test_unchanged_files_are_not_read_again(tmp_path):
     first = list_local(src, hashes=cache)
     assert [f.sha256 for f in first] == [_sha(bytes([i]) * 1000) for i in range(3)]
     assert sorted(json.loads(cache.read_text())["files"]) == sorted(str(p) for p in src.iterdir())
+    written = cache.stat().st_ino  # an atomic rewrite would bring a new inode
     _edit_in_place(src / "001_00000.parquet", b"x" * 1000)
     # the remembered digest comes back: the file was not read (the trade-off the module names)
     assert [f.sha256 for f in list_local(src, hashes=cache)] == [f.sha256 for f in first]
+    assert cache.stat().st_ino == written  # nothing new learnt: the cache file is left alone
+    (src / "002_00000.parquet").unlink()
+    list_local(src, hashes=cache)
+    assert str(src / "002_00000.parquet") not in json.loads(cache.read_text())["files"]  # deleted files forgotten
     # without the cache the same call reads the file
     assert list_local(src)[1].sha256 == _sha(b"x" * 1000)
 
