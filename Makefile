@@ -46,7 +46,7 @@ test-fast: install kernels
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: install
-	$(BIN)/python benchmarks/pipeline_bench.py --repeats 3 --pairs 6
+	$(BIN)/python benchmarks/pipeline_bench.py --repeats 3 --pairs 6 --floor
 
 # a local Prefect server, the work pools, every deployment in prefect.yaml and a CPU worker (README)
 server-up: install
