@@ -263,6 +263,43 @@ def whole_heads() -> None:
               f"grad_W rel {r['grad_w_rel']:.2e}  finite {r['finite']}", flush=True)
 
 
+def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """bf16 `x` rounded to nearest with `bits` of its 7 mantissa bits kept (the rest zero)."""
+    drop = 7 - bits
+    if drop <= 0:
+        return x
+    u = x.view(torch.int16).to(torch.int32) & 0xFFFF
+    u = (u + (1 << (drop - 1))) & ~((1 << drop) - 1) & 0xFFFF
+    return torch.where(u >= 32768, u - 65536, u).to(torch.int16).view(torch.bfloat16)
+
+
+def power() -> None:
+    """The card runs at its 700 W cap, and a matmul's power depends on the bits it multiplies (random data ran the
+    logits matmul at 5.6 ms, a real step at 3.96): the backward matmuls timed on the gradient the CE kernel
+    writes, on that gradient with fewer mantissa bits, on zeros; each variant twice, interleaved, against drift."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(5)
+    h = torch.randn(N, C, device=dev, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(VP, C, device=dev, dtype=torch.bfloat16, generator=g) * 0.02
+    t = torch.randint(0, V, (N,), device=dev, generator=g)
+    d = h @ w.t()
+    H.ce_grad_inplace(d, t, V, 1.0 / N)  # the gradient as the fused head hands it to the backward matmuls
+    f = 2 * N * C * VP
+    variants = {"CE gradient (bf16, 7 mantissa bits)": d}
+    for bits in (4, 3, 2):
+        variants[f"CE gradient rounded to {bits} mantissa bits"] = round_mantissa(d, bits)
+        print(f"  rounded to {bits} bits: relative error {float((variants[list(variants)[-1]].float() - d.float()).norm() / d.float().norm()):.2e}")
+    variants["zeros"] = torch.zeros_like(d)
+    for rnd in range(2):
+        for name, dd in variants.items():
+            rec(f"grad_x  {name} [{rnd}]", lambda: dd @ w, f)
+            rec(f"grad_W  {name} [{rnd}]", lambda: dd.t() @ h, f)
+    hr = {"h N(0,1)": h, "h rounded to 3 bits": round_mantissa(h, 3)}
+    for rnd in range(2):
+        for name, hh in hr.items():
+            rec(f"logits {name} [{rnd}]", lambda: hh @ w.t(), f)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path)
@@ -270,10 +307,11 @@ def main() -> int:
     p.add_argument("--ce-only", action="store_true", help="only the CE kernels against their previous version")
     p.add_argument("--layouts", action="store_true", help="only the head's matmuls in each operand layout")
     p.add_argument("--glue", action="store_true", help="only the fused head's backward: glue and grad-x widths")
+    p.add_argument("--power", action="store_true", help="only the backward matmuls against their operands' mantissa bits")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    if args.layouts or args.glue:
-        layouts() if args.layouts else backward_glue()
+    if args.layouts or args.glue or args.power:
+        (layouts if args.layouts else power if args.power else backward_glue)()
         if args.json:
             args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                                  date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))

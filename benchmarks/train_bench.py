@@ -86,7 +86,17 @@ def setup(home: Path, dropout: float, name: str = "seed"):
     return cfg, train, val
 
 
+def head_kind(head: str) -> str:
+    """`fused~4`: the fused head with its bf16 gradient rounded to 4 mantissa bits (model.head.GRAD_MANTISSA_BITS);
+    the kernel reads the setting at launch, so variants in one process can differ in it."""
+    import model.head as H
+    kind, _, bits = head.partition("~")
+    H.GRAD_MANTISSA_BITS = int(bits) if bits else 7
+    return kind
+
+
 def build(cfg, head: str, device, total_steps: int):
+    head = head_kind(head)
     torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
@@ -194,7 +204,7 @@ def quality(args) -> list[dict]:
             losses.append(loss)
         pf.close()
         vb = torch.from_numpy(val.fixed(20 * micro))
-        raw.head_loss = make_head_loss("fused")  # the same evaluation for every variant
+        raw.head_loss = make_head_loss(head_kind("fused"))  # the same evaluation for every variant
         raw.eval()
         with torch.no_grad(), autocast():
             vl = sum(float(raw(b[:, :-1].to(device), b[:, 1:].to(device))) * b.size(0)
@@ -329,7 +339,9 @@ def main() -> int:
     p.add_argument("--home", type=Path, default=OUT / "home")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--vocab", type=int, default=48_951)
-    p.add_argument("--variants", default="plain,fused,fp8,fp8:synthetic")
+    p.add_argument("--variants", default="plain,fused,fp8,fp8:synthetic",
+                   help="heads (plain, fused, fp8, fp8all; fused~N: its gradient rounded to N mantissa bits), "
+                        "each optionally :synthetic (in-GPU tokens)")
     p.add_argument("--dropouts", default="0.1,0.0")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=8)

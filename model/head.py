@@ -22,6 +22,9 @@ LOG2E = 1.4426950408889634
 # the second read of a row is more often served from L2; 8192 / (32 warps x 32 lanes) = 8 values per thread,
 # one 16-byte load of bf16 that shares one running max
 CE_BLOCK, CE_WARPS = 8192, 32
+# mantissa bits the in-place bf16 gradient keeps (bf16 has 7): fewer is an experiment on the power-capped card,
+# where what a matmul multiplies changes its speed (head_bench.py --power)
+GRAD_MANTISSA_BITS = 7
 
 
 if triton is not None:
@@ -60,8 +63,18 @@ if triton is not None:
         return tl.where(cols == tgt, p - 1.0, p)
 
     @triton.jit
+    def _round_bits(g, CLEAR: tl.constexpr):
+        """fp32 `g` rounded to nearest with its lowest CLEAR mantissa bits zero (0: unchanged)."""
+        if CLEAR == 0:
+            return g
+        u = g.to(tl.int32, bitcast=True)
+        u = (u + (1 << (CLEAR - 1))) & (-(1 << CLEAR))
+        return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
-                        out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr):
+                        out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr,
+                        CLEAR: tl.constexpr = 0):
         # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
         # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
         # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
@@ -80,16 +93,16 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         for start in tl.range(0, V_FULL, BLOCK):
             x = tl.load(base + start + offs).to(tl.float32)
-            tl.store(dst + start + offs, tl.exp2(x * _LOG2E - shift).to(dst.dtype.element_ty))
+            tl.store(dst + start + offs, _round_bits(tl.exp2(x * _LOG2E - shift), CLEAR).to(dst.dtype.element_ty))
         for start in tl.range(V_FULL, VP, BLOCK):
             cols = start + offs
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
             g = tl.where(cols < V, tl.exp2(x * _LOG2E - shift), 0.0)
-            tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
+            tl.store(dst + cols, _round_bits(g, CLEAR).to(dst.dtype.element_ty), mask=cols < VP)
         # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
         tl.debug_barrier()
         g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
-        tl.store(dst + tgt, g_t.to(dst.dtype.element_ty))
+        tl.store(dst + tgt, _round_bits(g_t, CLEAR).to(dst.dtype.element_ty))
 
 
 def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float, loss: torch.Tensor,
@@ -99,9 +112,10 @@ def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scal
     assert logits.stride(1) == 1 and vp % 16 == 0 and block % (32 * warps) == 0
     r = block // (32 * warps)
     v_full = vocab_size // block * block
+    clear = 23 - GRAD_MANTISSA_BITS if out is logits and GRAD_MANTISSA_BITS < 7 else 0
     _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, v_full, scale,
                           math.log2(out_scale), lse, out, out.stride(0), BLOCK=block, R=r, FP8_OUT=out is not logits,
-                          num_warps=warps)
+                          CLEAR=clear, num_warps=warps)
 
 
 def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
