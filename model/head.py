@@ -65,11 +65,11 @@ if triton is not None:
     @triton.jit
     def _round_bits(g, CLEAR: tl.constexpr):
         """fp32 `g` rounded to nearest with its lowest CLEAR mantissa bits zero (0: unchanged)."""
-        if CLEAR == 0:
-            return g
-        u = g.to(tl.int32, bitcast=True)
-        u = (u + (1 << (CLEAR - 1))) & (-(1 << CLEAR))
-        return u.to(tl.float32, bitcast=True)
+        if CLEAR > 0:  # constexpr: with 0 the body is never built (Triton would build it past an early return)
+            u = g.to(tl.int32, bitcast=True)
+            u = (u + (1 << (CLEAR - 1))) & (-(1 << CLEAR))
+            g = u.to(tl.float32, bitcast=True)
+        return g
 
     @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
