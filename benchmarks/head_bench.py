@@ -298,6 +298,35 @@ def power() -> None:
     for rnd in range(2):
         for name, hh in hr.items():
             rec(f"logits {name} [{rnd}]", lambda: hh @ w.t(), f)
+    del variants, hr
+    sparsity(h, w, t, d)
+
+
+def sparsity(h, w, t, d) -> None:
+    """The backward matmuls against the share of exact zeros in the gradient: zeros chosen at random, then
+    the kernel's own floor (GRAD_FLOOR_LOG2) on softmaxes as peaked as a trained model's (logits' std 3-6)."""
+    f = 2 * N * C * VP
+    g = torch.Generator(device=d.device).manual_seed(9)
+    for frac in (0.5, 0.9, 0.99):
+        dd = d * (torch.rand(d.shape, device=d.device, generator=g) >= frac).to(d.dtype)
+        rec(f"grad_x  {int(frac * 100)} % zeros at random", lambda: dd @ w, f)
+        rec(f"grad_W  {int(frac * 100)} % zeros at random", lambda: dd.t() @ h, f)
+    for std in (3.0, 6.0):
+        ws = w * (std / float((h[:4096] @ w.t()).float().std()))
+        for floor in (None, -20.0, -16.0):
+            H.GRAD_FLOOR_LOG2 = floor
+            dd = h @ ws.t()
+            H.ce_grad_inplace(dd, t, V, 1.0 / N)
+            zeros = float((dd[:, :V] == 0).float().mean())
+            with torch.no_grad():
+                lg = (h[:4096] @ ws.t())[:, :V].float()
+                p = torch.softmax(lg, -1)
+                lost = float(torch.where(p < 2 ** floor, p, 0.0).sum(-1).mean()) if floor else 0.0
+            name = f"std {std:.0f}, floor {'none' if floor is None else f'2^{floor:.0f}'}: {100 * zeros:.1f} % zeros, mass {lost:.1e}"
+            print(name, flush=True)
+            rec(f"grad_x  {name}", lambda: dd @ ws, f)
+            rec(f"grad_W  {name}", lambda: dd.t() @ h, f)
+    H.GRAD_FLOOR_LOG2 = None
 
 
 def main() -> int:

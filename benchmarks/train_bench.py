@@ -87,11 +87,19 @@ def setup(home: Path, dropout: float, name: str = "seed"):
 
 
 def head_kind(head: str) -> str:
-    """`fused~4`: the fused head with its bf16 gradient rounded to 4 mantissa bits (model.head.GRAD_MANTISSA_BITS);
-    the kernel reads the setting at launch, so variants in one process can differ in it."""
+    """`fused~b3~z20`: the fused head with its bf16 gradient rounded to 3 mantissa bits and probabilities
+    below 2**-20 written as zeros (model.head's GRAD_MANTISSA_BITS, GRAD_FLOOR_LOG2; experiments). The kernel
+    reads them at launch, so variants in one process can differ in them."""
     import model.head as H
-    kind, _, bits = head.partition("~")
-    H.GRAD_MANTISSA_BITS = int(bits) if bits else 7
+    kind, *opts = head.split("~")
+    H.GRAD_MANTISSA_BITS, H.GRAD_FLOOR_LOG2 = 7, None
+    for o in opts:
+        if o[0] == "b":
+            H.GRAD_MANTISSA_BITS = int(o[1:])
+        elif o[0] == "z":
+            H.GRAD_FLOOR_LOG2 = -float(o[1:])
+        else:
+            raise SystemExit(f"--variants {head}: unknown option {o!r} (b<bits>, z<log2 floor>)")
     return kind
 
 
@@ -340,7 +348,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--vocab", type=int, default=48_951)
     p.add_argument("--variants", default="plain,fused,fp8,fp8:synthetic",
-                   help="heads (plain, fused, fp8, fp8all; fused~N: its gradient rounded to N mantissa bits), "
+                   help="heads (plain, fused, fp8, fp8all; fused~bN: its gradient rounded to N mantissa bits, ~zK: "
+                        "probabilities below 2**-K written as zeros), "
                         "each optionally :synthetic (in-GPU tokens)")
     p.add_argument("--dropouts", default="0.1,0.0")
     p.add_argument("--steps", type=int, default=30)

@@ -6,6 +6,7 @@ rounds the forward logits (loss within 3e-4 of float64, gradients within 3e-3: t
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -24,7 +25,10 @@ LOG2E = 1.4426950408889634
 CE_BLOCK, CE_WARPS = 8192, 32
 # mantissa bits the in-place bf16 gradient keeps (bf16 has 7): fewer is an experiment on the power-capped card,
 # where what a matmul multiplies changes its speed (head_bench.py --power)
-GRAD_MANTISSA_BITS = 7
+GRAD_MANTISSA_BITS = int(os.environ.get("LANGPWT_GRAD_BITS", "7"))
+# probabilities below 2**GRAD_FLOOR_LOG2 written as exact zeros in the gradient (None: all kept): another such
+# experiment, zeros cost the backward matmuls less power than the tiny values they replace
+GRAD_FLOOR_LOG2: float | None = float(os.environ["LANGPWT_GRAD_FLOOR_LOG2"]) if os.environ.get("LANGPWT_GRAD_FLOOR_LOG2") else None
 
 
 if triton is not None:
@@ -63,6 +67,14 @@ if triton is not None:
         return tl.where(cols == tgt, p - 1.0, p)
 
     @triton.jit
+    def _grad_value(e, floor2, CLEAR: tl.constexpr, FLOOR: tl.constexpr):
+        """p * 2^log2_out from its exponent e, zero below floor2 (FLOOR), rounded to fewer bits (CLEAR)."""
+        g = tl.exp2(e)
+        if FLOOR:
+            g = tl.where(e < floor2, 0.0, g)
+        return _round_bits(g, CLEAR)
+
+    @triton.jit
     def _round_bits(g, CLEAR: tl.constexpr):
         """fp32 `g` rounded to nearest with its lowest CLEAR mantissa bits zero (0: unchanged)."""
         if CLEAR > 0:  # constexpr: with 0 the body is never built (Triton would build it past an early return)
@@ -74,7 +86,7 @@ if triton is not None:
     @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
                         out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr,
-                        CLEAR: tl.constexpr = 0):
+                        floor2=0.0, CLEAR: tl.constexpr = 0, FLOOR: tl.constexpr = False):
         # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
         # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
         # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
@@ -93,12 +105,12 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         for start in tl.range(0, V_FULL, BLOCK):
             x = tl.load(base + start + offs).to(tl.float32)
-            tl.store(dst + start + offs, _round_bits(tl.exp2(x * _LOG2E - shift), CLEAR).to(dst.dtype.element_ty))
+            tl.store(dst + start + offs, _grad_value(x * _LOG2E - shift, floor2, CLEAR, FLOOR).to(dst.dtype.element_ty))
         for start in tl.range(V_FULL, VP, BLOCK):
             cols = start + offs
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
-            g = tl.where(cols < V, tl.exp2(x * _LOG2E - shift), 0.0)
-            tl.store(dst + cols, _round_bits(g, CLEAR).to(dst.dtype.element_ty), mask=cols < VP)
+            g = tl.where(cols < V, _grad_value(x * _LOG2E - shift, floor2, CLEAR, FLOOR), 0.0)
+            tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
         # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
         tl.debug_barrier()
         g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
@@ -113,9 +125,11 @@ def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scal
     r = block // (32 * warps)
     v_full = vocab_size // block * block
     clear = 23 - GRAD_MANTISSA_BITS if out is logits and GRAD_MANTISSA_BITS < 7 else 0
+    floor = out is logits and GRAD_FLOOR_LOG2 is not None
     _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, v_full, scale,
                           math.log2(out_scale), lse, out, out.stride(0), BLOCK=block, R=r, FP8_OUT=out is not logits,
-                          CLEAR=clear, num_warps=warps)
+                          floor2=(GRAD_FLOOR_LOG2 or 0.0) + math.log2(out_scale), CLEAR=clear, FLOOR=floor,
+                          num_warps=warps)
 
 
 def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
