@@ -304,7 +304,8 @@ def power() -> None:
 
 def sparsity(h, w, t, d) -> None:
     """The backward matmuls against the share of exact zeros in the gradient: zeros chosen at random, then
-    the kernel's own floor (GRAD_FLOOR_LOG2) on softmaxes as peaked as a trained model's (logits' std 3-6)."""
+    the kernel's own floor (GRAD_FLOOR_LOG2: tiny values become 0 or the floor, unbiased) on softmaxes as
+    peaked as a trained model's (logits' std 3-6), and what the floor costs the CE kernel itself."""
     f = 2 * N * C * VP
     g = torch.Generator(device=d.device).manual_seed(9)
     for frac in (0.5, 0.9, 0.99):
@@ -326,6 +327,8 @@ def sparsity(h, w, t, d) -> None:
             print(name, flush=True)
             rec(f"grad_x  {name}", lambda: dd @ ws, f)
             rec(f"grad_W  {name}", lambda: dd.t() @ h, f)
+            lg = h @ ws.t()
+            rec(f"CE kernel, {name}", lambda: H.ce_grad_inplace(lg, t, V, 1.0 / N), nbytes=2 * N * VP * 2)
     H.GRAD_FLOOR_LOG2 = None
 
 

@@ -26,8 +26,8 @@ CE_BLOCK, CE_WARPS = 8192, 32
 # mantissa bits the in-place bf16 gradient keeps (bf16 has 7): fewer is an experiment on the power-capped card,
 # where what a matmul multiplies changes its speed (head_bench.py --power)
 GRAD_MANTISSA_BITS = int(os.environ.get("LANGPWT_GRAD_BITS", "7"))
-# probabilities below 2**GRAD_FLOOR_LOG2 written as exact zeros in the gradient (None: all kept): another such
-# experiment, zeros cost the backward matmuls less power than the tiny values they replace
+# probabilities below tau = 2**GRAD_FLOOR_LOG2 written as 0 or, with probability p / tau, as tau (None: all kept;
+# unbiased): another such experiment, zeros cost the backward matmuls less power than the tiny values they replace
 GRAD_FLOOR_LOG2: float | None = float(os.environ["LANGPWT_GRAD_FLOOR_LOG2"]) if os.environ.get("LANGPWT_GRAD_FLOOR_LOG2") else None
 
 
@@ -67,12 +67,27 @@ if triton is not None:
         return tl.where(cols == tgt, p - 1.0, p)
 
     @triton.jit
-    def _grad_value(e, floor2, CLEAR: tl.constexpr, FLOOR: tl.constexpr):
-        """p * 2^log2_out from its exponent e, zero below floor2 (FLOOR), rounded to fewer bits (CLEAR)."""
+    def _grad_value(e, cols, r, tau, CLEAR: tl.constexpr, FLOOR: tl.constexpr):
+        """p * 2^log2_out from its exponent e; with FLOOR, a value under tau becomes tau with probability
+        value / tau, else 0 (unbiased: its expectation is the value), the uniform number per column being a
+        golden-ratio sequence from the row's random start r; CLEAR: rounded to fewer mantissa bits."""
         g = tl.exp2(e)
         if FLOOR:
-            g = tl.where(e < floor2, 0.0, g)
+            u = r + cols.to(tl.float32) * 0.6180339887498949
+            u = u - tl.floor(u)
+            g = tl.where(g < tau, tl.where(u * tau < g, tau, 0.0), g)
         return _round_bits(g, CLEAR)
+
+    @triton.jit
+    def _row_uniform(row, seed_ptr):
+        """A uniform number in [0, 1) per (row, seed): a 32-bit integer hash (multiply-xorshift)."""
+        h = (row.to(tl.uint32) * 0x61C88647) ^ tl.load(seed_ptr).to(tl.uint32)
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x2C1B3C6D
+        h = h ^ (h >> 16)
+        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
     @triton.jit
     def _round_bits(g, CLEAR: tl.constexpr):
@@ -86,7 +101,7 @@ if triton is not None:
     @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
                         out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr,
-                        floor2=0.0, CLEAR: tl.constexpr = 0, FLOOR: tl.constexpr = False):
+                        seed_ptr, floor2, CLEAR: tl.constexpr = 0, FLOOR: tl.constexpr = False):
         # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
         # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
         # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
@@ -101,15 +116,20 @@ if triton is not None:
             tl.store(lse_ptr + row, lse)
         dst = out_ptr + row * out_stride
         shift = lse2 - log2_out  # p * 2^log2_out = exp2(x log2 e - shift): one FMA and one exp2 per value
+        r, tau = 0.0, 0.0
+        if FLOOR:
+            r = _row_uniform(row, seed_ptr)
+            tau = tl.exp2(floor2)
         # second read of the row: it was read microseconds ago, so mostly served from L2
         offs = tl.arange(0, BLOCK)
         for start in tl.range(0, V_FULL, BLOCK):
             x = tl.load(base + start + offs).to(tl.float32)
-            tl.store(dst + start + offs, _grad_value(x * _LOG2E - shift, floor2, CLEAR, FLOOR).to(dst.dtype.element_ty))
+            g = _grad_value(x * _LOG2E - shift, start + offs, r, tau, CLEAR, FLOOR)
+            tl.store(dst + start + offs, g.to(dst.dtype.element_ty))
         for start in tl.range(V_FULL, VP, BLOCK):
             cols = start + offs
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
-            g = tl.where(cols < V, _grad_value(x * _LOG2E - shift, floor2, CLEAR, FLOOR), 0.0)
+            g = tl.where(cols < V, _grad_value(x * _LOG2E - shift, cols, r, tau, CLEAR, FLOOR), 0.0)
             tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
         # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
         tl.debug_barrier()
@@ -119,17 +139,20 @@ if triton is not None:
 
 def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float, loss: torch.Tensor,
               lse: torch.Tensor, out: torch.Tensor, out_scale: float, block: int, warps: int) -> None:
-    """One program per row of `logits` (CUDA); `out` is `logits` itself (in place) or an e5m2 buffer."""
+    """One program per row of `logits` (CUDA); `out` is `logits` itself (in place) or an e5m2 buffer.
+    With GRAD_FLOOR_LOG2 the random start of each row comes from the device's generator (no host sync), so a
+    run stays reproducible from its seed and RNG state."""
     n, vp = logits.shape
     assert logits.stride(1) == 1 and vp % 16 == 0 and block % (32 * warps) == 0
     r = block // (32 * warps)
     v_full = vocab_size // block * block
     clear = 23 - GRAD_MANTISSA_BITS if out is logits and GRAD_MANTISSA_BITS < 7 else 0
     floor = out is logits and GRAD_FLOOR_LOG2 is not None
+    seed = torch.randint(0, 2**31 - 1, (1,), device=logits.device, dtype=torch.int32) if floor else targets
     _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, v_full, scale,
                           math.log2(out_scale), lse, out, out.stride(0), BLOCK=block, R=r, FP8_OUT=out is not logits,
-                          floor2=(GRAD_FLOOR_LOG2 or 0.0) + math.log2(out_scale), CLEAR=clear, FLOOR=floor,
-                          num_warps=warps)
+                          seed_ptr=seed, floor2=(GRAD_FLOOR_LOG2 or 0.0) + math.log2(out_scale), CLEAR=clear,
+                          FLOOR=floor, num_warps=warps)
 
 
 def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
