@@ -299,37 +299,18 @@ def power() -> None:
         for name, hh in hr.items():
             rec(f"logits {name} [{rnd}]", lambda: hh @ w.t(), f)
     del variants, hr
-    sparsity(h, w, t, d)
+    sparsity(h, w, d)
 
 
-def sparsity(h, w, t, d) -> None:
-    """The backward matmuls against the share of exact zeros in the gradient: zeros chosen at random, then
-    the kernel's own floor (GRAD_FLOOR_LOG2: tiny values become 0 or the floor, unbiased) on softmaxes as
-    peaked as a trained model's (logits' std 3-6), and what the floor costs the CE kernel itself."""
+def sparsity(h, w, d) -> None:
+    """The backward matmuls against the share of exact zeros in the gradient, chosen at random. (A CE kernel
+    that wrote probabilities under 2^-20 as zeros was tried on this: RESULTS.md, ninth pass.)"""
     f = 2 * N * C * VP
     g = torch.Generator(device=d.device).manual_seed(9)
     for frac in (0.5, 0.9, 0.99):
         dd = d * (torch.rand(d.shape, device=d.device, generator=g) >= frac).to(d.dtype)
         rec(f"grad_x  {int(frac * 100)} % zeros at random", lambda: dd @ w, f)
         rec(f"grad_W  {int(frac * 100)} % zeros at random", lambda: dd.t() @ h, f)
-    for std in (3.0, 6.0):
-        ws = w * (std / float((h[:4096] @ w.t()).float().std()))
-        for floor in (None, -20.0, -16.0):
-            H.GRAD_FLOOR_LOG2 = floor
-            dd = h @ ws.t()
-            H.ce_grad_inplace(dd, t, V, 1.0 / N)
-            zeros = float((dd[:, :V] == 0).float().mean())
-            with torch.no_grad():
-                lg = (h[:4096] @ ws.t())[:, :V].float()
-                p = torch.softmax(lg, -1)
-                lost = float(torch.where(p < 2 ** floor, p, 0.0).sum(-1).mean()) if floor else 0.0
-            name = f"std {std:.0f}, floor {'none' if floor is None else f'2^{floor:.0f}'}: {100 * zeros:.1f} % zeros, mass {lost:.1e}"
-            print(name, flush=True)
-            rec(f"grad_x  {name}", lambda: dd @ ws, f)
-            rec(f"grad_W  {name}", lambda: dd.t() @ h, f)
-            lg = h @ ws.t()
-            rec(f"CE kernel, {name}", lambda: H.ce_grad_inplace(lg, t, V, 1.0 / N), nbytes=2 * N * VP * 2)
-    H.GRAD_FLOOR_LOG2 = None
 
 
 def main() -> int:
@@ -339,7 +320,7 @@ def main() -> int:
     p.add_argument("--ce-only", action="store_true", help="only the CE kernels against their previous version")
     p.add_argument("--layouts", action="store_true", help="only the head's matmuls in each operand layout")
     p.add_argument("--glue", action="store_true", help="only the fused head's backward: glue and grad-x widths")
-    p.add_argument("--power", action="store_true", help="only the backward matmuls against their operands' mantissa bits")
+    p.add_argument("--power", action="store_true", help="only the backward matmuls against their operands' mantissa bits and zeros (the card is power-capped)")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     if args.layouts or args.glue or args.power:

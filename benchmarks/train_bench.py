@@ -86,25 +86,7 @@ def setup(home: Path, dropout: float, name: str = "seed"):
     return cfg, train, val
 
 
-def head_kind(head: str) -> str:
-    """`fused~b3~z20`: the fused head with its bf16 gradient rounded to 3 mantissa bits and probabilities
-    below 2**-20 written as zeros (model.head's GRAD_MANTISSA_BITS, GRAD_FLOOR_LOG2; experiments). The kernel
-    reads them at launch, so variants in one process can differ in them."""
-    import model.head as H
-    kind, *opts = head.split("~")
-    H.GRAD_MANTISSA_BITS, H.GRAD_FLOOR_LOG2 = 7, None
-    for o in opts:
-        if o[0] == "b":
-            H.GRAD_MANTISSA_BITS = int(o[1:])
-        elif o[0] == "z":
-            H.GRAD_FLOOR_LOG2 = -float(o[1:])
-        else:
-            raise SystemExit(f"--variants {head}: unknown option {o!r} (b<bits>, z<log2 floor>)")
-    return kind
-
-
 def build(cfg, head: str, device, total_steps: int):
-    head = head_kind(head)
     torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
@@ -212,7 +194,7 @@ def quality(args) -> list[dict]:
             losses.append(loss)
         pf.close()
         vb = torch.from_numpy(val.fixed(20 * micro))
-        raw.head_loss = make_head_loss(head_kind("fused"))  # the same evaluation for every variant
+        raw.head_loss = make_head_loss("fused")  # the same evaluation for every variant
         raw.eval()
         with torch.no_grad(), autocast():
             vl = sum(float(raw(b[:, :-1].to(device), b[:, 1:].to(device))) * b.size(0)
@@ -347,10 +329,7 @@ def main() -> int:
     p.add_argument("--home", type=Path, default=OUT / "home")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--vocab", type=int, default=48_951)
-    p.add_argument("--variants", default="plain,fused,fp8,fp8:synthetic",
-                   help="heads (plain, fused, fp8, fp8all; fused~bN: its gradient rounded to N mantissa bits, ~zK: "
-                        "probabilities below 2**-K written as zeros), "
-                        "each optionally :synthetic (in-GPU tokens)")
+    p.add_argument("--variants", default="plain,fused,fp8,fp8:synthetic")
     p.add_argument("--dropouts", default="0.1,0.0")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=8)

@@ -6,7 +6,6 @@ rounds the forward logits (loss within 3e-4 of float64, gradients within 3e-3: t
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -23,12 +22,6 @@ LOG2E = 1.4426950408889634
 # the second read of a row is more often served from L2; 8192 / (32 warps x 32 lanes) = 8 values per thread,
 # one 16-byte load of bf16 that shares one running max
 CE_BLOCK, CE_WARPS = 8192, 32
-# mantissa bits the in-place bf16 gradient keeps (bf16 has 7): fewer is an experiment on the power-capped card,
-# where what a matmul multiplies changes its speed (head_bench.py --power)
-GRAD_MANTISSA_BITS = int(os.environ.get("LANGPWT_GRAD_BITS", "7"))
-# probabilities below tau = 2**GRAD_FLOOR_LOG2 written as 0 or, with probability p / tau, as tau (None: all kept;
-# unbiased): another such experiment, zeros cost the backward matmuls less power than the tiny values they replace
-GRAD_FLOOR_LOG2: float | None = float(os.environ["LANGPWT_GRAD_FLOOR_LOG2"]) if os.environ.get("LANGPWT_GRAD_FLOOR_LOG2") else None
 
 
 if triton is not None:
@@ -67,41 +60,8 @@ if triton is not None:
         return tl.where(cols == tgt, p - 1.0, p)
 
     @triton.jit
-    def _grad_value(e, cols, r, tau, CLEAR: tl.constexpr, FLOOR: tl.constexpr):
-        """p * 2^log2_out from its exponent e; with FLOOR, a value under tau becomes tau with probability
-        value / tau, else 0 (unbiased: its expectation is the value), the uniform number per column being a
-        golden-ratio sequence from the row's random start r; CLEAR: rounded to fewer mantissa bits."""
-        g = tl.exp2(e)
-        if FLOOR:
-            u = r + cols.to(tl.float32) * 0.6180339887498949
-            u = u - tl.floor(u)
-            g = tl.where(g < tau, tl.where(u * tau < g, tau, 0.0), g)
-        return _round_bits(g, CLEAR)
-
-    @triton.jit
-    def _row_uniform(row, seed_ptr):
-        """A uniform number in [0, 1) per (row, seed): a 32-bit integer hash (multiply-xorshift)."""
-        h = (row.to(tl.uint32) * 0x61C88647) ^ tl.load(seed_ptr).to(tl.uint32)
-        h = h ^ (h >> 16)
-        h = h * 0x7FEB352D
-        h = h ^ (h >> 15)
-        h = h * 0x2C1B3C6D
-        h = h ^ (h >> 16)
-        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
-
-    @triton.jit
-    def _round_bits(g, CLEAR: tl.constexpr):
-        """fp32 `g` rounded to nearest with its lowest CLEAR mantissa bits zero (0: unchanged)."""
-        if CLEAR > 0:  # constexpr: with 0 the body is never built (Triton would build it past an early return)
-            u = g.to(tl.int32, bitcast=True)
-            u = (u + (1 << (CLEAR - 1))) & (-(1 << CLEAR))
-            g = u.to(tl.float32, bitcast=True)
-        return g
-
-    @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
-                        out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr,
-                        seed_ptr, floor2, CLEAR: tl.constexpr = 0, FLOOR: tl.constexpr = False):
+                        out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr):
         # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
         # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
         # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
@@ -116,43 +76,32 @@ if triton is not None:
             tl.store(lse_ptr + row, lse)
         dst = out_ptr + row * out_stride
         shift = lse2 - log2_out  # p * 2^log2_out = exp2(x log2 e - shift): one FMA and one exp2 per value
-        r, tau = 0.0, 0.0
-        if FLOOR:
-            r = _row_uniform(row, seed_ptr)
-            tau = tl.exp2(floor2)
         # second read of the row: it was read microseconds ago, so mostly served from L2
         offs = tl.arange(0, BLOCK)
         for start in tl.range(0, V_FULL, BLOCK):
             x = tl.load(base + start + offs).to(tl.float32)
-            g = _grad_value(x * _LOG2E - shift, start + offs, r, tau, CLEAR, FLOOR)
-            tl.store(dst + start + offs, g.to(dst.dtype.element_ty))
+            tl.store(dst + start + offs, tl.exp2(x * _LOG2E - shift).to(dst.dtype.element_ty))
         for start in tl.range(V_FULL, VP, BLOCK):
             cols = start + offs
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
-            g = tl.where(cols < V, _grad_value(x * _LOG2E - shift, cols, r, tau, CLEAR, FLOOR), 0.0)
+            g = tl.where(cols < V, tl.exp2(x * _LOG2E - shift), 0.0)
             tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
         # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
         tl.debug_barrier()
         g_t = (tl.exp2(x_t * _LOG2E - lse2) - 1.0) * tl.exp2(log2_out)
-        tl.store(dst + tgt, _round_bits(g_t, CLEAR).to(dst.dtype.element_ty))
+        tl.store(dst + tgt, g_t.to(dst.dtype.element_ty))
 
 
 def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float, loss: torch.Tensor,
               lse: torch.Tensor, out: torch.Tensor, out_scale: float, block: int, warps: int) -> None:
-    """One program per row of `logits` (CUDA); `out` is `logits` itself (in place) or an e5m2 buffer.
-    With GRAD_FLOOR_LOG2 the random start of each row comes from the device's generator (no host sync), so a
-    run stays reproducible from its seed and RNG state."""
+    """One program per row of `logits` (CUDA); `out` is `logits` itself (in place) or an e5m2 buffer."""
     n, vp = logits.shape
     assert logits.stride(1) == 1 and vp % 16 == 0 and block % (32 * warps) == 0
     r = block // (32 * warps)
     v_full = vocab_size // block * block
-    clear = 23 - GRAD_MANTISSA_BITS if out is logits and GRAD_MANTISSA_BITS < 7 else 0
-    floor = out is logits and GRAD_FLOOR_LOG2 is not None
-    seed = torch.randint(0, 2**31 - 1, (1,), device=logits.device, dtype=torch.int32) if floor else targets
     _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, v_full, scale,
                           math.log2(out_scale), lse, out, out.stride(0), BLOCK=block, R=r, FP8_OUT=out is not logits,
-                          seed_ptr=seed, floor2=(GRAD_FLOOR_LOG2 or 0.0) + math.log2(out_scale), CLEAR=clear,
-                          FLOOR=floor, num_warps=warps)
+                          num_warps=warps)
 
 
 def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
