@@ -7,7 +7,7 @@
 # passes and grad-x widths (head_bench --glue), speed (with the SM clock and power sampled beside it), regional = speed with
 # --regional, compile = short trainer runs timing start-up + compile cold and warm, homecache = two short runs
 # on the home's own compile cache, seed), to split it over calls.
-# SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope.
+# SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope; SEED_EXTRA: more trainer flags (e.g. --grad-floor -24).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/out/gpu}
@@ -81,7 +81,7 @@ export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton  # else the trainer keep
 rm -rf "$HOME_DIR/runs/seed-bench"
 start=$(date +%s.%N)
 timeout "${SEED_LIMIT:-330}" python3 -m model.train --home "$HOME_DIR" --preset seed --head "$SEED_HEAD" \
-  --compile-scope "${SEED_SCOPE:-auto}" --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
+  --compile-scope "${SEED_SCOPE:-auto}" ${SEED_EXTRA:-} --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
 rc=$?
 end=$(date +%s.%N)
 python3 - "$OUT/seed.jsonl" "$start" "$end" "$rc" <<'EOF' | tee "$OUT/seed_summary.txt"

@@ -30,6 +30,7 @@ from model.step import autocast_for, train_step  # noqa: E402
 OUT = ROOT / "benchmarks" / "out"
 COMPILE_MODE = None  # --compile-mode
 STREAM_DTYPE = None  # --bf16-stream
+GRAD_FLOOR = None  # --grad-floor
 REGIONAL = False  # --regional
 MIX_ORDER = False  # --mix-order-reduction
 
@@ -90,7 +91,7 @@ def build(cfg, head: str, device, total_steps: int):
     torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
-    raw.head_loss = make_head_loss(head)
+    raw.head_loss = make_head_loss(head, GRAD_FLOOR if head in ("fused", "fp8") else None)
     raw.stream_dtype = STREAM_DTYPE
     if device.type == "cuda" and not MIX_ORDER:
         tune_inductor(cfg.model.dropout)  # as the trainer does
@@ -341,6 +342,7 @@ def main() -> int:
                    help="restrict scaled_dot_product_attention to one backend")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
+    p.add_argument("--grad-floor", type=float, help="fused/fp8 heads: probabilities under 2**X as zeros (as the trainer's)")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     p.add_argument("--regional", action="store_true", help="compile regions (embedding, one shared block graph, ln_f + loss) as --compile-scope regions")
     p.add_argument("--mix-order-reduction", action="store_true",
@@ -348,11 +350,12 @@ def main() -> int:
     p.add_argument("--fallback-random", action="store_true",
                    help="Inductor calls aten's dropout kernels instead of generating random numbers in its own")
     args = p.parse_args()
-    global COMPILE_MODE, STREAM_DTYPE, REGIONAL, MIX_ORDER
+    global COMPILE_MODE, STREAM_DTYPE, REGIONAL, MIX_ORDER, GRAD_FLOOR
     COMPILE_MODE = args.compile_mode
     REGIONAL = args.regional
     MIX_ORDER = args.mix_order_reduction
     STREAM_DTYPE = torch.bfloat16 if args.bf16_stream else None
+    GRAD_FLOOR = args.grad_floor
     if args.fallback_random:
         import torch._inductor.config as ic
         ic.fallback_random = True

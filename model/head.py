@@ -1,6 +1,7 @@
 """Output layer + cross-entropy with the loss gradient computed during the forward pass.
 The 49k-way logits are written once and turned into their own gradient by one Triton kernel
-(~2-3 passes over memory instead of ~4); `fp8` also runs the forward matmul in FP8 (e4m3).
+(~2-3 passes over memory instead of ~4); `fp8` also runs the forward matmul in FP8 (e4m3). A floor
+(`grad_floor`, opt-in) writes probabilities under 2^floor as exact zeros: the backward matmuls draw less power.
 Costs: the gradient's memory is held until backward (as the plain step's logits are), and FP8
 rounds the forward logits (loss within 3e-4 of float64, gradients within 3e-3: train_bench)."""
 from __future__ import annotations
@@ -60,11 +61,21 @@ if triton is not None:
         return tl.where(cols == tgt, p - 1.0, p)
 
     @triton.jit
+    def _grad_value(e, floor2, FLOOR: tl.constexpr):
+        """2^e (the scaled probability); with FLOOR, exactly 0 where e < floor2."""
+        g = tl.exp2(e)
+        if FLOOR:
+            g = tl.where(e < floor2, 0.0, g)
+        return g
+
+    @triton.jit
     def _ce_grad_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, V_FULL, scale, log2_out, lse_ptr, out_ptr,
-                        out_stride, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr):
+                        out_stride, floor2, BLOCK: tl.constexpr, R: tl.constexpr, FP8_OUT: tl.constexpr,
+                        FLOOR: tl.constexpr):
         # writes p * 2^log2_out for every column, then the target's p - 1 over it: the one-hot costs one
         # store per row instead of a compare and select per value. FP8_OUT (model.head_fp8): keep the
-        # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place
+        # logits, store lse, write e5m2 to out_ptr; else the gradient overwrites the logits in place.
+        # FLOOR: probabilities under 2^floor are written as 0 (the target's p - 1 never is)
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         lse2 = row_lse2(base, V, VP, V_FULL, BLOCK, R)
@@ -80,11 +91,11 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         for start in tl.range(0, V_FULL, BLOCK):
             x = tl.load(base + start + offs).to(tl.float32)
-            tl.store(dst + start + offs, tl.exp2(x * _LOG2E - shift).to(dst.dtype.element_ty))
+            tl.store(dst + start + offs, _grad_value(x * _LOG2E - shift, floor2, FLOOR).to(dst.dtype.element_ty))
         for start in tl.range(V_FULL, VP, BLOCK):
             cols = start + offs
             x = tl.load(base + cols, mask=cols < VP, other=0.0).to(tl.float32)
-            g = tl.where(cols < V, tl.exp2(x * _LOG2E - shift), 0.0)
+            g = tl.where(cols < V, _grad_value(x * _LOG2E - shift, floor2, FLOOR), 0.0)
             tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=cols < VP)
         # every thread's stores of this row are ordered before the barrier, so the fix-up lands last
         tl.debug_barrier()
@@ -93,29 +104,40 @@ if triton is not None:
 
 
 def launch_ce(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float, loss: torch.Tensor,
-              lse: torch.Tensor, out: torch.Tensor, out_scale: float, block: int, warps: int) -> None:
-    """One program per row of `logits` (CUDA); `out` is `logits` itself (in place) or an e5m2 buffer."""
+              lse: torch.Tensor, out: torch.Tensor, out_scale: float, block: int, warps: int,
+              floor_log2: float | None = None) -> None:
+    """One program per row of `logits` (CUDA); `out` is `logits` itself (in place) or an e5m2 buffer;
+    `floor_log2`: probabilities under 2**floor_log2 written as 0."""
     n, vp = logits.shape
     assert logits.stride(1) == 1 and vp % 16 == 0 and block % (32 * warps) == 0
     r = block // (32 * warps)
     v_full = vocab_size // block * block
+    log2_out = math.log2(out_scale)
+    floor2 = (floor_log2 if floor_log2 is not None else 0.0) + log2_out  # in the kernel's scaled exponent
     _ce_grad_kernel[(n,)](logits, logits.stride(0), targets, loss, vocab_size, vp, v_full, scale,
-                          math.log2(out_scale), lse, out, out.stride(0), BLOCK=block, R=r, FP8_OUT=out is not logits,
-                          num_warps=warps)
+                          log2_out, lse, out, out.stride(0), floor2, BLOCK=block, R=r, FP8_OUT=out is not logits,
+                          FLOOR=floor_log2 is not None, num_warps=warps)
 
 
-def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float) -> torch.Tensor:
-    """Per-row `scale * CE` over the first `vocab_size` columns; `logits` becomes scale * dCE/dlogits."""
+def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: float,
+                    floor_log2: float | None = None) -> torch.Tensor:
+    """Per-row `scale * CE` over the first `vocab_size` columns; `logits` becomes scale * dCE/dlogits, with
+    probabilities under 2**floor_log2 (if given) as exact zeros."""
     n, vp = logits.shape
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     if logits.is_cuda and triton is not None:
-        launch_ce(logits, targets, vocab_size, scale, loss, loss, logits, scale, CE_BLOCK, CE_WARPS)
+        launch_ce(logits, targets, vocab_size, scale, loss, loss, logits, scale, CE_BLOCK, CE_WARPS, floor_log2)
         return loss
     x = logits[:, :vocab_size].float()
     lse = torch.logsumexp(x, dim=-1)
     loss.copy_((lse - x.gather(1, targets.view(-1, 1)).squeeze(1)) * scale)
     p = torch.exp(x - lse[:, None])
-    p[torch.arange(n, device=p.device), targets] -= 1.0
+    rows = torch.arange(n, device=p.device)
+    if floor_log2 is not None:
+        below = p < 2.0 ** floor_log2
+        below[rows, targets] = False  # as the kernel: the target's p - 1 is written whatever p is
+        p = p.masked_fill(below, 0.0)
+    p[rows, targets] -= 1.0
     logits[:, :vocab_size] = (p * scale).to(logits.dtype)
     logits[:, vocab_size:] = 0
     return loss
@@ -148,7 +170,7 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 class FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int, fp8: bool):
+    def forward(ctx, h, weight, targets, vocab_size: int, fp8: bool, floor_log2: float | None = None):
         dtype = torch.bfloat16 if h.is_cuda else h.dtype
         hb = h.reshape(-1, h.size(-1)).to(dtype)
         t = targets.reshape(-1)
@@ -156,7 +178,7 @@ class FusedHeadLoss(torch.autograd.Function):
             logits = fp8_linear(hb, weight)  # quantised from the fp32 weight: no bf16 copy in between
         else:
             logits = hb @ weight.to(dtype).t()
-        rows = ce_grad_inplace(logits, t, vocab_size, 1.0 / t.numel())
+        rows = ce_grad_inplace(logits, t, vocab_size, 1.0 / t.numel(), floor_log2)
         ctx.save_for_backward(hb, weight, logits)
         ctx.h_shape, ctx.h_dtype = h.shape, h.dtype
         return rows.sum()
@@ -169,11 +191,14 @@ class FusedHeadLoss(torch.autograd.Function):
         wg = torch.mul(weight, g, out=torch.empty(weight.shape, dtype=hb.dtype, device=hb.device))
         gx = dlogits @ wg
         gw = matmul_f32(dlogits.t(), hb * g.to(hb.dtype), weight.dtype)
-        return gx.view(ctx.h_shape).to(ctx.h_dtype), gw, None, None, None
+        return gx.view(ctx.h_shape).to(ctx.h_dtype), gw, None, None, None, None
 
 
-def make_head_loss(kind: str):
-    """`None` for the plain (autograd + compile) loss, else a loss function the model calls."""
+def make_head_loss(kind: str, grad_floor: float | None = None):
+    """`None` for the plain (autograd + compile) loss, else a loss function the model calls. `grad_floor`
+    (fused and fp8 only): probabilities under 2**grad_floor enter the backward matmuls as exact zeros."""
+    if grad_floor is not None and kind not in ("fused", "fp8"):
+        raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused or fp8 (the head is {kind})")
     if kind == "plain":
         return None
     if kind == "fp8all":
@@ -183,6 +208,6 @@ def make_head_loss(kind: str):
 
     @torch.compiler.disable
     def head_loss(h, weight, targets, vocab_size):
-        return FusedHeadLoss.apply(h, weight, targets, vocab_size, fp8)
+        return FusedHeadLoss.apply(h, weight, targets, vocab_size, fp8, grad_floor)
 
     return head_loss

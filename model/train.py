@@ -69,13 +69,15 @@ def train(ns: argparse.Namespace) -> int:
             raise ValueError(f"--head {cfg.head} needs CUDA (FP8 matmuls); use fused, plain or auto on CPU")
         if cfg.stream_dtype == "bfloat16":
             raise ValueError("--stream-dtype bfloat16 needs CUDA (bf16 autocast); use float32 or auto on CPU")
-    run_dir = home.run_dir(run_id)
-    emit = rt.Emitter(run_dir, d.rank == 0)
     is_cuda = device.type == "cuda"
-    T, micro = cfg.model.block_size, cfg.micro_batch
-    accum = rt.accum_steps(cfg, d.world)
     # fused on CUDA: fp8 is 4 % faster but its val loss trailed the plain step's at equal tokens (RESULTS.md)
     head = cfg.head if cfg.head != "auto" else ("fused" if is_cuda else "plain")
+    if cfg.grad_floor is not None and head not in ("fused", "fp8"):
+        raise ValueError(f"--grad-floor {cfg.grad_floor:g} needs --head fused or fp8 (the head here is {head})")
+    run_dir = home.run_dir(run_id)
+    emit = rt.Emitter(run_dir, d.rank == 0)
+    T, micro = cfg.model.block_size, cfg.micro_batch
+    accum = rt.accum_steps(cfg, d.world)
 
     shards = load_shard_list(ns.shard_list, home.shards)
     train_w = TokenWindows(shards["train"], T, cfg.model.vocab_size, "train")
@@ -103,7 +105,7 @@ def train(ns: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = True
     stream = cfg.stream_dtype if cfg.stream_dtype != "auto" else ("bfloat16" if is_cuda else "float32")
     raw.stream_dtype = torch.bfloat16 if stream == "bfloat16" else None
-    train_head = raw.head_loss = make_head_loss(head)  # one object: compile guards on its identity
+    train_head = raw.head_loss = make_head_loss(head, cfg.grad_floor)  # one object: compile guards on its identity
     eval_head = make_head_loss("fused" if is_cuda else "plain")
     startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
     model = raw

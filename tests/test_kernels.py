@@ -69,6 +69,35 @@ def test_ce_kernel_gives_float64_loss_and_gradient_in_place(v, vp, block, warps)
     torch.testing.assert_close(fallback.double(), logits.double().cpu(), rtol=2 ** -6, atol=1e-5 * scale)
 
 
+def test_ce_kernel_floor_writes_tiny_probabilities_as_zeros():
+    """--grad-floor: probabilities under 2^floor become exact zeros (never the target's p - 1), the rest and the
+    loss are unchanged, and the CPU path zeroes the same entries."""
+    n, v, vp, floor = 24, 1000, 1024, -12.0
+    x = _logits(n, vp, seed=11)
+    t = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(3)).to(DEV)
+    t[2] = int(x[2, :v].float().argmin())  # a target whose probability is under the floor: its p - 1 stays
+    _, loss_ref, p = _reference(x, t, v)
+    prob = p.clone()
+    prob[torch.arange(n), t.cpu()] += 1.0
+    below = prob < 2.0 ** floor
+    below[torch.arange(n), t.cpu()] = False
+    near = (prob.log2() - floor).abs() < 2 ** -6  # within exp2's rounding of the floor: either side will do
+    assert below.sum() > n * v // 4 and (~below).sum() > n  # the floor bites, and keeps the large ones
+    scale = 1.0 / n
+    logits, loss = x.clone(), torch.empty(n, device=DEV)
+    H.launch_ce(logits, t, v, scale, loss, loss, logits, scale, 256, 4, floor_log2=floor)
+    g = logits[:, :v].double().cpu()
+    torch.testing.assert_close(loss.double().cpu(), loss_ref * scale, rtol=2e-6, atol=1e-5 * scale)
+    assert ((g == 0) == below)[~near].all()
+    torch.testing.assert_close(g[~below & ~near], (p * scale)[~below & ~near], rtol=2 ** -7, atol=1e-5 * scale)
+    assert g[2, t[2]] == pytest.approx(-scale, rel=2 ** -7)
+    fallback = x.clone().cpu()
+    H.ce_grad_inplace(fallback, t.cpu(), v, scale, floor_log2=floor)
+    fb = fallback[:, :v].double()
+    assert ((fb == 0) == below)[~near].all()
+    torch.testing.assert_close(fb, g, rtol=2 ** -6, atol=1e-5 * scale)
+
+
 def test_fp8_gradients_in_both_layouts():
     """ce_rm8 keeps the logits and writes e5m2 (p - onehot) * 2^15 row-major; grad8 the same values transposed."""
     n, v, vp = 2 * H8.TILE_M, 1000, 4 * H8.TILE_N

@@ -87,10 +87,23 @@ def test_bad_inputs_fail_with_one_line(train_home, tmp_path):
     # CUDA-only speed options asked for on CPU: refused before any run folder exists
     for flags, msg in ((("--stream-dtype", "bfloat16"), "--stream-dtype bfloat16 needs CUDA"),
                        (("--head", "fp8all"), "--head fp8all needs CUDA"),
-                       (("--head", "fp9"), "--head fp9: expected")):
+                       (("--head", "fp9"), "--head fp9: expected"),
+                       (("--grad-floor", "-24"), "--grad-floor -24 needs --head fused or fp8 (the head here is plain)"),
+                       (("--grad-floor", "3"), "--grad-floor 3: a log2 probability")):
         code, _, text = run_trainer(train_home, *FAST, *flags, "--max-steps", "2", "--run-id", "c")
         assert code == 2 and msg in text, text
         assert not (train_home.root / "runs" / "c").exists()
+
+
+def test_grad_floor_trains_and_is_kept_in_the_config(train_home):
+    # the fused head on CPU (torch path) with a floor that zeroes most of the gradient: it still learns
+    code, events, text = run_trainer(train_home, *FAST, "--head", "fused", "--grad-floor", "-12", "--max-steps", "30",
+                                     "--run-id", "f", "--eval-every", "30")
+    assert code == 0, text
+    train, _ = metrics_rows(train_home, "f")
+    assert sum(train[s] for s in range(26, 31)) / 5 < sum(train[s] for s in range(1, 6)) / 5 - 0.5
+    st = ckpts.load_train_state(ckpts.latest(ckpts.checkpoint_root(train_home, "f")).path)
+    assert st["config"]["train"]["grad_floor"] == -12.0 and st["config"]["train"]["head"] == "fused"
 
 
 @pytest.mark.timeout(600)
