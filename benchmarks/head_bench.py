@@ -287,8 +287,8 @@ def power() -> None:
     f = 2 * N * C * VP
     variants = {"CE gradient (bf16, 7 mantissa bits)": d}
     for bits in (4, 3, 2):
-        variants[f"CE gradient rounded to {bits} mantissa bits"] = round_mantissa(d, bits)
-        print(f"  rounded to {bits} bits: relative error {float((variants[list(variants)[-1]].float() - d.float()).norm() / d.float().norm()):.2e}")
+        r = variants[f"CE gradient rounded to {bits} mantissa bits"] = round_mantissa(d, bits)
+        print(f"  rounded to {bits} bits: relative error {float((r.float() - d.float()).norm() / d.float().norm()):.2e}")
     variants["zeros"] = torch.zeros_like(d)
     for rnd in range(2):
         for name, dd in variants.items():

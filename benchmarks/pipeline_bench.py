@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline_corpus import N_FILES, OUT, build_big4, build_corpus, parquet_files, tiktoken_from, train_once, verify_ids
+from pipeline_corpus import (N_FILES, OUT, ROOT, build_big4, build_corpus, parquet_files, tiktoken_from, train_once,
+                             verify_ids)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the project's packages, imported inside the children
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 SQL = "SELECT dump, sum(n_tokens) FROM documents GROUP BY 1"

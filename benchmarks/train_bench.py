@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from model.config import GPTConfig, preset  # noqa: E402
 from model.data import Prefetcher, TokenWindows, find_shards  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.head import make_head_loss  # noqa: E402
+from model.head import FLOOR_HEADS, make_head_loss  # noqa: E402
 from model.optim import WarmupCosine, make_optimizer  # noqa: E402
 from model.runtime import device_name, load_tokenizer, measure_peak_tflops, tune_inductor  # noqa: E402
 from model.step import autocast_for, train_step  # noqa: E402
@@ -91,7 +91,7 @@ def build(cfg, head: str, device, total_steps: int):
     torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
     raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
-    raw.head_loss = make_head_loss(head, GRAD_FLOOR if head in ("fused", "fp8") else None)
+    raw.head_loss = make_head_loss(head, GRAD_FLOOR if head in FLOOR_HEADS else None)
     raw.stream_dtype = STREAM_DTYPE
     if device.type == "cuda" and not MIX_ORDER:
         tune_inductor(cfg.model.dropout)  # as the trainer does

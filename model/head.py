@@ -194,11 +194,18 @@ class FusedHeadLoss(torch.autograd.Function):
         return gx.view(ctx.h_shape).to(ctx.h_dtype), gw, None, None, None, None
 
 
+FLOOR_HEADS = ("fused", "fp8")  # the heads whose CE kernel writes the bf16 gradient in place
+
+
+def check_grad_floor(kind: str, grad_floor: float | None) -> None:
+    if grad_floor is not None and kind not in FLOOR_HEADS:
+        raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused or fp8 (the head here is {kind})")
+
+
 def make_head_loss(kind: str, grad_floor: float | None = None):
     """`None` for the plain (autograd + compile) loss, else a loss function the model calls. `grad_floor`
-    (fused and fp8 only): probabilities under 2**grad_floor enter the backward matmuls as exact zeros."""
-    if grad_floor is not None and kind not in ("fused", "fp8"):
-        raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused or fp8 (the head is {kind})")
+    (FLOOR_HEADS only): probabilities under 2**grad_floor enter the backward matmuls as exact zeros."""
+    check_grad_floor(kind, grad_floor)
     if kind == "plain":
         return None
     if kind == "fp8all":
