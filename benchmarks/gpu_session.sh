@@ -3,7 +3,7 @@
 # original's whole run (5000 x 65,536 tokens) timed from process start to exit. Results under $OUT.
 # Run on the GPU machine from the repo root, with shards made here by `train_bench.py make-data`
 # carried along (benchmarks/out/home): bash benchmarks/gpu_session.sh
-# PARTS picks what runs (ce = the CE kernel against its previous version, glue = the fused head's backward
+# PARTS picks what runs (ce = the CE kernel against its previous version, gemm = --head gemm's tiles (head_bench --gemm), glue = the fused head's backward
 # passes and grad-x widths (head_bench --glue), speed (with the SM clock and power sampled beside it), regional = speed with
 # --regional, compile = short trainer runs timing start-up + compile cold and warm, homecache = two short runs
 # on the home's own compile cache, seed), to split it over calls.
@@ -25,6 +25,9 @@ mkdir -p "$OUT"
 if has ce; then
   python3 benchmarks/head_bench.py --ce-only --json "$OUT/ce.json" 2>&1 | grep -v Warning | tee "$OUT/ce.log"
 fi
+if has gemm; then  # --head gemm's tile configurations against cuBLAS + the CE kernel; the fastest feeds `speed`
+  python3 benchmarks/head_bench.py --gemm --gemm-best "$OUT/gemm_best.json" --json "$OUT/gemm.json" 2>&1 | grep -v Warning | tee "$OUT/gemm.log"
+fi
 if has glue; then
   python3 benchmarks/head_bench.py --glue --json "$OUT/glue.json" 2>&1 | grep -v Warning | tee "$OUT/glue.log"
 fi
@@ -33,7 +36,7 @@ if has speed; then  # the card runs at its power cap: clocks beside the step rat
   smi=$!
 fi
 has speed && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants "$VARIANTS" --dropouts 0.1,0.0 \
-  --bf16-stream --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
+  --bf16-stream --gemm-config "$OUT/gemm_best.json" --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
 if has speed; then
   kill $smi 2>/dev/null
   python3 - "$OUT/smi.csv" <<'PY' | tee -a "$OUT/speed.log"

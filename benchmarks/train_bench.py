@@ -343,6 +343,7 @@ def main() -> int:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
     p.add_argument("--grad-floor", type=float, help="fused/fp8 heads: probabilities under 2**X as zeros (as the trainer's)")
+    p.add_argument("--gemm-config", type=Path, help="head_bench --gemm-best's JSON: --head gemm's tile configuration")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     p.add_argument("--regional", action="store_true", help="compile regions (embedding, one shared block graph, ln_f + loss) as --compile-scope regions")
     p.add_argument("--mix-order-reduction", action="store_true",
@@ -372,6 +373,10 @@ def main() -> int:
         chosen = next(r for r in json.loads(args.tuned.read_text())["results"] if r["name"] == "chosen")
         H.CE_BLOCK, H.CE_WARPS = chosen["ce_block"], chosen["ce_warps"]
         print(f"tuned tiles: {chosen}")
+    if args.gemm_config and args.gemm_config.exists():
+        import model.head_gemm as G
+        G.GEMM_CONFIG.update(json.loads(args.gemm_config.read_text()))
+        print(f"gemm tiles: {G.GEMM_CONFIG}")
     if args.mode == "make-data":
         make_data(args.out, args.vocab)
         return 0

@@ -71,7 +71,7 @@ class TrainConfig:
     # graph all blocks share, ln_f + loss): a seed-model cold compile 22.9 -> 14.8 s, steps ~1 % slower
     # (RESULTS.md), so regions pay off below ~800 s of steps; auto = regions up to REGIONS_MAX_STEPS
     compile_scope: str = "auto"
-    head: str = "auto"  # output layer + loss: plain | fused | fp8 | fp8all (auto: fused on CUDA, plain on CPU)
+    head: str = "auto"  # output layer + loss: plain | fused | gemm | fp8 | fp8all (auto: model.head.resolve_head)
     # fused/fp8 heads: probabilities under 2**grad_floor reach the backward matmuls as exact zeros, which a
     # power-capped GPU multiplies faster (-24: +2.8 % steps over a seed run at equal val loss, RESULTS.md; opt-in)
     grad_floor: float | None = None
@@ -83,8 +83,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.model.validate()
-        if self.head not in ("auto", "plain", "fused", "fp8", "fp8all"):
-            raise ValueError(f"--head {self.head}: expected auto, plain, fused, fp8 or fp8all")
+        if self.head not in ("auto", "plain", "fused", "gemm", "fp8", "fp8all"):
+            raise ValueError(f"--head {self.head}: expected auto, plain, fused, gemm, fp8 or fp8all")
         if self.grad_floor is not None and not -126 <= self.grad_floor < 0:
             raise ValueError(f"--grad-floor {self.grad_floor:g}: a log2 probability in [-126, 0), e.g. -24")
         if self.compile_scope not in ("auto", "model", "regions"):

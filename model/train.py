@@ -18,7 +18,7 @@ from model import runtime as rt
 from model.data import Prefetcher, TokenWindows, load_shard_list
 from model.generate import sample
 from model.gpt import GPT
-from model.head import check_grad_floor, make_head_loss
+from model.head import check_grad_floor, make_head_loss, resolve_head
 from model.optim import WarmupCosine, make_optimizer
 from model.step import autocast_for, train_step
 from storage import checkpoints as ckpts
@@ -70,8 +70,8 @@ def train(ns: argparse.Namespace) -> int:
         if cfg.stream_dtype == "bfloat16":
             raise ValueError("--stream-dtype bfloat16 needs CUDA (bf16 autocast); use float32 or auto on CPU")
     is_cuda = device.type == "cuda"
-    # fused on CUDA: fp8 is 4 % faster but its val loss trailed the plain step's at equal tokens (RESULTS.md)
-    head = cfg.head if cfg.head != "auto" else ("fused" if is_cuda else "plain")
+    # fp8 is faster still, but its val loss trailed the plain step's at equal tokens (RESULTS.md)
+    head = resolve_head(cfg.head, device, cfg.grad_floor)
     check_grad_floor(head, cfg.grad_floor)  # before the run folder exists, as the checks above
     run_dir = home.run_dir(run_id)
     emit = rt.Emitter(run_dir, d.rank == 0)

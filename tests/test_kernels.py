@@ -119,3 +119,41 @@ def test_fp8_gradients_in_both_layouts():
     assert torch.equal(tr.float().t(), row.float())  # the same rounding in both layouts
     if DEV == "cuda":  # the row-pass kernel and the tiled one compute p in other orders: e5m2's step apart
         torch.testing.assert_close(row.float(), g8.float(), rtol=2 ** -2, atol=2.0 ** -16)
+
+
+@pytest.mark.parametrize("config", [
+    dict(BM=32, BN=64, BK=16, GROUP=2, warps=4, stages=2, tma=False),  # pointer loads (before Hopper)
+    dict(BM=32, BN=64, BK=16, GROUP=2, warps=4, stages=2, tma=True, sms=3),  # persistent, TMA
+    dict(BM=32, BN=64, BK=16, GROUP=2, warps=4, stages=2, tma=True, split=True, sms=3),  # halves stored apart
+])
+def test_gemm_head_kernel_writes_exp_of_logits_and_row_sums(config):
+    """--head gemm's logits GEMM: E = 2^((z - z_t) log2 e - OFFSET2) against float64 from the same bf16 operands,
+    0 in the target's and padded columns, row sums S_rest, for a row count no tile size divides."""
+    from model import head_gemm as G
+
+    n, k, v, vp = 90, 48, 300, 384
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(vp, k, generator=g) * 0.5).to(torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g)
+    h[3] = w[t[3]] * 6  # a confident row: the target far above the rest
+    h[4] = -w[t[4]] * 6  # the target far below: large E values, large loss
+    e, s = G.exp_logits(h.to(DEV), w.to(DEV), t.to(DEV), v, config=config, kernel=True)
+    z = h.double() @ w.double().t()
+    zt = z.gather(1, t[:, None])
+    ref = torch.exp2((z - zt) * G.LOG2E - G.OFFSET2)
+    ref[:, v:] = 0
+    ref[torch.arange(n), t] = 0
+    e = e.double().cpu()
+    # bf16: within one unit of the 8th significant bit; the exponent's fp32 rounding adds ~1e-5 relative. In the
+    # confident row, values 2^94 below the target's term underflow (fp32/bf16 denormals): atol covers only those
+    torch.testing.assert_close(e, ref, rtol=2 ** -7, atol=2.0 ** -120)
+    assert (e[:, v:] == 0).all() and (e[torch.arange(n), t] == 0).all()
+    torch.testing.assert_close(s.double().cpu(), ref.sum(1), rtol=1e-4, atol=0)
+    loss = G.rows_loss(s.cpu()).double()
+    torch.testing.assert_close(loss, torch.logsumexp(z[:, :v], 1) - zt.squeeze(1), rtol=1e-5, atol=1e-5)
+    assert loss[3] < 1e-3 and loss[4] > 30
+    # the torch path CPU training takes gives the same values
+    e_cpu, s_cpu = G.exp_logits(h, w, t, v, kernel=False)
+    torch.testing.assert_close(e_cpu.double(), e, rtol=2 ** -7, atol=2.0 ** -120)
+    torch.testing.assert_close(s_cpu.double(), s.double().cpu(), rtol=1e-5, atol=0)

@@ -207,3 +207,50 @@ def test_to_fp8_maps_amax_to_448_and_rounds_each_value_to_e4m3(dtype):
     # e4m3: 3 mantissa bits, so normals are within 2^-4 relative; subnormals (below 2^-6 * s) within 2^-10 * s
     torch.testing.assert_close(back, x.float(), rtol=2 ** -4, atol=2 ** -10 * s.item())
     assert not torch.equal(back, x.float())  # it did round: a quantiser that copied would pass the line above
+
+
+def test_gemm_head_matches_autograd_loss_and_gradients():
+    """--head gemm (torch path, as CPU training runs it): the loss and both gradients of the plain cross-entropy,
+    also for a confident row, where the target's p - 1 is tiny and computed from the other terms' sum."""
+    from model.head_gemm import GemmHeadLoss
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 8, CFG.n_embd, requires_grad=True)
+    w = (torch.randn(CFG.padded_vocab, CFG.n_embd) * 0.3).requires_grad_()
+    t = torch.randint(0, CFG.vocab_size, (4, 8))
+    with torch.no_grad():
+        h[0, 0] = w[t[0, 0]] * 10  # p_target ~ 1 - 1e-6
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    col = torch.arange(CFG.padded_vocab)
+    logits = (hd @ wd.t()).masked_fill(col >= CFG.vocab_size, float("-inf"))
+    # float64 throughout (plain_loss computes in fp32, whose p - 1 at a confident target loses digits)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, CFG.padded_vocab), t.reshape(-1))
+    gh, gw = torch.autograd.grad(ref * 0.5, (hd, wd))
+    got = GemmHeadLoss.apply(h, w, t, CFG.vocab_size)
+    fh, fw = torch.autograd.grad(got * 0.5, (h, w))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(fh.double(), gh, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(fw.double(), gw, rtol=1e-4, atol=1e-9)
+    # the confident row's gradient is ~1e-6 of the others' and still right to fp32's precision
+    assert gh[0, 0].abs().max() < 1e-5 * gh[1].abs().max()
+    torch.testing.assert_close(fh[0, 0].double(), gh[0, 0], rtol=1e-4, atol=1e-13)
+    assert fw[CFG.vocab_size:].abs().max() == 0
+
+
+def test_gemm_head_loss_is_finite_to_111_nats_behind_then_inf():
+    """A target 100 nats below the row's top logit still gets its loss and gradient; past (128 + OFFSET2) / log2 e
+    = 111 nats, E overflows and the loss is inf, which the trainer stops on as a diverged run."""
+    from model.head_gemm import GemmHeadLoss
+
+    k, v = 16, CFG.vocab_size
+    w = torch.zeros(CFG.padded_vocab, k)
+    w[:k] = torch.eye(k)  # logit j is h_j for j < k, 0 beyond
+    t = torch.full((1, 2), 100)
+    h = torch.zeros(1, 2, k)
+    h[0, 0, 5], h[0, 1, 5] = 100.0, 120.0
+    hh = h.clone().requires_grad_()
+    loss_rows = [GemmHeadLoss.apply(hh[:, i:i + 1], w, t[:, i:i + 1], v) for i in range(2)]
+    assert loss_rows[0].item() == pytest.approx(100.0, rel=1e-6)
+    loss_rows[0].backward()
+    assert torch.isfinite(hh.grad).all() and hh.grad[0, 0, 5].item() == pytest.approx(1.0, rel=1e-6)
+    assert loss_rows[1].item() == float("inf")

@@ -106,6 +106,23 @@ def test_grad_floor_trains_and_is_kept_in_the_config(train_home):
     assert st["config"]["train"]["grad_floor"] == -12.0 and st["config"]["train"]["head"] == "fused"
 
 
+def test_gemm_head_trains_as_the_plain_head(train_home):
+    # --head gemm on CPU (its torch path: the loss from exp(logit - target logit), the 1/S scale applied in the
+    # backward) against the plain cross-entropy, same data and seed, dropout 0: the same losses step by step
+    losses = {}
+    for head in ("plain", "gemm"):
+        code, _, text = run_trainer(train_home, *FAST, "--head", head, "--dropout", "0", "--max-steps", "12",
+                                    "--run-id", f"h-{head}", "--eval-every", "12")
+        assert code == 0, text
+        losses[head], _ = metrics_rows(train_home, f"h-{head}")
+    assert sorted(losses["gemm"]) == list(range(1, 13))
+    for step, loss in losses["plain"].items():
+        assert losses["gemm"][step] == pytest.approx(loss, rel=1e-4), step
+    assert losses["gemm"][12] < losses["gemm"][1] - 0.5
+    st = ckpts.load_train_state(ckpts.latest(ckpts.checkpoint_root(train_home, "h-gemm")).path)
+    assert st["config"]["train"]["head"] == "gemm"
+
+
 @pytest.mark.timeout(600)
 def test_ddp_two_ranks_match_one_rank_with_accumulation(train_home):
     # dropout 0 so both runs compute the same function; data depends on (step, micro * world + rank)

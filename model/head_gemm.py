@@ -1,0 +1,224 @@
+"""Output layer + cross-entropy with the loss taken in the logits matmul's epilogue (`--head gemm`): one Triton
+GEMM writes exp(logit - target logit) instead of the logits, so no pass over the 49k-way rows follows it.
+Trade-off: the GEMM is Triton's, not cuBLAS's, and a row whose target trails a logit by > 111 nats overflows
+(its loss is inf, which stops the run as divergence; past ~98 its gradient loses bits to fp32 denormals)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # triton exists only where CUDA does; the CPU path below computes the same values in torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+LOG2E = 1.4426950408889634
+# E = 2^((z - z_target) log2 e - OFFSET2): the target's own term is 2^-OFFSET2, values overflow only past
+# (128 + OFFSET2) / log2 e = 111 nats above the target, and a value underflows only below 2^-(126 - OFFSET2)
+# = 2^-94 times the target's probability, far under anything a bf16 gradient could carry
+OFFSET2 = 32.0
+# tile rows, tile columns, K step, rows of tiles per L2 group, warps, pipeline stages; `tma`: one persistent
+# program per SM with TMA loads and stores (Hopper on; elsewhere the pointer kernel), `split`: E stored in two
+# halves (room for a 4th stage). head_bench --gemm on the H200: 6.8 ms for 65,536 x 512 -> 49,152, against 8.9 ms
+# for cuBLAS's logits + the CE kernel; 7.1-7.3 ms unsplit with 3 stages, 9.1 ms with pointer loads
+GEMM_CONFIG = dict(BM=128, BN=256, BK=64, GROUP=8, warps=8, stages=4, tma=True, split=True)
+
+
+if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)
+
+    @triton.jit
+    def _target_logit_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr, M, K, offset2, BR: tl.constexpr, BK: tl.constexpr):
+        """out[i] = (h[i] . w[t[i]]) log2 e + offset2, in fp32 from the bf16 operands (exact products)."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = rows < M
+        t = tl.load(tgt_ptr + rows, mask=ok, other=0).to(tl.int64)
+        acc = tl.zeros([BR], tl.float32)
+        for k in tl.range(0, K, BK):
+            cols = k + tl.arange(0, BK)
+            m = ok[:, None] & (cols[None, :] < K)
+            a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            b = tl.load(w_ptr + t[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            acc += tl.sum(a * b, 1)
+        tl.store(out_ptr + rows, acc * _LOG2E + offset2, mask=ok)
+
+    @triton.jit
+    def _exp_tile(acc, rn, ref, tgt, V):
+        """2^(z log2 e - ref) of one tile of logits, 0 in the target's and the padded columns: the target's term
+        is known exactly (2^-OFFSET2) and left out, so p - 1 there comes from the other terms' sum."""
+        e = tl.exp2(acc * _LOG2E - ref[:, None])
+        return tl.where((rn[None, :] < V) & (rn[None, :] != tgt[:, None]), e, 0.0)
+
+    @triton.jit
+    def _logits_exp_kernel(h_ptr, w_ptr, ref_ptr, tgt_ptr, e_ptr, part_ptr, M, V, VP, K, n_tiles_n,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                           UPCAST: tl.constexpr):
+        """One [BM, BN] tile of h @ w.T, written as 2^(z log2 e - ref) with the target's and padded columns 0;
+        the tile's row sums go to part[row, tile column] (summed later in a fixed order: deterministic)."""
+        pid = tl.program_id(0)
+        n_m = tl.cdiv(M, BM)
+        width = GROUP * n_tiles_n  # tiles in one group of GROUP tile-rows: W's columns are re-read from L2
+        first_m = (pid // width) * GROUP
+        rows_in_group = min(n_m - first_m, GROUP)
+        pid_m = first_m + (pid % width) % rows_in_group
+        pid_n = (pid % width) // rows_in_group
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rm_ok, rn_ok = rm < M, rn < VP
+        a_ptrs = h_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
+        b_ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = tl.load(a_ptrs, mask=rm_ok[:, None] & (rk[None, :] < K - k), other=0.0)
+            b = tl.load(b_ptrs, mask=rn_ok[:, None] & (rk[None, :] < K - k), other=0.0)
+            if UPCAST:  # Triton's interpreter multiplies bf16 as raw integers; fp32 holds their products exactly
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc)
+            a_ptrs += BK
+            b_ptrs += BK
+        ref = tl.load(ref_ptr + rm, mask=rm_ok, other=0.0)
+        tgt = tl.load(tgt_ptr + rm, mask=rm_ok, other=-1)
+        e = _exp_tile(acc, rn, ref, tgt, V)
+        tl.store(e_ptr + rm.to(tl.int64)[:, None] * VP + rn[None, :], e.to(e_ptr.dtype.element_ty),
+                 mask=rm_ok[:, None] & rn_ok[None, :])
+        tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, tl.sum(e, 1), mask=rm_ok)
+
+
+    @triton.jit
+    def _logits_exp_tma_kernel(a_desc, b_desc, e_desc, ref_ptr, tgt_ptr, part_ptr, M, V, VP, K, n_tiles_n,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                               NUM_SMS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+        """The same tiles as `_logits_exp_kernel` from one program per SM, operands and E moved by TMA (which
+        zero-fills and clips the edges): the next tile's loads are issued during this tile's epilogue."""
+        n_m = tl.cdiv(M, BM)
+        width = GROUP * n_tiles_n
+        for tile in tl.range(tl.program_id(0), n_m * n_tiles_n, NUM_SMS, flatten=True):
+            first_m = (tile // width) * GROUP
+            rows_in_group = min(n_m - first_m, GROUP)
+            pid_m = first_m + (tile % width) % rows_in_group
+            pid_n = (tile % width) // rows_in_group
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                a = a_desc.load([pid_m * BM, k])
+                b = b_desc.load([pid_n * BN, k])
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b.T, acc)
+            rm = pid_m * BM + tl.arange(0, BM)
+            rm_ok = rm < M
+            ref = tl.load(ref_ptr + rm, mask=rm_ok, other=0.0)
+            tgt = tl.load(tgt_ptr + rm, mask=rm_ok, other=-1)
+            if SPLIT:  # two half-width stores: half the shared memory for staging E, room for a deeper pipeline
+                a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                c0 = pid_n * BN
+                e0 = _exp_tile(a0, c0 + tl.arange(0, BN // 2), ref, tgt, V)
+                e_desc.store([pid_m * BM, c0], e0.to(e_desc.dtype))
+                e1 = _exp_tile(a1, c0 + BN // 2 + tl.arange(0, BN // 2), ref, tgt, V)
+                e_desc.store([pid_m * BM, c0 + BN // 2], e1.to(e_desc.dtype))
+                total = tl.sum(e0, 1) + tl.sum(e1, 1)
+            else:
+                e = _exp_tile(acc, pid_n * BN + tl.arange(0, BN), ref, tgt, V)
+                e_desc.store([pid_m * BM, pid_n * BN], e.to(e_desc.dtype))
+                total = tl.sum(e, 1)
+            tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, total, mask=rm_ok)
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton is not None
+
+
+def target_logits2(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+    """(h_i . w_{t_i}) log2 e + OFFSET2 per row, fp32 from exact products of the operands as given. `kernel`:
+    the Triton path (default: on CUDA; the tests force it on CPU tensors under Triton's interpreter)."""
+    if use_kernels(hb) if kernel is None else kernel:
+        out = torch.empty(hb.size(0), device=hb.device, dtype=torch.float32)
+        _target_logit_kernel[(triton.cdiv(hb.size(0), 64),)](hb, wb, t, out, hb.size(0), hb.size(1), OFFSET2,
+                                                            BR=64, BK=64, num_warps=4)
+        return out
+    return (hb.float() * wb.float()[t]).sum(1) * LOG2E + OFFSET2
+
+
+def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: int,
+               config: dict | None = None, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """E = 2^((h w^T - z_target) log2 e - OFFSET2) as hb's dtype with the target's and padded columns 0, and
+    S_rest = sum of each row's E in fp32 (from the unrounded values). `hb` [N, K], `wb` [VP, K] contiguous."""
+    n, k = hb.shape
+    vp = wb.size(0)
+    kernel = use_kernels(hb) if kernel is None else kernel
+    ref = target_logits2(hb, wb, t, kernel)
+    if kernel:
+        c = {**GEMM_CONFIG, **(config or {})}
+        n_tiles_n = triton.cdiv(vp, c["BN"])
+        e = torch.empty(n, vp, device=hb.device, dtype=hb.dtype)
+        part = torch.empty(n, n_tiles_n, device=hb.device, dtype=torch.float32)
+        if c.get("tma") and (not hb.is_cuda or torch.cuda.get_device_capability(hb.device)[0] >= 9):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            sms = c.get("sms") or (torch.cuda.get_device_properties(hb.device).multi_processor_count if hb.is_cuda else 4)
+            descs = (TensorDescriptor.from_tensor(hb, [c["BM"], c["BK"]]),
+                     TensorDescriptor.from_tensor(wb, [c["BN"], c["BK"]]),
+                     TensorDescriptor.from_tensor(e, [c["BM"], c["BN"] // (2 if c.get("split") else 1)]))
+            _logits_exp_tma_kernel[(sms,)](*descs, ref, t, part, n, vocab_size, vp, k, n_tiles_n, BM=c["BM"],
+                                           BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"], NUM_SMS=sms,
+                                           SPLIT=bool(c.get("split")), UPCAST=not hb.is_cuda, num_warps=c["warps"], num_stages=c["stages"])
+            return e, part.sum(1)
+        grid = (triton.cdiv(n, c["BM"]) * n_tiles_n,)
+        _logits_exp_kernel[grid](hb, wb, ref, t, e, part, n, vocab_size, vp, k, n_tiles_n, BM=c["BM"], BN=c["BN"],
+                                 BK=c["BK"], GROUP=c["GROUP"], UPCAST=not hb.is_cuda, num_warps=c["warps"], num_stages=c["stages"])
+        return e, part.sum(1)
+    z2 = (hb.float() @ wb.float().t()) * LOG2E
+    e = torch.exp2(z2 - ref[:, None])
+    e[:, vocab_size:] = 0
+    e[torch.arange(n), t] = 0
+    return e.to(hb.dtype), e.sum(1)
+
+
+def rows_loss(s_rest: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy: lse - z_t = ln(2^-OFFSET2 + S_rest) + OFFSET2 ln 2 = ln(1 + S_rest 2^OFFSET2),
+    exact near 0 (a confident row) where lse - z_t would cancel; in float64 (one value per row), where the
+    product cannot overflow before E itself does."""
+    return torch.log1p(s_rest.double() * 2.0 ** OFFSET2).float()
+
+
+class GemmHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of h @ weight.T over the first `vocab_size` columns. With p = E / S (S = S_rest +
+    2^-OFFSET2), the target's p - 1 = -S_rest / S: E's target column is set to -S_rest, and the gradient is
+    r E @ W for h and E^T @ (r h) for W with r = g / (N S), the 1/S scale riding on 512-wide operands."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size: int):
+        dtype = torch.bfloat16 if h.is_cuda else h.dtype
+        hb = h.reshape(-1, h.size(-1)).to(dtype).contiguous()
+        wb = weight.to(dtype)
+        t = targets.reshape(-1)
+        e, s_rest = exp_logits(hb, wb, t, vocab_size)
+        # -S_rest is accurate to bf16's 8 bits relative, as every other value of E: no 1 - p cancels in it
+        e[torch.arange(t.numel(), device=t.device), t] = (-s_rest).to(e.dtype)
+        ctx.save_for_backward(hb, wb, e, s_rest)
+        ctx.h_shape, ctx.h_dtype = h.shape, h.dtype
+        return rows_loss(s_rest).sum() / t.numel()
+
+    @staticmethod
+    def backward(ctx, g):
+        hb, wb, e, s_rest = ctx.saved_tensors
+        r = (g.float() / (e.size(0) * (s_rest + 2.0 ** -OFFSET2)))[:, None]  # [N, 1]
+        gx = torch.mul(e @ wb, r, out=torch.empty(hb.shape, dtype=ctx.h_dtype, device=hb.device))
+        gw = mm_f32(e.t(), torch.mul(hb, r, out=torch.empty_like(hb)))
+        return gx.view(ctx.h_shape), gw, None, None
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32, straight from cuBLAS's accumulator when the operands are bf16 on CUDA."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a.float() @ b.float())
+
+
+def make_gemm_head_loss():
+    @torch.compiler.disable
+    def head_loss(h, weight, targets, vocab_size):
+        return GemmHeadLoss.apply(h, weight, targets, vocab_size)
+
+    return head_loss
