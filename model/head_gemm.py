@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from model.head import matmul_f32
+
 try:  # triton exists only where CUDA does; the CPU path below computes the same values in torch
     import triton
     import triton.language as tl
@@ -158,17 +160,20 @@ def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: 
         part = torch.empty(n, n_tiles_n, device=hb.device, dtype=torch.float32)
         if c.get("tma") and (not hb.is_cuda or torch.cuda.get_device_capability(hb.device)[0] >= 9):
             from triton.tools.tensor_descriptor import TensorDescriptor
-            sms = c.get("sms") or (torch.cuda.get_device_properties(hb.device).multi_processor_count if hb.is_cuda else 4)
+            sms = c.get("sms") or (torch.cuda.get_device_properties(hb.device).multi_processor_count
+                                   if hb.is_cuda else 4)
             descs = (TensorDescriptor.from_tensor(hb, [c["BM"], c["BK"]]),
                      TensorDescriptor.from_tensor(wb, [c["BN"], c["BK"]]),
                      TensorDescriptor.from_tensor(e, [c["BM"], c["BN"] // (2 if c.get("split") else 1)]))
             _logits_exp_tma_kernel[(sms,)](*descs, ref, t, part, n, vocab_size, vp, k, n_tiles_n, BM=c["BM"],
                                            BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"], NUM_SMS=sms,
-                                           SPLIT=bool(c.get("split")), UPCAST=not hb.is_cuda, num_warps=c["warps"], num_stages=c["stages"])
-            return e, part.sum(1)
-        grid = (triton.cdiv(n, c["BM"]) * n_tiles_n,)
-        _logits_exp_kernel[grid](hb, wb, ref, t, e, part, n, vocab_size, vp, k, n_tiles_n, BM=c["BM"], BN=c["BN"],
-                                 BK=c["BK"], GROUP=c["GROUP"], UPCAST=not hb.is_cuda, num_warps=c["warps"], num_stages=c["stages"])
+                                           SPLIT=bool(c.get("split")), UPCAST=not hb.is_cuda,
+                                           num_warps=c["warps"], num_stages=c["stages"])
+        else:
+            grid = (triton.cdiv(n, c["BM"]) * n_tiles_n,)
+            _logits_exp_kernel[grid](hb, wb, ref, t, e, part, n, vocab_size, vp, k, n_tiles_n, BM=c["BM"],
+                                     BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"], UPCAST=not hb.is_cuda,
+                                     num_warps=c["warps"], num_stages=c["stages"])
         return e, part.sum(1)
     z2 = (hb.float() @ wb.float().t()) * LOG2E
     e = torch.exp2(z2 - ref[:, None])
@@ -199,7 +204,7 @@ class GemmHeadLoss(torch.autograd.Function):
         # -S_rest is accurate to bf16's 8 bits relative, as every other value of E: no 1 - p cancels in it
         e[torch.arange(t.numel(), device=t.device), t] = (-s_rest).to(e.dtype)
         ctx.save_for_backward(hb, wb, e, s_rest)
-        ctx.h_shape, ctx.h_dtype = h.shape, h.dtype
+        ctx.h_shape, ctx.h_dtype, ctx.w_dtype = h.shape, h.dtype, weight.dtype
         return rows_loss(s_rest).sum() / t.numel()
 
     @staticmethod
@@ -207,15 +212,8 @@ class GemmHeadLoss(torch.autograd.Function):
         hb, wb, e, s_rest = ctx.saved_tensors
         r = (g.float() / (e.size(0) * (s_rest + 2.0 ** -OFFSET2)))[:, None]  # [N, 1]
         gx = torch.mul(e @ wb, r, out=torch.empty(hb.shape, dtype=ctx.h_dtype, device=hb.device))
-        gw = mm_f32(e.t(), torch.mul(hb, r, out=torch.empty_like(hb)))
+        gw = matmul_f32(e.t(), torch.mul(hb, r, out=torch.empty_like(hb)), ctx.w_dtype)
         return gx.view(ctx.h_shape), gw, None, None
-
-
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32, straight from cuBLAS's accumulator when the operands are bf16 on CUDA."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return (a.float() @ b.float())
 
 
 def make_gemm_head_loss():
