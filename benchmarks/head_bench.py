@@ -348,12 +348,11 @@ def gemm_head(best_path: Path | None) -> None:
         lg = h @ w.t()
         H.ce_grad_inplace(lg, t, V, 1.0 / N)
 
-    configs = GEMM_CONFIGS
     times = {}
     for rnd in range(2):
         rec(f"cuBLAS logits + CE kernel [{rnd}]", base, f)
         rec(f"cuBLAS logits alone [{rnd}]", lambda: h @ w.t(), f)
-        for c in configs:
+        for c in GEMM_CONFIGS:
             name = (f"gemm {'tma ' if c['tma'] else ''}{'split ' if c.get('split') else ''}"
                     f"{c['BM']}x{c['BN']}x{c['BK']} g{c['GROUP']} w{c['warps']} s{c['stages']}")
             ms = rec(f"{name} [{rnd}]", lambda: G.exp_logits(h, w, t, V, c), f)
@@ -389,27 +388,19 @@ def main() -> int:
         gemm_head(args.gemm_best)
         torch.cuda.empty_cache()
         whole_heads()
-        if args.json:
-            args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                                 date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))
-        return 0
-    if args.layouts or args.glue or args.power:
+    elif args.layouts or args.glue or args.power:
         (layouts if args.layouts else power if args.power else backward_glue)()
-        if args.json:
-            args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                                 date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))
-        return 0
-    ce_kernels()
-    if not (args.ce_only or args.skip_pieces):
-        pieces()
-    torch.cuda.empty_cache()
-    if not args.ce_only:
-        whole_heads()
+    else:
+        ce_kernels()
+        if not (args.ce_only or args.skip_pieces):
+            pieces()
+        torch.cuda.empty_cache()
+        if not args.ce_only:
+            whole_heads()
     if args.json:
         args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                              date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

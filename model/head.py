@@ -203,16 +203,14 @@ def check_grad_floor(kind: str, grad_floor: float | None) -> None:
 
 
 def resolve_head(kind: str, device: torch.device, grad_floor: float | None = None) -> str:
-    """What `--head auto` means on `device`: plain on CPU; on CUDA gemm (Hopper and later: its GEMM moves tiles
-    with TMA, 6 % per step over fused on the H200 at equal val loss, RESULTS.md), fused before Hopper (there the
-    GEMM falls back to pointer loads, no faster than cuBLAS + the CE kernel) or with a --grad-floor."""
+    """What `--head auto` means on `device`: plain on CPU; on CUDA gemm where its TMA GEMM runs (Hopper and later:
+    6 % per step over fused on the H200 at equal val loss, RESULTS.md), else fused, and fused with a --grad-floor."""
     if kind != "auto":
         return kind
     if device.type != "cuda":
         return "plain"
-    if grad_floor is None and torch.cuda.get_device_capability(device)[0] >= 9:
-        return "gemm"
-    return "fused"
+    from model.head_gemm import has_tma
+    return "gemm" if grad_floor is None and has_tma(device) else "fused"
 
 
 def make_head_loss(kind: str, grad_floor: float | None = None):

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from model.head import matmul_f32
+from model.head import LOG2E, matmul_f32
 
 try:  # triton exists only where CUDA does; the CPU path below computes the same values in torch
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
-
-LOG2E = 1.4426950408889634
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer-load kernel runs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the machine
+    TensorDescriptor = None
 # E = 2^((z - z_target) log2 e - OFFSET2): the target's own term is 2^-OFFSET2, values overflow only past
 # (128 + OFFSET2) / log2 e = 111 nats above the target, and a value underflows only below 2^-(126 - OFFSET2)
 # = 2^-94 times the target's probability, far under anything a bf16 gradient could carry
@@ -46,6 +48,15 @@ if triton is not None:
         tl.store(out_ptr + rows, acc * _LOG2E + offset2, mask=ok)
 
     @triton.jit
+    def _tile_coords(tile, n_m, n_tiles_n, GROUP: tl.constexpr):
+        """(tile row, tile column) of the `tile`-th tile, GROUP tile-rows at a time so W's columns are re-read
+        from L2 rather than memory."""
+        width = GROUP * n_tiles_n
+        first_m = (tile // width) * GROUP
+        rows_in_group = min(n_m - first_m, GROUP)
+        return first_m + (tile % width) % rows_in_group, (tile % width) // rows_in_group
+
+    @triton.jit
     def _exp_tile(acc, c0, W: tl.constexpr, ref, tgt, V):
         """2^(z log2 e - ref) of the logits in columns c0..c0+W, 0 in the target's and the padded columns: the
         target's term is known exactly (2^-OFFSET2) and left out, so p - 1 there comes from the other terms' sum.
@@ -60,13 +71,7 @@ if triton is not None:
                            UPCAST: tl.constexpr):
         """One [BM, BN] tile of h @ w.T, written as 2^(z log2 e - ref) with the target's and padded columns 0;
         the tile's row sums go to part[row, tile column] (summed later in a fixed order: deterministic)."""
-        pid = tl.program_id(0)
-        n_m = tl.cdiv(M, BM)
-        width = GROUP * n_tiles_n  # tiles in one group of GROUP tile-rows: W's columns are re-read from L2
-        first_m = (pid // width) * GROUP
-        rows_in_group = min(n_m - first_m, GROUP)
-        pid_m = first_m + (pid % width) % rows_in_group
-        pid_n = (pid % width) // rows_in_group
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BM), n_tiles_n, GROUP)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -89,7 +94,6 @@ if triton is not None:
                  mask=rm_ok[:, None] & rn_ok[None, :])
         tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, tl.sum(e, 1), mask=rm_ok)
 
-
     @triton.jit
     def _logits_exp_tma_kernel(a_desc, b_desc, e_desc, ref_ptr, tgt_ptr, part_ptr, M, V, VP, K, n_tiles_n,
                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
@@ -98,12 +102,8 @@ if triton is not None:
         zero-fills and clips the edges); the flattened loop issues the next tile's loads during this tile's epilogue
         (without flattening: +8 % time)."""
         n_m = tl.cdiv(M, BM)
-        width = GROUP * n_tiles_n
         for tile in tl.range(tl.program_id(0), n_m * n_tiles_n, NUM_SMS, flatten=True):
-            first_m = (tile // width) * GROUP
-            rows_in_group = min(n_m - first_m, GROUP)
-            pid_m = first_m + (tile % width) % rows_in_group
-            pid_n = (tile % width) // rows_in_group
+            pid_m, pid_n = _tile_coords(tile, n_m, n_tiles_n, GROUP)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 a = a_desc.load([pid_m * BM, k])
@@ -134,6 +134,15 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and triton is not None
 
 
+def has_tma(device: torch.device) -> bool:
+    """Whether the persistent TMA kernel can run: Hopper or later with Triton's host descriptors (Triton's
+    interpreter runs it on CPU tensors for the tests). Before Hopper the pointer kernel is no faster than
+    cuBLAS + the fused head's CE kernel, which is why `--head auto` picks gemm only where this holds."""
+    if triton is None or TensorDescriptor is None:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def target_logits2(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
     """(h_i . w_{t_i}) log2 e + OFFSET2 per row, fp32 from exact products of the operands as given. `kernel`:
     the Triton path (default: on CUDA; the tests force it on CPU tensors under Triton's interpreter)."""
@@ -158,8 +167,7 @@ def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: 
         n_tiles_n = triton.cdiv(vp, c["BN"])
         e = torch.empty(n, vp, device=hb.device, dtype=hb.dtype)
         part = torch.empty(n, n_tiles_n, device=hb.device, dtype=torch.float32)
-        if c.get("tma") and (not hb.is_cuda or torch.cuda.get_device_capability(hb.device)[0] >= 9):
-            from triton.tools.tensor_descriptor import TensorDescriptor
+        if c.get("tma") and has_tma(hb.device):
             sms = c.get("sms") or (torch.cuda.get_device_properties(hb.device).multi_processor_count
                                    if hb.is_cuda else 4)
             descs = (TensorDescriptor.from_tensor(hb, [c["BM"], c["BK"]]),
