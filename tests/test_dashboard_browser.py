@@ -101,6 +101,9 @@ def open_page(browser, url: str, path: str, title: str):
 def test_pipeline(server, browser, dash_home):
     pg = open_page(browser, server, "", "Pipeline")  # the default page lives at the root URL
     pg.locator("[data-testid='stMetric']").first.wait_for()
+    # tables render after the metrics (their data arrives as Arrow, then the grid draws): wait for the third, as
+    # the other pages wait for their charts; counting at once failed in CI on a loaded machine
+    pg.locator("[data-testid='stDataFrame']").nth(2).wait_for(timeout=WAIT_MS)
     assert pg.locator("[data-testid='stDataFrame']").count() >= 3
     assert pg.get_by_text("002_00000.parquet").count()  # the failed shard names its file
     shoot(pg, "pipeline")
