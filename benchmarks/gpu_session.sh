@@ -6,8 +6,10 @@
 # PARTS picks what runs (ce = the CE kernel against its previous version, gemm = --head gemm's tiles (head_bench --gemm), glue = the fused head's backward
 # passes and grad-x widths (head_bench --glue), speed (with the SM clock and power sampled beside it), regional = speed with
 # --regional, compile = short trainer runs timing start-up + compile cold and warm, homecache = two short runs
-# on the home's own compile cache, seed), to split it over calls.
-# SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope; SEED_EXTRA: more trainer flags (e.g. --grad-floor -24).
+# on the home's own compile cache, pyc = start-up imports with and without model.bytecode's cache, dropout = the
+# hash dropout compiled and timed against torch's, seed), to split it over calls.
+# SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope; SEED_EXTRA: more trainer flags (e.g. --grad-floor -24);
+# SEED_DROPOUT=auto: --dropout-rng hash if the dropout part measured it >= 1 % faster; SEED_WARMUP=N: an N-step run first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/out/gpu}
@@ -77,17 +79,52 @@ if has compile; then
     c=$(mktemp -d); short "cold-$scope" $scope "$c"; short "warm-$scope" $scope "$c"
   done
 fi
+if has pyc; then  # start-up imports in fresh processes: Python's own choice, then model.bytecode's cache cold and warm
+  imp='import time; t = time.perf_counter(); import model, torch, sys; a = time.perf_counter(); import torch._dynamo; b = time.perf_counter(); import torch._inductor.compile_fx; c = time.perf_counter(); print(f"model+torch {a - t:.2f} s, dynamo {b - a:.2f} s, inductor {c - b:.2f} s, bytecode cache {sys.pycache_prefix}")'
+  pyc=$(mktemp -d)
+  { python3 -c 'import sys, os; print("dont_write_bytecode", sys.flags.dont_write_bytecode)'
+    LANGPWT_PYCACHE=off python3 -c "$imp"
+    for i in 1 2 3; do LANGPWT_PYCACHE=$pyc python3 -c "$imp"; done
+    du -sh "$pyc"; } 2>&1 | tee "$OUT/pyc.log"
+fi
+if has dropout; then  # the hash dropout compiled on CUDA (both integer forms), then against torch's in the step
+  python3 benchmarks/dropout_probe.py 2>&1 | grep -v Warning | tee "$OUT/dropout_probe.log"
+  if grep -q "works: wide" "$OUT/dropout_probe.log"; then sed -i 's/^WIDE = False/WIDE = True/' model/dropout.py; fi
+  if ! grep -q "works: none" "$OUT/dropout_probe.log"; then
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --dropouts 0.1 \
+      --variants gemm,gemm@hash,gemm,gemm@hash --steps 60 --bf16-stream --json "$OUT/speed_dropout.json" 2>&1 \
+      | grep -v Warning | tee "$OUT/speed_dropout.log"
+  fi
+fi
 has seed || exit 0
-# the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun)
+# the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun),
+# and a fresh bytecode cache beside it (model.bytecode; used where the install ships no bytecode)
 export TORCHINDUCTOR_CACHE_DIR=${SEED_CACHE:-$(mktemp -d)}
 export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton  # else the trainer keeps Triton's under the home
+export LANGPWT_PYCACHE=${SEED_PYCACHE:-$TORCHINDUCTOR_CACHE_DIR/pycache}
+if [[ ${SEED_DROPOUT:-} == auto && -f $OUT/speed_dropout.json ]]; then  # hash only where it measured >= 1 % faster
+  SEED_EXTRA="${SEED_EXTRA:-} $(python3 - "$OUT/speed_dropout.json" <<'PY'
+import json, sys
+r = [x for x in json.load(open(sys.argv[1]))["results"] if "tokens_per_s" in x]
+mean = lambda v: sum(x["tokens_per_s"] for x in r if x["variant"] == v) / max(1, sum(x["variant"] == v for x in r))
+print("--dropout-rng hash" if mean("gemm@hash") >= 1.01 * mean("gemm") else "")
+PY
+)"
+fi
+if [[ -n ${SEED_WARMUP:-} ]]; then  # a short run first on the same caches: the seed run then starts warm
+  rm -rf "$HOME_DIR/runs/seed-warmup"
+  timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps "$SEED_WARMUP" --head "$SEED_HEAD" \
+    --compile-scope "${SEED_SCOPE:-auto}" ${SEED_EXTRA:-} --run-id seed-warmup > "$OUT/seed_warmup.jsonl" 2>&1
+  grep -o '"startup_s": {[^}]*}' "$OUT/seed_warmup.jsonl" | tee -a "$OUT/seed_summary.txt"
+fi
+echo "seed run flags: --head $SEED_HEAD ${SEED_EXTRA:-}" | tee -a "$OUT/seed_summary.txt"
 rm -rf "$HOME_DIR/runs/seed-bench"
 start=$(date +%s.%N)
 timeout "${SEED_LIMIT:-330}" python3 -m model.train --home "$HOME_DIR" --preset seed --head "$SEED_HEAD" \
   --compile-scope "${SEED_SCOPE:-auto}" ${SEED_EXTRA:-} --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
 rc=$?
 end=$(date +%s.%N)
-python3 - "$OUT/seed.jsonl" "$start" "$end" "$rc" <<'EOF' | tee "$OUT/seed_summary.txt"
+python3 - "$OUT/seed.jsonl" "$start" "$end" "$rc" <<'EOF' | tee -a "$OUT/seed_summary.txt"
 import json, sys
 path, start, end, rc = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 ev = [json.loads(l) for l in open(path) if l.startswith("{")]

@@ -78,9 +78,9 @@ def make_data(out: Path, vocab: int) -> None:
     print({k: v for k, v in summary.items() if k != "table"})
 
 
-def setup(home: Path, dropout: float, name: str = "seed"):
+def setup(home: Path, dropout: float, name: str = "seed", rng: str = "torch"):
     tok, _, vocab = load_tokenizer(home / "tokenizer" / "tokenizer.json")
-    cfg = preset(name, vocab).override({"dropout": dropout})
+    cfg = preset(name, vocab).override({"dropout": dropout, "dropout_rng": rng})
     T = cfg.model.block_size
     train = TokenWindows(find_shards(home / "shards", "train"), T, vocab, "train")
     val = TokenWindows(find_shards(home / "shards", "val"), T, vocab, "val")
@@ -118,10 +118,11 @@ def speed(args) -> list[dict]:
     peak = measure_peak_tflops(device) if device.type == "cuda" else 1.0
     print(f"device {device_name(device)} torch {torch.__version__} bf16 matmul peak {peak:.0f} TFLOP/s")
     results = []
-    for spec in args.variants.split(","):
-        head, _, data = spec.partition(":")
+    for spec in args.variants.split(","):  # HEAD[:synthetic][@hash]: @hash draws dropout masks by model.dropout's hash
+        head, _, rng = spec.partition("@")
+        head, _, data = head.partition(":")
         for dropout in [float(x) for x in args.dropouts.split(",")]:
-            cfg, train, _ = setup(args.home, dropout, args.preset)
+            cfg, train, _ = setup(args.home, dropout, args.preset, rng or "torch")
             T, micro = cfg.model.block_size, cfg.micro_batch
             accum = cfg.batch_tokens // (micro * T)
             raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
@@ -278,9 +279,10 @@ def profile(args) -> list[dict]:
     device = torch.device("cuda")
     for spec in args.variants.split(","):
         dropout = float(args.dropouts.split(",")[0])
-        cfg, train, _ = setup(args.home, dropout, args.preset)
+        head, _, rng = spec.partition("@")
+        cfg, train, _ = setup(args.home, dropout, args.preset, rng or "torch")
         micro = cfg.micro_batch
-        raw, model, opt, sched = build(cfg, spec, device, 10 ** 6)
+        raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
         pf = Prefetcher(train, cfg.seed, micro, 1, 0, 1, 0, device)
         autocast, params = autocast_for(device), list(raw.parameters())
         for _ in range(args.warmup):

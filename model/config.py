@@ -27,6 +27,9 @@ class GPTConfig:
     block_size: int = 512
     vocab_size: int = 50257  # the tokenizer's; the embedding holds `padded_vocab` rows
     dropout: float = 0.1
+    # who draws the residual and embedding dropout masks: torch (Philox per element) or a hash of the
+    # element's index (model.dropout); attention dropout stays inside SDPA either way
+    dropout_rng: str = "torch"
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
 
     @property
@@ -38,6 +41,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd}: must be a multiple of n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must lie in [0, 1)")
+        if self.dropout_rng not in ("torch", "hash"):
+            raise ValueError(f"--dropout-rng {self.dropout_rng}: expected torch or hash")
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k}={getattr(self, k)}: must be positive")
