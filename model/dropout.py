@@ -1,6 +1,6 @@
-"""Dropout whose keep-mask is a hash of (one random seed per call, the element's index), as an option.
-Cheaper to draw than torch's Philox per element, and a pure function of the index, so a compiled backward
-may redraw it instead of storing it; the masks differ from torch's, so a run is not bit-identical across the two."""
+"""Dropout whose keep-mask is a hash of (a per-site call counter, the element's index), as an option.
+Cheaper to draw than torch's Philox per element and free of any RNG state, so it resumes exactly from the step
+count; the masks differ from torch's, so runs under the two are not bit-identical."""
 from __future__ import annotations
 
 import torch
@@ -8,8 +8,7 @@ import torch.nn as nn
 
 RNGS = ("torch", "hash")
 
-# murmur3's 32-bit finaliser constants and the golden-ratio step, as signed int32 (int32 products wrap)
-_GOLDEN = 0x9E3779B1 - (1 << 32)
+# murmur3's 32-bit finaliser constants as signed int32 (int32 products wrap)
 _M1 = 0x85EBCA6B - (1 << 32)
 _M2 = 0xC2B2AE35 - (1 << 32)
 _BITS = 24  # the keep test compares 24 hash bits: p is honoured to 2**-24
@@ -28,60 +27,71 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ _shr(h, 16)
 
 
-def _fmix32_wide(h: torch.Tensor) -> torch.Tensor:
-    """_fmix32 on int64 holding 32-bit values (products masked back to 32 bits)."""
-    h = h ^ (h >> 16)
-    h = (h * (_M1 & _MASK)) & _MASK
-    h = h ^ (h >> 13)
-    h = (h * (_M2 & _MASK)) & _MASK
-    return h ^ (h >> 16)
-
-
-_MASK = (1 << 32) - 1
-WIDE = False  # int64 arithmetic instead of wrapping int32 (benchmarks/dropout_probe.py compiles both)
-
-
 def keep_mask(shape: torch.Size, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """True where an element survives; `seed` is a one-element int32 tensor. Two rounds of the finaliser:
-    one alone leaves the masks of seeds that differ by a multiple of the golden step shifted copies."""
+    """True where an element survives; `seed` is a one-element int32 tensor. The index meets the seed first:
+    Inductor folds arithmetic on a bare index into its index expressions, where a product like index x a
+    32-bit constant overflows Triton's int32 literals (compile error on the H200). Two rounds of the
+    finaliser, the seed in both, so masks of seeds that differ in a few bits are not permutations of each other."""
     n = 1
     for s in shape:
         n *= s
     if n >= 1 << 31:
         raise ValueError(f"hash dropout over {n} elements: at most 2**31 - 1 per call")
-    if WIDE:
-        idx = torch.arange(n, device=seed.device, dtype=torch.int64).view(shape)
-        s64 = seed.to(torch.int64) & _MASK
-        h = _fmix32_wide((_fmix32_wide(((idx * (_GOLDEN & _MASK)) & _MASK) ^ s64) + s64) & _MASK)
-        return (h & ((1 << _BITS) - 1)) >= round(p * (1 << _BITS))
     idx = torch.arange(n, device=seed.device, dtype=torch.int32).view(shape)
-    h = _fmix32(_fmix32(idx * _GOLDEN ^ seed) + seed)
+    h = _fmix32(_fmix32(idx ^ seed) + seed)
     return (h & ((1 << _BITS) - 1)) >= round(p * (1 << _BITS))
 
 
-def hash_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+def hash_dropout(x: torch.Tensor, p: float, training: bool = True, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """`seed`: a one-element int32 tensor; None draws one from torch's generator (eager use). Inside a compiled
+    graph pass a tensor: Inductor fuses a one-element randint into the consumer and reruns its Philox per element."""
     if not training or p == 0.0:
         return x
-    # one draw from torch's generator per call: seeded, saved in checkpoints and resumed as before
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
+    if seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
     keep = keep_mask(x.shape, p, seed)
     return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-class Dropout(nn.Module):
-    """nn.Dropout with the mask drawn by torch (`rng="torch"`) or by `hash_dropout`; no parameters, so
-    checkpoints load either way."""
+# sites' counters start this far apart: ~2**27 training calls before two sites could meet
+_SITE_STRIDE = 1 << 27
 
-    def __init__(self, p: float, rng: str = "torch"):
+
+def wrap32(v: int) -> int:
+    v &= (1 << 32) - 1
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the mask drawn by torch (`rng="torch"`) or by `hash_dropout`. With hash, the module keeps
+    its seed as a one-element buffer that each training call uses and then advances in place (in the compiled
+    graph too, as an input rather than a constant: no recompiles, one block graph for all blocks); the buffer
+    is not persistent, so checkpoints hold the same keys either way, and `reseed` restores it from a step count."""
+
+    def __init__(self, p: float, rng: str = "torch", site: int = 0):
         super().__init__()
         if rng not in RNGS:
             raise ValueError(f"--dropout-rng {rng}: expected {' or '.join(RNGS)}")
-        self.p, self.rng = p, rng
+        self.p, self.rng, self.site = p, rng, site
+        if rng == "hash":
+            self.register_buffer("seed", torch.zeros(1, dtype=torch.int32), persistent=False)
+            self.reseed(0, 0)
+
+    def reseed(self, base: int, calls: int) -> None:
+        """The seed after `calls` training calls of a run whose seeds derive from `base`."""
+        if self.rng == "hash":
+            self.seed.fill_(wrap32(base + self.site * _SITE_STRIDE + calls))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rng == "hash":
-            return hash_dropout(x, self.p, self.training)
-        return nn.functional.dropout(x, self.p, self.training)
+        if self.rng != "hash":
+            return nn.functional.dropout(x, self.p, self.training)
+        if not self.training or self.p == 0.0:
+            return x
+        y = hash_dropout(x, self.p, True, self.seed)
+        # a new tensor, not add_: a compiled backward may redraw the mask from the seed it was given, and an
+        # in-place add reached that saved input before the backward ran (its gradient took the next call's mask)
+        self.seed = self.seed + 1
+        return y
 
     def extra_repr(self) -> str:
         return f"p={self.p}, rng={self.rng}"

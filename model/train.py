@@ -99,6 +99,8 @@ def train(ns: argparse.Namespace) -> int:
         sched.load_state_dict(st["state"]["scheduler"])
         start, best = int(st["state"]["step"]), st["state"].get("best_val")
         rt.set_rng(st["state"]["rng"], d.rank, cfg.seed, start)
+    # --dropout-rng hash: seeds from (seed, rank) and the forwards already taken, so a resumed run goes on as one
+    raw.reseed_dropout(cfg.seed * 2654435761 + d.rank * 97_000_003, start * accum)
     if is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -119,7 +121,8 @@ def train(ns: argparse.Namespace) -> int:
     startup["compile_setup"] = rt.process_age_s()
     if d.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[d.local_rank] if is_cuda else None)
+        # no buffer broadcast: the model's only buffers are hash dropout's seeds, which differ by rank on purpose
+        model = DDP(model, device_ids=[d.local_rank] if is_cuda else None, broadcast_buffers=False)
     autocast = autocast_for(device)
     params = list(raw.parameters())
     peak = cfg.peak_tflops or (rt.measure_peak_tflops(device) if is_cuda else None)

@@ -37,17 +37,24 @@ def test_tiny_run_learns_and_checkpoints(train_home):
     assert [s["step"] for s in samples] == [20, 40] and all(s["text"] for s in samples)
 
 
-def test_resume_is_bit_exact(train_home):
-    common = [*FAST, "--schedule-steps", "16", "--eval-every", "4", "--ckpt-every", "4"]
-    assert run_trainer(train_home, *common, "--max-steps", "16", "--run-id", "straight")[0] == 0
-    assert run_trainer(train_home, *common, "--max-steps", "8", "--run-id", "split")[0] == 0
-    code, events, text = run_trainer(train_home, "--resume", "--run-id", "split", "--max-steps", "16")
+@pytest.mark.parametrize("rng", ["torch", "hash"])
+def test_resume_is_bit_exact(train_home, rng):
+    common = [*FAST, "--schedule-steps", "16", "--eval-every", "4", "--ckpt-every", "4", "--dropout-rng", rng]
+    assert run_trainer(train_home, *common, "--max-steps", "16", "--run-id", f"straight-{rng}")[0] == 0
+    assert run_trainer(train_home, *common, "--max-steps", "8", "--run-id", f"split-{rng}")[0] == 0
+    # the dropout rng comes back from the checkpoint's config, not from a flag
+    code, events, text = run_trainer(train_home, "--resume", "--run-id", f"split-{rng}", "--max-steps", "16")
     assert code == 0, text
     assert events[0]["step"] == 8 and events[0]["resumed_from"].endswith("step_000008")
-    a, va = metrics_rows(train_home, "straight")
-    b, vb = metrics_rows(train_home, "split")
+    assert events[0]["config"]["model"]["dropout_rng"] == rng
+    a, va = metrics_rows(train_home, f"straight-{rng}")
+    b, vb = metrics_rows(train_home, f"split-{rng}")
     assert list(a) == list(range(1, 17)) and a == b  # identical floats at every step
     assert va[16] == vb[16]
+    if rng == "hash":  # and the masks really are the hash's: the same init and data under torch's dropout differ
+        assert run_trainer(train_home, *FAST, "--max-steps", "2", "--run-id", "torch-rng")[0] == 0
+        t, _ = metrics_rows(train_home, "torch-rng")
+        assert t[1] != a[1]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_home):
