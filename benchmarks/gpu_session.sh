@@ -92,7 +92,7 @@ if has dropout; then  # the hash dropout compiled on CUDA (both integer forms), 
 
   if ! grep -q "works: none" "$OUT/dropout_probe.log"; then
     TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --dropouts 0.1 \
-      --variants gemm,gemm@hash,gemm,gemm@hash --steps 60 --bf16-stream --json "$OUT/speed_dropout.json" 2>&1 \
+      --variants "${DROPOUT_VARIANTS:-gemm,gemm@hash,gemm,gemm@hash}" --steps 60 --bf16-stream --json "$OUT/speed_dropout.json" 2>&1 \
       | grep -v Warning | tee "$OUT/speed_dropout.log"
     # the trainer turns Inductor's mix-order LayerNorm backward off with dropout (torch's masks made it 5x slower)
     TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --dropouts 0.1 \
