@@ -28,7 +28,8 @@ class GPTConfig:
     vocab_size: int = 50257  # the tokenizer's; the embedding holds `padded_vocab` rows
     dropout: float = 0.1
     # who draws the residual and embedding dropout masks: torch (Philox per element) or a hash of the
-    # element's index (model.dropout); attention dropout stays inside SDPA either way
+    # element's index (model.dropout: +1.9 % per step at 0.1 on an H200, val loss over a seed run not yet
+    # measured, so opt-in); attention dropout stays inside SDPA either way
     dropout_rng: str = "torch"
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
 
