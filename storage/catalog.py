@@ -114,7 +114,9 @@ def writer(home: Home, timeout: float = WRITE_TIMEOUT_S) -> Iterator[duckdb.Duck
 
 @contextlib.contextmanager
 def reader(home: Home, timeout: float = READ_TIMEOUT_S, sandboxed: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection held only for the block; `sandboxed` also blocks file access."""
+    """A read-only connection held only for the block; `sandboxed` also blocks file access. A catalog file
+    with no tables yet (a writer killed while creating it, or one that has not committed its first
+    transaction) reads as no catalog: CatalogMissing, which every reader already waits on or reports."""
     if not home.catalog.exists():
         raise CatalogMissing(f"{home.catalog}: no catalog yet; run `langpwt prepare` first")
     config = {"enable_external_access": "false"} if sandboxed else None
@@ -122,29 +124,22 @@ def reader(home: Home, timeout: float = READ_TIMEOUT_S, sandboxed: bool = False)
         con = _open(home.catalog, True, timeout, config)
         try:
             yield con
+        except duckdb.CatalogException:
+            if con.execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0] == 0:
+                raise CatalogMissing(f"{home.catalog}: empty catalog; run `langpwt prepare` first") from None
+            raise
         finally:
             con.close()
 
 
-@contextlib.contextmanager
-def _empty_is_missing(home: Home, con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """A writer killed while creating the file leaves it without tables: that reads as no catalog."""
-    try:
-        yield
-    except duckdb.CatalogException:
-        if con.execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0] == 0:
-            raise CatalogMissing(f"{home.catalog}: empty catalog; run `langpwt prepare` first") from None
-        raise
-
-
 def query(home: Home, sql: str, params: Sequence | None = None, sandboxed: bool = False) -> pa.Table:
     """Run one read-only query and return the whole result as an Arrow table."""
-    with reader(home, sandboxed=sandboxed) as con, _empty_is_missing(home, con):
+    with reader(home, sandboxed=sandboxed) as con:
         return con.sql(sql, params=list(params) if params else None).to_arrow_table()
 
 
 def query_rows(home: Home, sql: str, params: Sequence | None = None) -> list[tuple]:
-    with reader(home) as con, _empty_is_missing(home, con):
+    with reader(home) as con:
         return con.execute(sql, params or []).fetchall()
 
 
