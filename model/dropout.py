@@ -64,7 +64,7 @@ def wrap32(v: int) -> int:
 
 class Dropout(nn.Module):
     """nn.Dropout with the mask drawn by torch (`rng="torch"`) or by `hash_dropout`. With hash, the module keeps
-    its seed as a one-element buffer that each training call uses and then advances in place (in the compiled
+    its seed as a one-element buffer that each training call uses and then replaces by seed + 1 (in the compiled
     graph too, as an input rather than a constant: no recompiles, one block graph for all blocks); the buffer
     is not persistent, so checkpoints hold the same keys either way, and `reseed` restores it from a step count."""
 
