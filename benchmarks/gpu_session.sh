@@ -87,9 +87,8 @@ if has pyc; then  # start-up imports in fresh processes: Python's own choice, th
     for i in 1 2 3; do LANGPWT_PYCACHE=$pyc python3 -c "$imp"; done
     du -sh "$pyc"; } 2>&1 | tee "$OUT/pyc.log"
 fi
-if has dropout; then  # the hash dropout compiled on CUDA (both integer forms), then against torch's in the step
+if has dropout; then  # the hash dropout compiled on CUDA (masks checked), then against torch's in the step
   python3 benchmarks/dropout_probe.py 2>&1 | grep -v Warning | tee "$OUT/dropout_probe.log"
-
   if ! grep -q "works: none" "$OUT/dropout_probe.log"; then
     TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --dropouts 0.1 \
       --variants "${DROPOUT_VARIANTS:-gemm,gemm@hash,gemm,gemm@hash}" --steps 60 --bf16-stream --json "$OUT/speed_dropout.json" 2>&1 \

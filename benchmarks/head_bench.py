@@ -402,5 +402,6 @@ def main() -> int:
                                              date=time.strftime("%Y-%m-%d"), results=OUT), indent=1))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -105,6 +105,13 @@ def build(cfg, head: str, device, total_steps: int):
     return raw, model, opt, sched
 
 
+def variant(spec: str) -> tuple[str, str, str]:
+    """HEAD[:synthetic][@hash] -> (head, data, dropout rng); @hash draws dropout masks by model.dropout's hash."""
+    head, _, rng = spec.partition("@")
+    head, _, data = head.partition(":")
+    return head, data, rng or "torch"
+
+
 def sync(device, reset: bool = False) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -118,11 +125,10 @@ def speed(args) -> list[dict]:
     peak = measure_peak_tflops(device) if device.type == "cuda" else 1.0
     print(f"device {device_name(device)} torch {torch.__version__} bf16 matmul peak {peak:.0f} TFLOP/s")
     results = []
-    for spec in args.variants.split(","):  # HEAD[:synthetic][@hash]: @hash draws dropout masks by model.dropout's hash
-        head, _, rng = spec.partition("@")
-        head, _, data = head.partition(":")
+    for spec in args.variants.split(","):
+        head, data, rng = variant(spec)
         for dropout in [float(x) for x in args.dropouts.split(",")]:
-            cfg, train, _ = setup(args.home, dropout, args.preset, rng or "torch")
+            cfg, train, _ = setup(args.home, dropout, args.preset, rng)
             T, micro = cfg.model.block_size, cfg.micro_batch
             accum = cfg.batch_tokens // (micro * T)
             raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
@@ -279,8 +285,8 @@ def profile(args) -> list[dict]:
     device = torch.device("cuda")
     for spec in args.variants.split(","):
         dropout = float(args.dropouts.split(",")[0])
-        head, _, rng = spec.partition("@")
-        cfg, train, _ = setup(args.home, dropout, args.preset, rng or "torch")
+        head, _, rng = variant(spec)
+        cfg, train, _ = setup(args.home, dropout, args.preset, rng)
         micro = cfg.micro_batch
         raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
         pf = Prefetcher(train, cfg.seed, micro, 1, 0, 1, 0, device)

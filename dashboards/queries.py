@@ -52,14 +52,12 @@ def catalog_idle_s(home: Home) -> float:
 
 
 def home_state(home: Home) -> HomeState:
-    if not home.catalog.exists():
-        return HomeState(catalog=False, tokenizer=home.tokenizer.exists())
     try:
         with catalog.reader(home) as con:
             row = con.execute("""SELECT (SELECT count(DISTINCT shard_id) FROM shards),
                                         (SELECT count(*) FROM documents), (SELECT count(*) FROM runs),
                                         (SELECT count(*) FROM checkpoints)""").fetchone()
-    except catalog.CatalogMissing:  # the file exists, its first transaction has not committed
+    except catalog.CatalogMissing:  # no file, or one whose first transaction has not committed
         return HomeState(catalog=False, tokenizer=home.tokenizer.exists())
     return HomeState(True, *row, tokenizer=home.tokenizer.exists())
 

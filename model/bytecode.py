@@ -21,12 +21,9 @@ def shipped_bytecode(package: str = "torch") -> bool | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
-    # computed without any prefix: the question is what the install itself holds
-    prefix, sys.pycache_prefix = sys.pycache_prefix, None
-    try:
-        return os.path.exists(importlib.util.cache_from_source(spec.origin))
-    finally:
-        sys.pycache_prefix = prefix
+    # the path beside the source, whatever prefix is set: the question is what the install itself holds
+    src = Path(spec.origin)
+    return (src.parent / "__pycache__" / f"{src.stem}.{sys.implementation.cache_tag}.pyc").exists()
 
 
 def cache_bytecode(environ: dict | None = None, package: str = "torch") -> str | None:

@@ -14,6 +14,8 @@ VOCAB_MULTIPLE = 256
 # ~8 s of compile saved against ~1 % of each 37 ms seed step: break-even near 21k steps (RESULTS.md)
 REGIONS_MAX_STEPS = 20_000
 
+DROPOUT_RNGS = ("torch", "hash")  # model.dropout
+
 
 def padded(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return (vocab_size + multiple - 1) // multiple * multiple
@@ -42,8 +44,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd}: must be a multiple of n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must lie in [0, 1)")
-        if self.dropout_rng not in ("torch", "hash"):
-            raise ValueError(f"--dropout-rng {self.dropout_rng}: expected torch or hash")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            raise ValueError(f"--dropout-rng {self.dropout_rng}: expected {' or '.join(DROPOUT_RNGS)}")
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k}={getattr(self, k)}: must be positive")

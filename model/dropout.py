@@ -3,10 +3,12 @@ Cheaper to draw than torch's Philox per element and free of any RNG state, so it
 count; the masks differ from torch's, so runs under the two are not bit-identical."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
-RNGS = ("torch", "hash")
+from model.config import DROPOUT_RNGS
 
 # murmur3's 32-bit finaliser constants as signed int32 (int32 products wrap)
 _M1 = 0x85EBCA6B - (1 << 32)
@@ -32,9 +34,7 @@ def keep_mask(shape: torch.Size, p: float, seed: torch.Tensor) -> torch.Tensor:
     Inductor folds arithmetic on a bare index into its index expressions, where a product like index x a
     32-bit constant overflows Triton's int32 literals (compile error on the H200). Two rounds of the
     finaliser, the seed in both, so masks of seeds that differ in a few bits are not permutations of each other."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if n >= 1 << 31:
         raise ValueError(f"hash dropout over {n} elements: at most 2**31 - 1 per call")
     idx = torch.arange(n, device=seed.device, dtype=torch.int32).view(shape)
@@ -70,8 +70,8 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float, rng: str = "torch", site: int = 0):
         super().__init__()
-        if rng not in RNGS:
-            raise ValueError(f"--dropout-rng {rng}: expected {' or '.join(RNGS)}")
+        if rng not in DROPOUT_RNGS:
+            raise ValueError(f"--dropout-rng {rng}: expected {' or '.join(DROPOUT_RNGS)}")
         self.p, self.rng, self.site = p, rng, site
         if rng == "hash":
             self.register_buffer("seed", torch.zeros(1, dtype=torch.int32), persistent=False)
