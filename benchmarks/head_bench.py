@@ -250,6 +250,7 @@ def whole_heads() -> None:
     w = (torch.randn(VP, C, device=dev, generator=g) * 0.05).requires_grad_()
     t = torch.randint(0, V, (N,), device=dev, generator=g)
     heads = {k: H.make_head_loss(k) for k in ("fused", "gemm", "fp8", "fp8all")}
+    heads["gemm floor -24"] = H.make_head_loss("gemm", -24.0)
     for name, fn in heads.items():
         def step():
             fn(h, w, t, V).backward()
@@ -368,6 +369,17 @@ def gemm_head(best_path: Path | None) -> None:
     err_s = float(((s - s_ref).abs() / s_ref).max())
     OUT.append(dict(name="best gemm", config=best, ms=min(ms), e_rel_max=err_e, s_rel_max=err_s))
     print(f"best: {name} {min(ms):.3f} ms; against the torch path: E within {err_e:.1e}, row sums {err_s:.1e}")
+    # --grad-floor -24 in the epilogue: the compiled kernel against the torch path, and what the select costs
+    e_f, s_f = G.exp_logits(h[:m], w, t[:m], V, best, floor_log2=-24.0)
+    e_fr, _ = G.exp_logits(h[:m], w, t[:m], V, kernel=False, floor_log2=-24.0)
+    r = dict(name="check gemm floor -24", zeros=float((e_f[:, :V] == 0).float().mean()),
+             zeros_differ=int(((e_f == 0) != (e_fr == 0)).sum()), sums_equal=bool(torch.equal(s_f, s)))
+    OUT.append(r)
+    print(f"floor -24: zeros {r['zeros']:.3f}, differing from the torch path at {r['zeros_differ']} entries, "
+          f"row sums unchanged {r['sums_equal']}", flush=True)
+    for rnd in range(2):
+        rec(f"best gemm [{rnd}]", lambda: G.exp_logits(h, w, t, V, best), f)
+        rec(f"best gemm, floor -24 [{rnd}]", lambda: G.exp_logits(h, w, t, V, best, floor_log2=-24.0), f)
     if best_path:
         best_path.write_text(json.dumps(best))
 

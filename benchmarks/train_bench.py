@@ -350,7 +350,7 @@ def main() -> int:
                    help="restrict scaled_dot_product_attention to one backend")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
-    p.add_argument("--grad-floor", type=float, help="fused/fp8 heads: probabilities under 2**X as zeros (as the trainer's)")
+    p.add_argument("--grad-floor", type=float, help="fused/fp8/gemm heads: probabilities under 2**X as zeros (as the trainer's)")
     p.add_argument("--gemm-config", type=Path, help="head_bench --gemm-best's JSON: --head gemm's tile configuration")
     p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
     p.add_argument("--regional", action="store_true", help="compile regions (embedding, one shared block graph, ln_f + loss) as --compile-scope regions")

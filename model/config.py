@@ -80,7 +80,7 @@ class TrainConfig:
     # (RESULTS.md), so regions pay off below ~800 s of steps; auto = regions up to REGIONS_MAX_STEPS
     compile_scope: str = "auto"
     head: str = "auto"  # output layer + loss: plain | fused | gemm | fp8 | fp8all (auto: model.head.resolve_head)
-    # fused/fp8 heads: probabilities under 2**grad_floor reach the backward matmuls as exact zeros, which a
+    # fused/fp8/gemm heads: probabilities under 2**grad_floor reach the backward matmuls as exact zeros, which a
     # power-capped GPU multiplies faster (-24: +2.8 % steps over a seed run at equal val loss, RESULTS.md; opt-in)
     grad_floor: float | None = None
     # residual stream between blocks: float32 (what autocast leaves it) or bfloat16 (half the bytes

@@ -194,23 +194,25 @@ class FusedHeadLoss(torch.autograd.Function):
         return gx.view(ctx.h_shape).to(ctx.h_dtype), gw, None, None, None, None
 
 
-FLOOR_HEADS = ("fused", "fp8")  # the heads whose CE kernel writes the bf16 gradient in place
+# the heads that write the gradient in a kernel of their own: fused/fp8 floor p itself, gemm the bound
+# exp(z - z_target) >= p (it never sees the row's lse), so it zeroes a subset of what they would
+FLOOR_HEADS = ("fused", "fp8", "gemm")
 
 
 def check_grad_floor(kind: str, grad_floor: float | None) -> None:
     if grad_floor is not None and kind not in FLOOR_HEADS:
-        raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused or fp8 (the head here is {kind})")
+        raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused, fp8 or gemm (the head here is {kind})")
 
 
-def resolve_head(kind: str, device: torch.device, grad_floor: float | None = None) -> str:
+def resolve_head(kind: str, device: torch.device) -> str:
     """What `--head auto` means on `device`: plain on CPU; on CUDA gemm where its TMA GEMM runs (Hopper and later:
-    6 % per step over fused on the H200 at equal val loss, RESULTS.md), else fused, and fused with a --grad-floor."""
+    6 % per step over fused on the H200 at equal val loss, RESULTS.md), else fused."""
     if kind != "auto":
         return kind
     if device.type != "cuda":
         return "plain"
     from model.head_gemm import has_tma
-    return "gemm" if grad_floor is None and has_tma(device) else "fused"
+    return "gemm" if has_tma(device) else "fused"
 
 
 def make_head_loss(kind: str, grad_floor: float | None = None):
@@ -224,7 +226,7 @@ def make_head_loss(kind: str, grad_floor: float | None = None):
         return make_fp8_head_loss()
     if kind == "gemm":
         from model.head_gemm import make_gemm_head_loss
-        return make_gemm_head_loss()
+        return make_gemm_head_loss(grad_floor)
     fp8 = kind == "fp8"
 
     @torch.compiler.disable

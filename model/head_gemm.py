@@ -57,18 +57,23 @@ if triton is not None:
         return first_m + (tile % width) % rows_in_group, (tile % width) // rows_in_group
 
     @triton.jit
-    def _exp_tile(acc, c0, W: tl.constexpr, ref, tgt, V):
-        """2^(z log2 e - ref) of the logits in columns c0..c0+W, 0 in the target's and the padded columns: the
-        target's term is known exactly (2^-OFFSET2) and left out, so p - 1 there comes from the other terms' sum.
-        (Skipping the compare and select in tiles without a target or padding measured no faster.)"""
+    def _exp_tile(acc, c0, W: tl.constexpr, ref, tgt, V, floor2, FLOOR: tl.constexpr):
+        """(values to sum, values to store): 2^(z log2 e - ref) of the logits in columns c0..c0+W, 0 in the
+        target's and the padded columns: the target's term is known exactly (2^-OFFSET2) and left out, so p - 1
+        there comes from the other terms' sum. With FLOOR the stored values under 2^floor2 are 0, the sums keep
+        them (the loss stays exact). (Skipping the compare and select in tiles without a target or padding
+        measured no faster.)"""
         rn = c0 + tl.arange(0, W)
-        e = tl.exp2(acc * _LOG2E - ref[:, None])
-        return tl.where((rn[None, :] < V) & (rn[None, :] != tgt[:, None]), e, 0.0)
+        x = acc * _LOG2E - ref[:, None]
+        e = tl.where((rn[None, :] < V) & (rn[None, :] != tgt[:, None]), tl.exp2(x), 0.0)
+        if FLOOR:
+            return e, tl.where(x < floor2, 0.0, e)
+        return e, e
 
     @triton.jit
-    def _logits_exp_kernel(h_ptr, w_ptr, ref_ptr, tgt_ptr, e_ptr, part_ptr, M, V, VP, K, n_tiles_n,
+    def _logits_exp_kernel(h_ptr, w_ptr, ref_ptr, tgt_ptr, e_ptr, part_ptr, M, V, VP, K, n_tiles_n, floor2,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                           UPCAST: tl.constexpr):
+                           UPCAST: tl.constexpr, FLOOR: tl.constexpr):
         """One [BM, BN] tile of h @ w.T, written as 2^(z log2 e - ref) with the target's and padded columns 0;
         the tile's row sums go to part[row, tile column] (summed later in a fixed order: deterministic)."""
         pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BM), n_tiles_n, GROUP)
@@ -89,15 +94,16 @@ if triton is not None:
             b_ptrs += BK
         ref = tl.load(ref_ptr + rm, mask=rm_ok, other=0.0)
         tgt = tl.load(tgt_ptr + rm, mask=rm_ok, other=-1)
-        e = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V)
-        tl.store(e_ptr + rm.to(tl.int64)[:, None] * VP + rn[None, :], e.to(e_ptr.dtype.element_ty),
+        e, kept = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V, floor2, FLOOR)
+        tl.store(e_ptr + rm.to(tl.int64)[:, None] * VP + rn[None, :], kept.to(e_ptr.dtype.element_ty),
                  mask=rm_ok[:, None] & rn_ok[None, :])
         tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, tl.sum(e, 1), mask=rm_ok)
 
     @triton.jit
-    def _logits_exp_tma_kernel(a_desc, b_desc, e_desc, ref_ptr, tgt_ptr, part_ptr, M, V, VP, K, n_tiles_n,
+    def _logits_exp_tma_kernel(a_desc, b_desc, e_desc, ref_ptr, tgt_ptr, part_ptr, M, V, VP, K, n_tiles_n, floor2,
                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                               NUM_SMS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+                               NUM_SMS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                               FLOOR: tl.constexpr):
         """The same tiles as `_logits_exp_kernel` from one program per SM, operands and E moved by TMA (which
         zero-fills and clips the edges); the flattened loop issues the next tile's loads during this tile's epilogue
         (without flattening: +8 % time)."""
@@ -118,14 +124,14 @@ if triton is not None:
             if SPLIT:  # two half-width stores: half the shared memory for staging E, room for a deeper pipeline
                 a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
                 c0 = pid_n * BN
-                e0 = _exp_tile(a0, c0, BN // 2, ref, tgt, V)
-                e_desc.store([pid_m * BM, c0], e0.to(e_desc.dtype))
-                e1 = _exp_tile(a1, c0 + BN // 2, BN // 2, ref, tgt, V)
-                e_desc.store([pid_m * BM, c0 + BN // 2], e1.to(e_desc.dtype))
+                e0, k0 = _exp_tile(a0, c0, BN // 2, ref, tgt, V, floor2, FLOOR)
+                e_desc.store([pid_m * BM, c0], k0.to(e_desc.dtype))
+                e1, k1 = _exp_tile(a1, c0 + BN // 2, BN // 2, ref, tgt, V, floor2, FLOOR)
+                e_desc.store([pid_m * BM, c0 + BN // 2], k1.to(e_desc.dtype))
                 total = tl.sum(e0, 1) + tl.sum(e1, 1)
             else:
-                e = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V)
-                e_desc.store([pid_m * BM, pid_n * BN], e.to(e_desc.dtype))
+                e, kept = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V, floor2, FLOOR)
+                e_desc.store([pid_m * BM, pid_n * BN], kept.to(e_desc.dtype))
                 total = tl.sum(e, 1)
             tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, total, mask=rm_ok)
 
@@ -155,13 +161,18 @@ def target_logits2(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, kernel: 
 
 
 def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: int,
-               config: dict | None = None, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               config: dict | None = None, kernel: bool | None = None,
+               floor_log2: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """E = 2^((h w^T - z_target) log2 e - OFFSET2) as hb's dtype with the target's and padded columns 0, and
-    S_rest = sum of each row's E in fp32 (from the unrounded values). `hb` [N, K], `wb` [VP, K] contiguous."""
+    S_rest = sum of each row's E in fp32 (from the unrounded values). `hb` [N, K], `wb` [VP, K] contiguous.
+    `floor_log2` F: E written as 0 where z - z_target < F ln 2 (a bound above p, so p < 2^F there too); S_rest
+    still counts them."""
     n, k = hb.shape
     vp = wb.size(0)
     kernel = use_kernels(hb) if kernel is None else kernel
     ref = target_logits2(hb, wb, t, kernel)
+    floor = floor_log2 is not None
+    floor2 = (floor_log2 - OFFSET2) if floor else 0.0  # in E's exponent, where the target's term is -OFFSET2
     if kernel:
         c = {**GEMM_CONFIG, **(config or {})}
         n_tiles_n = triton.cdiv(vp, c["BN"])
@@ -173,21 +184,25 @@ def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: 
             descs = (TensorDescriptor.from_tensor(hb, [c["BM"], c["BK"]]),
                      TensorDescriptor.from_tensor(wb, [c["BN"], c["BK"]]),
                      TensorDescriptor.from_tensor(e, [c["BM"], c["BN"] // (2 if c.get("split") else 1)]))
-            _logits_exp_tma_kernel[(sms,)](*descs, ref, t, part, n, vocab_size, vp, k, n_tiles_n, BM=c["BM"],
-                                           BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"], NUM_SMS=sms,
-                                           SPLIT=bool(c.get("split")), UPCAST=not hb.is_cuda,
+            _logits_exp_tma_kernel[(sms,)](*descs, ref, t, part, n, vocab_size, vp, k, n_tiles_n, floor2,
+                                           BM=c["BM"], BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"], NUM_SMS=sms,
+                                           SPLIT=bool(c.get("split")), UPCAST=not hb.is_cuda, FLOOR=floor,
                                            num_warps=c["warps"], num_stages=c["stages"])
         else:
             grid = (triton.cdiv(n, c["BM"]) * n_tiles_n,)
-            _logits_exp_kernel[grid](hb, wb, ref, t, e, part, n, vocab_size, vp, k, n_tiles_n, BM=c["BM"],
-                                     BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"], UPCAST=not hb.is_cuda,
-                                     num_warps=c["warps"], num_stages=c["stages"])
+            _logits_exp_kernel[grid](hb, wb, ref, t, e, part, n, vocab_size, vp, k, n_tiles_n, floor2,
+                                     BM=c["BM"], BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"],
+                                     UPCAST=not hb.is_cuda, FLOOR=floor, num_warps=c["warps"],
+                                     num_stages=c["stages"])
         return e, part.sum(1)
-    z2 = (hb.float() @ wb.float().t()) * LOG2E
-    e = torch.exp2(z2 - ref[:, None])
+    x = (hb.float() @ wb.float().t()) * LOG2E - ref[:, None]
+    e = torch.exp2(x)
     e[:, vocab_size:] = 0
     e[torch.arange(n), t] = 0
-    return e.to(hb.dtype), e.sum(1)
+    s_rest = e.sum(1)
+    if floor:
+        e = e.masked_fill(x < floor2, 0.0)
+    return e.to(hb.dtype), s_rest
 
 
 def rows_loss(s_rest: torch.Tensor) -> torch.Tensor:
@@ -203,12 +218,12 @@ class GemmHeadLoss(torch.autograd.Function):
     r E @ W for h and E^T @ (r h) for W with r = g / (N S), the 1/S scale riding on 512-wide operands."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int):
+    def forward(ctx, h, weight, targets, vocab_size: int, floor_log2: float | None = None):
         dtype = torch.bfloat16 if h.is_cuda else h.dtype
         hb = h.reshape(-1, h.size(-1)).to(dtype).contiguous()
         wb = weight.to(dtype)
         t = targets.reshape(-1)
-        e, s_rest = exp_logits(hb, wb, t, vocab_size)
+        e, s_rest = exp_logits(hb, wb, t, vocab_size, floor_log2=floor_log2)
         # -S_rest is accurate to bf16's 8 bits relative, as every other value of E: no 1 - p cancels in it
         e[torch.arange(t.numel(), device=t.device), t] = (-s_rest).to(e.dtype)
         ctx.save_for_backward(hb, wb, e, s_rest)
@@ -221,12 +236,13 @@ class GemmHeadLoss(torch.autograd.Function):
         r = (g.float() / (e.size(0) * (s_rest + 2.0 ** -OFFSET2)))[:, None]  # [N, 1]
         gx = torch.mul(e @ wb, r, out=torch.empty(hb.shape, dtype=ctx.h_dtype, device=hb.device))
         gw = matmul_f32(e.t(), torch.mul(hb, r, out=torch.empty_like(hb)), ctx.w_dtype)
-        return gx.view(ctx.h_shape), gw, None, None
+        return gx.view(ctx.h_shape), gw, None, None, None
 
 
-def make_gemm_head_loss():
+def make_gemm_head_loss(grad_floor: float | None = None):
+    """`grad_floor`: E's values under 2^grad_floor relative to the target's term enter the backward as zeros."""
     @torch.compiler.disable
     def head_loss(h, weight, targets, vocab_size):
-        return GemmHeadLoss.apply(h, weight, targets, vocab_size)
+        return GemmHeadLoss.apply(h, weight, targets, vocab_size, grad_floor)
 
     return head_loss

@@ -63,6 +63,7 @@ def train(ns: argparse.Namespace) -> int:
     tok, tok_sha, tok_vocab = rt.load_tokenizer(tok_path)
     cfg, run_id, resume_from = rt.resolve_config(ns, home, tok_vocab, tok_sha, tok_path)
     device = rt.pick_device(cfg.device, d)
+    cuda_context = rt.start_cuda(device)  # the driver works while the compiler is imported below
     startup["config"] = rt.process_age_s()
     if device.type != "cuda":  # FP8 matmuls and Triton kernels; LayerNorm's fp32 weights meet bf16 only under autocast
         if cfg.head in ("fp8", "fp8all"):
@@ -71,7 +72,7 @@ def train(ns: argparse.Namespace) -> int:
             raise ValueError("--stream-dtype bfloat16 needs CUDA (bf16 autocast); use float32 or auto on CPU")
     is_cuda = device.type == "cuda"
     # fp8 is faster still, but its val loss trailed the plain step's at equal tokens (RESULTS.md)
-    head = resolve_head(cfg.head, device, cfg.grad_floor)
+    head = resolve_head(cfg.head, device)
     check_grad_floor(head, cfg.grad_floor)  # before the run folder exists, as the checks above
     run_dir = home.run_dir(run_id)
     emit = rt.Emitter(run_dir, d.rank == 0)
@@ -83,6 +84,11 @@ def train(ns: argparse.Namespace) -> int:
     val_w = TokenWindows(shards["val"], T, cfg.model.vocab_size, "val")
     val = torch.from_numpy(val_w.fixed(cfg.eval_batches * micro))
     startup["data"] = rt.process_age_s()
+    if is_cuda and cfg.compile:
+        rt.import_compiler()
+        startup["compiler_import"] = rt.process_age_s()
+    if cuda_context is not None:
+        cuda_context.join()
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     raw = GPT(cfg.model).to(device)
@@ -141,6 +147,8 @@ def train(ns: argparse.Namespace) -> int:
     emit.say(f"run {run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} x{d.world}, "
              f"{step_tokens} tokens/step ({micro}x{T}x{accum} accum x{d.world} ranks), head={head}")
 
+    # seconds outside the steps, for the `done` event: what the seed run's wall clock spends besides training
+    spent = dict(eval=0.0, sample=0.0, checkpoint=0.0, final_wait=0.0)
     pf = Prefetcher(train_w, cfg.seed, micro, d.world, d.rank, accum, start, device)
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
     t_window, t0 = time.perf_counter(), time.perf_counter()
@@ -194,14 +202,19 @@ def train(ns: argparse.Namespace) -> int:
                 flush()
             if d.rank == 0 and (do_eval or do_ckpt):
                 val_loss = None
+                t_out = time.perf_counter()
                 if do_eval:
                     raw.head_loss = eval_head
                     val_loss = evaluate(raw, val, micro, device, autocast)
                     raw.head_loss = train_head
                     best = val_loss if best is None else min(best, val_loss)
+                    t_eval = time.perf_counter()
+                    spent["eval"] += t_eval - t_out
                     text = tok.decode(list(sample(raw, prompt_ids, cfg.sample_tokens, top_k=50,
                                                   seed=cfg.seed + step))) if tok is not None else ""
                     emit.eval_row(step, val_loss, cfg.sample_prompt, text)
+                    spent["sample"] += time.perf_counter() - t_eval
+                t_ckpt = time.perf_counter()
                 if do_ckpt:  # the state is copied to host memory now, written meanwhile
                     landed(saver.submit(ckpts.checkpoint_root(home, run_id), step,
                                         model_state=raw.state_dict(), optim_state=opt.state_dict(),
@@ -209,7 +222,10 @@ def train(ns: argparse.Namespace) -> int:
                                         config=rt.ckpt_config(cfg, run_id, tok_sha, step, d.world),
                                         val_loss=val_loss, run_id=run_id))
                 t_window = time.perf_counter()  # eval and saving are not training throughput
+                spent["checkpoint"] += t_window - t_ckpt
+        t_wait = time.perf_counter()
         landed(saver.wait())
+        spent["final_wait"] = time.perf_counter() - t_wait
     except NonFiniteLoss as e:
         with contextlib.suppress(ckpts.CheckpointWriteError):
             landed(saver.wait())  # a good state taken before the bad step may still be landing
@@ -229,7 +245,8 @@ def train(ns: argparse.Namespace) -> int:
         pf.close()
         emit.close()
     emit.event("done", run_id=run_id, step=cfg.max_steps, elapsed_s=time.perf_counter() - t0,
-               checkpoint=last_ckpt.path if last_ckpt else None, best_val=best, process_s=rt.process_age_s())
+               checkpoint=last_ckpt.path if last_ckpt else None, best_val=best, process_s=rt.process_age_s(),
+               outside_steps_s={k: round(v, 3) for k, v in spent.items()})
     if d.ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -157,3 +157,38 @@ def test_gemm_head_kernel_writes_exp_of_logits_and_row_sums(config):
     e_cpu, s_cpu = G.exp_logits(h, w, t, v, kernel=False)
     torch.testing.assert_close(e_cpu.double(), e, rtol=2 ** -7, atol=2.0 ** -120)
     torch.testing.assert_close(s_cpu.double(), s.double().cpu(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("config", [
+    dict(BM=32, BN=64, BK=16, GROUP=2, warps=4, stages=2, tma=False),
+    dict(BM=32, BN=64, BK=16, GROUP=2, warps=4, stages=2, tma=True, split=True, sms=3),
+])
+def test_gemm_head_floor_zeroes_values_under_the_bound_and_keeps_the_sums(config):
+    """--grad-floor with --head gemm: E is stored as 0 where z - z_t < F ln 2 (so p < 2^F there), the rest as
+    without the floor; S_rest, and so the loss, counts every value; the torch path zeroes the same entries."""
+    from model import head_gemm as G
+
+    n, k, v, vp, floor = 70, 48, 300, 384, -6.0
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(vp, k, generator=g) * 0.5).to(torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g)
+    args = (h.to(DEV), w.to(DEV), t.to(DEV), v)
+    e0, s0 = G.exp_logits(*args, config=config, kernel=True)
+    e1, s1 = G.exp_logits(*args, config=config, kernel=True, floor_log2=floor)
+    e0, e1 = e0.float().cpu(), e1.float().cpu()
+    z = h.double() @ w.double().t()
+    gap = (z - z.gather(1, t[:, None])) * G.LOG2E  # log2 exp(z - z_t), the bound on log2 p the floor is taken on
+    gap[:, v:] = 0.0
+    below = gap < floor
+    below[torch.arange(n), t] = False
+    near = (gap - floor).abs() < 2 ** -10  # the kernel's fp32 exponent may round either side of the floor
+    assert below[:, :v].float().mean() > 0.1 and (~below[:, :v]).float().mean() > 0.1  # the floor bites, not all
+    assert (e1[below & ~near] == 0).all()
+    assert torch.equal(e1[~below & ~near], e0[~below & ~near])
+    torch.testing.assert_close(s1, s0, rtol=0, atol=0)  # the same sums: the loss does not move
+    p = torch.softmax(z[:, :v], 1)
+    assert (p[(e1[:, :v] == 0) & (e0[:, :v] != 0)] < 2.0 ** floor).all()  # every zeroed value's p is under 2^F
+    e_cpu, s_cpu = G.exp_logits(h, w, t, v, kernel=False, floor_log2=floor)
+    assert ((e_cpu.float() == 0) != (e1 == 0))[~near].sum() == 0
+    torch.testing.assert_close(s_cpu.double(), s1.double().cpu(), rtol=1e-5, atol=0)

@@ -30,6 +30,9 @@ def test_tiny_run_learns_and_checkpoints(train_home):
     assert first["step"] == 1 and kinds.index("first_step") < kinds.index("eval")
     assert 0 < events[0]["process_s"] < first["process_s"] <= events[-1]["process_s"]
     assert 0 < first["seconds"] < events[-1]["elapsed_s"]
+    out = events[-1]["outside_steps_s"]  # evals, samples, checkpoint hand-offs, the last write: all within the loop
+    assert set(out) == {"eval", "sample", "checkpoint", "final_wait"} and out["eval"] > 0 and out["checkpoint"] > 0
+    assert sum(out.values()) < events[-1]["elapsed_s"]
     # keep-last 1 plus the best: step 40 is both, so exactly one survives
     infos = ckpts.list_complete(ckpts.checkpoint_root(train_home, "r"))
     assert [i.step for i in infos] == [40]
@@ -95,22 +98,24 @@ def test_bad_inputs_fail_with_one_line(train_home, tmp_path):
     for flags, msg in ((("--stream-dtype", "bfloat16"), "--stream-dtype bfloat16 needs CUDA"),
                        (("--head", "fp8all"), "--head fp8all needs CUDA"),
                        (("--head", "fp9"), "--head fp9: expected"),
-                       (("--grad-floor", "-24"), "--grad-floor -24 needs --head fused or fp8 (the head here is plain)"),
+                       (("--grad-floor", "-24"), "--grad-floor -24 needs --head fused, fp8 or gemm (the head here is plain)"),
                        (("--grad-floor", "3"), "--grad-floor 3: a log2 probability")):
         code, _, text = run_trainer(train_home, *FAST, *flags, "--max-steps", "2", "--run-id", "c")
         assert code == 2 and msg in text, text
         assert not (train_home.root / "runs" / "c").exists()
 
 
-def test_grad_floor_trains_and_is_kept_in_the_config(train_home):
-    # the fused head on CPU (torch path) with a floor that zeroes most of the gradient: it still learns
-    code, events, text = run_trainer(train_home, *FAST, "--head", "fused", "--grad-floor", "-12", "--max-steps", "30",
-                                     "--run-id", "f", "--eval-every", "30")
+@pytest.mark.parametrize("head", ["fused", "gemm"])
+def test_grad_floor_trains_and_is_kept_in_the_config(train_home, head):
+    # the head's CPU (torch) path with a floor that zeroes most of the gradient: it still learns
+    run = f"f-{head}"
+    code, events, text = run_trainer(train_home, *FAST, "--head", head, "--grad-floor", "-12", "--max-steps", "30",
+                                     "--run-id", run, "--eval-every", "30")
     assert code == 0, text
-    train, _ = metrics_rows(train_home, "f")
+    train, _ = metrics_rows(train_home, run)
     assert sum(train[s] for s in range(26, 31)) / 5 < sum(train[s] for s in range(1, 6)) / 5 - 0.5
-    st = ckpts.load_train_state(ckpts.latest(ckpts.checkpoint_root(train_home, "f")).path)
-    assert st["config"]["train"]["grad_floor"] == -12.0 and st["config"]["train"]["head"] == "fused"
+    st = ckpts.load_train_state(ckpts.latest(ckpts.checkpoint_root(train_home, run)).path)
+    assert st["config"]["train"]["grad_floor"] == -12.0 and st["config"]["train"]["head"] == head
 
 
 def test_gemm_head_trains_as_the_plain_head(train_home):
