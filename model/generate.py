@@ -44,8 +44,8 @@ def sample(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: 
     model.eval()
 
     def step(tokens: list[int], cache: KVCache) -> torch.Tensor:
-        # contexts per call, not across the yields: the caller's own work runs between tokens
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), _attention():
+        # a context per call, not across the yields: the caller's own work runs between tokens
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             h = model.hidden(torch.tensor([tokens], device=device), cache)
             return model.logits(h[:, -1])[0]
 
@@ -68,16 +68,6 @@ def sample(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: 
                 logits = step([nxt], cache)
     finally:
         model.train(was_training)
-
-
-def _attention():
-    """Any attention kernel but cuDNN's while decoding: cuDNN builds a graph for every new key length
-    (hundreds of ms each, pytorch#155958), and each generated token is one; flash and memory-efficient
-    kernels take any length as it comes (the seed run's first eval + sample: ~5 s with cuDNN, ~1.4 s
-    without, RESULTS.md)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class TextStream:

@@ -47,8 +47,15 @@ class CausalSelfAttention(nn.Module):
             # a prefill starts from an empty cache; later calls add one token that sees everything
             causal = cache.pos == 0
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None and T == 1:
+            # one query per decoded token, in plain matmuls: SDPA's cuDNN backend would build a graph for each new
+            # key length (hundreds of ms each, pytorch#155958), and choosing its backend means global flags, which
+            # an eval sample drawn on a thread beside training must not touch
+            att = torch.softmax((q @ k.transpose(-2, -1)).float() * (q.size(-1) ** -0.5), dim=-1)
+            y = att.to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

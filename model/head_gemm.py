@@ -57,21 +57,21 @@ if triton is not None:
         return first_m + (tile % width) % rows_in_group, (tile % width) // rows_in_group
 
     @triton.jit
-    def _exp_tile(acc, c0, W: tl.constexpr, ref, tgt, V, floor2, FLOOR: tl.constexpr):
-        """(values to sum, values to store): 2^(z log2 e - ref) of the logits in columns c0..c0+W, 0 in the
-        target's and the padded columns: the target's term is known exactly (2^-OFFSET2) and left out, so p - 1
-        there comes from the other terms' sum. With FLOOR the stored values under 2^floor2 are 0, the sums keep
-        them (the loss stays exact). (Skipping the compare and select in tiles without a target or padding
-        measured no faster.)"""
+    def _exp_tile(acc, c0, W: tl.constexpr, ref, tgt, V, floor_e, FLOOR: tl.constexpr):
+        """(row sums, values to store): 2^(z log2 e - ref) of the logits in columns c0..c0+W, 0 in the target's
+        and the padded columns: the target's term is known exactly (2^-OFFSET2) and left out, so p - 1 there
+        comes from the other terms' sum. With FLOOR the stored values under floor_e are 0, the sums taken
+        before (the loss stays exact); compared on the values themselves, so only one tile of them is live.
+        (Skipping the compare and select in tiles without a target or padding measured no faster.)"""
         rn = c0 + tl.arange(0, W)
-        x = acc * _LOG2E - ref[:, None]
-        e = tl.where((rn[None, :] < V) & (rn[None, :] != tgt[:, None]), tl.exp2(x), 0.0)
+        e = tl.where((rn[None, :] < V) & (rn[None, :] != tgt[:, None]), tl.exp2(acc * _LOG2E - ref[:, None]), 0.0)
+        total = tl.sum(e, 1)
         if FLOOR:
-            return e, tl.where(x < floor2, 0.0, e)
-        return e, e
+            e = tl.where(e < floor_e, 0.0, e)
+        return total, e
 
     @triton.jit
-    def _logits_exp_kernel(h_ptr, w_ptr, ref_ptr, tgt_ptr, e_ptr, part_ptr, M, V, VP, K, n_tiles_n, floor2,
+    def _logits_exp_kernel(h_ptr, w_ptr, ref_ptr, tgt_ptr, e_ptr, part_ptr, M, V, VP, K, n_tiles_n, floor_e,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                            UPCAST: tl.constexpr, FLOOR: tl.constexpr):
         """One [BM, BN] tile of h @ w.T, written as 2^(z log2 e - ref) with the target's and padded columns 0;
@@ -94,13 +94,13 @@ if triton is not None:
             b_ptrs += BK
         ref = tl.load(ref_ptr + rm, mask=rm_ok, other=0.0)
         tgt = tl.load(tgt_ptr + rm, mask=rm_ok, other=-1)
-        e, kept = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V, floor2, FLOOR)
-        tl.store(e_ptr + rm.to(tl.int64)[:, None] * VP + rn[None, :], kept.to(e_ptr.dtype.element_ty),
+        total, e = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V, floor_e, FLOOR)
+        tl.store(e_ptr + rm.to(tl.int64)[:, None] * VP + rn[None, :], e.to(e_ptr.dtype.element_ty),
                  mask=rm_ok[:, None] & rn_ok[None, :])
-        tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, tl.sum(e, 1), mask=rm_ok)
+        tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, total, mask=rm_ok)
 
     @triton.jit
-    def _logits_exp_tma_kernel(a_desc, b_desc, e_desc, ref_ptr, tgt_ptr, part_ptr, M, V, VP, K, n_tiles_n, floor2,
+    def _logits_exp_tma_kernel(a_desc, b_desc, e_desc, ref_ptr, tgt_ptr, part_ptr, M, V, VP, K, n_tiles_n, floor_e,
                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                                NUM_SMS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
                                FLOOR: tl.constexpr):
@@ -124,15 +124,14 @@ if triton is not None:
             if SPLIT:  # two half-width stores: half the shared memory for staging E, room for a deeper pipeline
                 a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
                 c0 = pid_n * BN
-                e0, k0 = _exp_tile(a0, c0, BN // 2, ref, tgt, V, floor2, FLOOR)
-                e_desc.store([pid_m * BM, c0], k0.to(e_desc.dtype))
-                e1, k1 = _exp_tile(a1, c0 + BN // 2, BN // 2, ref, tgt, V, floor2, FLOOR)
-                e_desc.store([pid_m * BM, c0 + BN // 2], k1.to(e_desc.dtype))
-                total = tl.sum(e0, 1) + tl.sum(e1, 1)
+                t0, e0 = _exp_tile(a0, c0, BN // 2, ref, tgt, V, floor_e, FLOOR)
+                e_desc.store([pid_m * BM, c0], e0.to(e_desc.dtype))
+                t1, e1 = _exp_tile(a1, c0 + BN // 2, BN // 2, ref, tgt, V, floor_e, FLOOR)
+                e_desc.store([pid_m * BM, c0 + BN // 2], e1.to(e_desc.dtype))
+                total = t0 + t1
             else:
-                e, kept = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V, floor2, FLOOR)
-                e_desc.store([pid_m * BM, pid_n * BN], kept.to(e_desc.dtype))
-                total = tl.sum(e, 1)
+                total, e = _exp_tile(acc, pid_n * BN, BN, ref, tgt, V, floor_e, FLOOR)
+                e_desc.store([pid_m * BM, pid_n * BN], e.to(e_desc.dtype))
             tl.store(part_ptr + rm.to(tl.int64) * n_tiles_n + pid_n, total, mask=rm_ok)
 
 
@@ -172,7 +171,7 @@ def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: 
     kernel = use_kernels(hb) if kernel is None else kernel
     ref = target_logits2(hb, wb, t, kernel)
     floor = floor_log2 is not None
-    floor2 = (floor_log2 - OFFSET2) if floor else 0.0  # in E's exponent, where the target's term is -OFFSET2
+    floor_e = 2.0 ** (floor_log2 - OFFSET2) if floor else 0.0  # on E's scale, where the target's term is 2^-OFFSET2
     if kernel:
         c = {**GEMM_CONFIG, **(config or {})}
         n_tiles_n = triton.cdiv(vp, c["BN"])
@@ -184,13 +183,13 @@ def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: 
             descs = (TensorDescriptor.from_tensor(hb, [c["BM"], c["BK"]]),
                      TensorDescriptor.from_tensor(wb, [c["BN"], c["BK"]]),
                      TensorDescriptor.from_tensor(e, [c["BM"], c["BN"] // (2 if c.get("split") else 1)]))
-            _logits_exp_tma_kernel[(sms,)](*descs, ref, t, part, n, vocab_size, vp, k, n_tiles_n, floor2,
+            _logits_exp_tma_kernel[(sms,)](*descs, ref, t, part, n, vocab_size, vp, k, n_tiles_n, floor_e,
                                            BM=c["BM"], BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"], NUM_SMS=sms,
                                            SPLIT=bool(c.get("split")), UPCAST=not hb.is_cuda, FLOOR=floor,
                                            num_warps=c["warps"], num_stages=c["stages"])
         else:
             grid = (triton.cdiv(n, c["BM"]) * n_tiles_n,)
-            _logits_exp_kernel[grid](hb, wb, ref, t, e, part, n, vocab_size, vp, k, n_tiles_n, floor2,
+            _logits_exp_kernel[grid](hb, wb, ref, t, e, part, n, vocab_size, vp, k, n_tiles_n, floor_e,
                                      BM=c["BM"], BN=c["BN"], BK=c["BK"], GROUP=c["GROUP"],
                                      UPCAST=not hb.is_cuda, FLOOR=floor, num_warps=c["warps"],
                                      num_stages=c["stages"])
@@ -201,7 +200,7 @@ def exp_logits(hb: torch.Tensor, wb: torch.Tensor, t: torch.Tensor, vocab_size: 
     e[torch.arange(n), t] = 0
     s_rest = e.sum(1)
     if floor:
-        e = e.masked_fill(x < floor2, 0.0)
+        e = e.masked_fill(e < floor_e, 0.0)
     return e.to(hb.dtype), s_rest
 
 

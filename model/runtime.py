@@ -69,8 +69,10 @@ def start_cuda(device: torch.device) -> threading.Thread | None:
     def create() -> None:
         with contextlib.suppress(Exception):
             torch.empty(1, device=device)
+        th.ready_s = process_age_s()  # for the start event: when the context existed
 
     th = threading.Thread(target=create, name="cuda-context", daemon=True)
+    th.ready_s = None
     th.start()
     return th
 
@@ -254,29 +256,38 @@ class Emitter:
 
     def __init__(self, run_dir: Path, active: bool):
         self.active = active
+        self.lock = threading.Lock()  # the eval sample's thread writes too: whole lines, never interleaved
         if active:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics = open(run_dir / "metrics.jsonl", "a")
             self.samples = open(run_dir / "samples.jsonl", "a")
 
+    def _line(self, text: str) -> None:
+        with self.lock:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
     def event(self, _event: str, **data) -> None:
         if self.active:
-            print(json_event(_event, **data), flush=True)
+            self._line(json_event(_event, **data))
 
     def say(self, text: str) -> None:
         if self.active:
-            print(text, flush=True)
+            self._line(text)
 
     def rows(self, rows: list[dict]) -> None:
         if self.active:
-            self.metrics.write("".join(json.dumps(r) + "\n" for r in rows))
-            self.metrics.flush()
+            with self.lock:
+                self.metrics.write("".join(json.dumps(r) + "\n" for r in rows))
+                self.metrics.flush()
 
     def eval_row(self, step: int, val_loss: float, prompt: str, text: str) -> None:
+        """The val loss as a metrics row, the sample in samples.jsonl, both in the `eval` event."""
         self.rows([{"step": step, "val_loss": val_loss}])
         if self.active:
-            self.samples.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
-            self.samples.flush()
+            with self.lock:
+                self.samples.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+                self.samples.flush()
         self.event("eval", step=step, val_loss=val_loss, prompt=prompt, text=text)
 
     def fail(self, kind: str, message: str) -> None:

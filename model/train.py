@@ -16,10 +16,10 @@ import torch.distributed as dist
 from model import args as cli_args
 from model import runtime as rt
 from model.data import Prefetcher, TokenWindows, load_shard_list
-from model.generate import sample
 from model.gpt import GPT
 from model.head import check_grad_floor, make_head_loss, resolve_head
 from model.optim import WarmupCosine, make_optimizer
+from model.sampler import BackgroundSampler
 from model.step import autocast_for, train_step
 from storage import checkpoints as ckpts
 from storage.paths import Home
@@ -89,6 +89,7 @@ def train(ns: argparse.Namespace) -> int:
         startup["compiler_import"] = rt.process_age_s()
     if cuda_context is not None:
         cuda_context.join()
+        startup["cuda_ready"] = cuda_context.ready_s
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     raw = GPT(cfg.model).to(device)
@@ -154,6 +155,9 @@ def train(ns: argparse.Namespace) -> int:
     t_window, t0 = time.perf_counter(), time.perf_counter()
     last_ckpt = ckpts.latest(ckpts.checkpoint_root(home, run_id))
     saver = ckpts.BackgroundSaver(cfg.keep_last)  # the loop goes on while a checkpoint is written
+    # and while each evaluation's text sample is drawn (on CUDA; in line on the CPU)
+    sampler = BackgroundSampler(raw, lambda ids: tok.decode(ids) if tok is not None else "", prompt_ids,
+                                cfg.sample_tokens if tok is not None else 0, background=is_cuda)
 
     def landed(done: list) -> None:
         nonlocal last_ckpt
@@ -204,16 +208,16 @@ def train(ns: argparse.Namespace) -> int:
                 val_loss = None
                 t_out = time.perf_counter()
                 if do_eval:
+                    sampler.wait()  # the previous sample's event first: evals reach the parent in order
                     raw.head_loss = eval_head
                     val_loss = evaluate(raw, val, micro, device, autocast)
                     raw.head_loss = train_head
                     best = val_loss if best is None else min(best, val_loss)
                     t_eval = time.perf_counter()
                     spent["eval"] += t_eval - t_out
-                    text = tok.decode(list(sample(raw, prompt_ids, cfg.sample_tokens, top_k=50,
-                                                  seed=cfg.seed + step))) if tok is not None else ""
-                    emit.eval_row(step, val_loss, cfg.sample_prompt, text)
-                    spent["sample"] += time.perf_counter() - t_eval
+                    sampler.submit(raw, cfg.seed + step,
+                                   lambda text, s=step, v=val_loss: emit.eval_row(s, v, cfg.sample_prompt, text))
+                    spent["sample"] += time.perf_counter() - t_eval  # on CUDA: the weights' copy, the thread's start
                 t_ckpt = time.perf_counter()
                 if do_ckpt:  # the state is copied to host memory now, written meanwhile
                     landed(saver.submit(ckpts.checkpoint_root(home, run_id), step,
@@ -224,6 +228,7 @@ def train(ns: argparse.Namespace) -> int:
                 t_window = time.perf_counter()  # eval and saving are not training throughput
                 spent["checkpoint"] += t_window - t_ckpt
         t_wait = time.perf_counter()
+        sampler.wait()
         landed(saver.wait())
         spent["final_wait"] = time.perf_counter() - t_wait
     except NonFiniteLoss as e:
@@ -240,6 +245,8 @@ def train(ns: argparse.Namespace) -> int:
                          f"--batch-tokens {cfg.batch_tokens} is kept by gradient accumulation")
         return EXIT_OOM
     finally:
+        with contextlib.suppress(Exception):
+            sampler.wait()
         with contextlib.suppress(Exception):
             saver.wait()  # an error on the way out: still let a write in flight finish
         pf.close()

@@ -62,6 +62,39 @@ def test_kv_cache_generation_equals_full_recompute():
     assert len(list(sample(m, prompt, 40, temperature=1.0, top_k=10, top_p=0.9, seed=3))) == 40
 
 
+def test_background_sample_draws_the_in_line_text_from_the_weights_at_submit():
+    from model.sampler import BackgroundSampler
+
+    torch.manual_seed(0)
+    m = GPT(CFG).train()
+    prompt = [5, 17, 42]
+    expected = list(sample(m, prompt, 12, top_k=50, seed=7))
+    assert m.training  # sample() leaves the model as it found it
+    got, threads = [], []
+    bg = BackgroundSampler(m, lambda ids: ids, prompt, 12, background=True)
+    rng = torch.get_rng_state()
+    bg.submit(m, 7, lambda ids: (got.append(ids), threads.append(__import__("threading").current_thread().name)))
+    with torch.no_grad():  # training goes on at once: the sample must come from the weights as they were
+        for p in m.parameters():
+            p.add_(1.0)
+    bg.wait()
+    assert got == [expected] and threads == ["eval-sample"]
+    assert torch.equal(torch.get_rng_state(), rng)  # the copy's init drew from a forked RNG
+    changed = list(sample(m, prompt, 12, top_k=50, seed=7))
+    bg.submit(m, 7, got.append)  # the copy now follows the changed weights
+    bg.wait()
+    assert got[-1] == changed and changed != expected
+    inline = BackgroundSampler(m, lambda ids: ids, prompt, 12, background=False)
+    inline.submit(m, 7, got.append)
+    assert got[-1] == changed and inline.thread is None
+
+    def broken(ids):
+        raise RuntimeError("decode failed")
+    bg.submit(m, 7, broken)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        bg.wait()  # a failure on the thread reaches the training loop
+
+
 def test_fused_head_matches_autograd_loss_and_gradients():
     torch.manual_seed(0)
     h = torch.randn(4, 8, CFG.n_embd, dtype=torch.float64, requires_grad=True)
