@@ -14,7 +14,7 @@ VOCAB_MULTIPLE = 256
 # ~8 s of compile saved against ~1 % of each 37 ms seed step: break-even near 21k steps (RESULTS.md)
 REGIONS_MAX_STEPS = 20_000
 
-DROPOUT_RNGS = ("torch", "hash")  # model.dropout
+DROPOUT_RNGS = ("torch", "hash")  # model.dropout; GPTConfig also takes "auto" (resolve_dropout_rng)
 
 
 def padded(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -30,22 +30,28 @@ class GPTConfig:
     vocab_size: int = 50257  # the tokenizer's; the embedding holds `padded_vocab` rows
     dropout: float = 0.1
     # who draws the residual and embedding dropout masks: torch (Philox per element) or a hash of the
-    # element's index (model.dropout: +1.9 % per step at 0.1 on an H200, val loss over a seed run not yet
-    # measured, so opt-in); attention dropout stays inside SDPA either way
-    dropout_rng: str = "torch"
+    # element's index (model.dropout: +1.9 % per step at 0.1 on an H200, seed-run val loss within the spread
+    # of torch's, RESULTS.md); auto = hash on CUDA, torch elsewhere (where nothing is gained, and CPU runs
+    # stay as they were); attention dropout stays inside SDPA either way
+    dropout_rng: str = "auto"
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
 
     @property
     def padded_vocab(self) -> int:
         return padded(self.vocab_size)
 
+    def resolve_dropout_rng(self, cuda: bool) -> None:
+        """`auto` made concrete for the device the model trains on (the trainer, before the config is saved)."""
+        if self.dropout_rng == "auto":
+            self.dropout_rng = "hash" if cuda else "torch"
+
     def validate(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd}: must be a multiple of n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must lie in [0, 1)")
-        if self.dropout_rng not in DROPOUT_RNGS:
-            raise ValueError(f"--dropout-rng {self.dropout_rng}: expected {' or '.join(DROPOUT_RNGS)}")
+        if self.dropout_rng not in ("auto", *DROPOUT_RNGS):
+            raise ValueError(f"--dropout-rng {self.dropout_rng}: expected auto, {' or '.join(DROPOUT_RNGS)}")
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k}={getattr(self, k)}: must be positive")

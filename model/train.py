@@ -63,6 +63,7 @@ def train(ns: argparse.Namespace) -> int:
     tok, tok_sha, tok_vocab = rt.load_tokenizer(tok_path)
     cfg, run_id, resume_from = rt.resolve_config(ns, home, tok_vocab, tok_sha, tok_path)
     device = rt.pick_device(cfg.device, d)
+    cfg.model.resolve_dropout_rng(device.type == "cuda")
     cuda_context = rt.start_cuda(device)  # the driver works while the compiler is imported below
     startup["config"] = rt.process_age_s()
     if device.type != "cuda":  # FP8 matmuls and Triton kernels; LayerNorm's fp32 weights meet bf16 only under autocast
@@ -92,8 +93,11 @@ def train(ns: argparse.Namespace) -> int:
         startup["cuda_ready"] = cuda_context.ready_s
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    raw = GPT(cfg.model).to(device)
-    startup["model"] = rt.process_age_s()  # on CUDA: the context's creation
+    # the weights drawn where they will live: on the H200's host the CPU's init of the seed model took ~1.1 s of
+    # start-up with the CUDA context already made (RESULTS.md, twelfth pass); on CUDA from its generator
+    with torch.device(device):
+        raw = GPT(cfg.model)
+    startup["model"] = rt.process_age_s()
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, cfg.schedule_steps or cfg.max_steps, cfg.min_lr_ratio)
     start = 0

@@ -62,6 +62,14 @@ def test_hash_dropout_compiled_keeps_its_promises():
 def test_gpt_with_hash_dropout_trains_and_says_so():
     with pytest.raises(ValueError, match="--dropout-rng"):
         GPTConfig(dropout_rng="philox").validate()
+    for cuda, want in ((True, "hash"), (False, "torch")):  # auto, the default, is made concrete per device
+        c = GPTConfig()
+        c.resolve_dropout_rng(cuda)
+        assert c.dropout_rng == want
+        c.resolve_dropout_rng(not cuda)  # and stays what it was resolved to (a resumed run keeps its masks)
+        assert c.dropout_rng == want
+    assert all(d.rng == "torch" for d in GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16,
+                                                       vocab_size=64)).modules() if isinstance(d, Dropout))
     cfg = preset("tiny", 300).override({"dropout_rng": "hash", "dropout": 0.2})
     assert cfg.to_dict()["model"]["dropout_rng"] == "hash"
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ def test_tiny_run_learns_and_checkpoints(train_home):
     assert val[40] < val[20] < 6.9  # below uniform over 1,024 tokens (ln 1024 = 6.93)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("eval") == 2
+    assert events[0]["config"]["model"]["dropout_rng"] == "torch"  # auto, resolved for the CPU and saved so
     # where the wall clock went: start-up before the loop, the first step, the rest, all on one clock
     first = next(e for e in events if e["event"] == "first_step")
     assert first["step"] == 1 and kinds.index("first_step") < kinds.index("eval")
