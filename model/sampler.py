@@ -61,6 +61,8 @@ class BackgroundSampler:
                 with torch.cuda.stream(self.stream):
                     self.stream.wait_event(ready)
                     self._draw(copy, seed, done)
+                # the generator queues one forward past its last token: done before the next copy overwrites
+                self.stream.synchronize()
             except BaseException as e:  # raised again in the main thread, by wait()
                 self.error = e
 
