@@ -192,3 +192,23 @@ def test_gemm_head_floor_zeroes_values_under_the_bound_and_keeps_the_sums(config
     e_cpu, s_cpu = G.exp_logits(h, w, t, v, kernel=False, floor_log2=floor)
     assert ((e_cpu.float() == 0) != (e1 == 0))[~near].sum() == 0
     torch.testing.assert_close(s_cpu.double(), s1.double().cpu(), rtol=1e-5, atol=0)
+
+
+def test_gemm_head_epilogue_compiles_for_hopper_without_64_bit_compares():
+    """The logits GEMM compiled for sm_90 (no GPU needed): target ids are compared in 32 bits, which took the
+    epilogue's 64-bit compares and sign extensions off every element (RESULTS.md, twelfth pass)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_sass.py"), "--top", "200"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [x for x in out.stdout.splitlines() if x.startswith("FLOOR=") or x.startswith("   ")]
+    ops = {op: int(n) for op, n in (x.rsplit(" ", 1) for x in lines[1].strip().split(", "))}
+    # 128 x 256 outputs over 256 threads: 128 exp2 per thread and tile, bf16 pairs packed for the store
+    assert ops["MUFU.EX2"] >= 128 and ops["F2FP.BF16.F32.PACK_AB"] >= 64
+    # with int64 ids: 256 ISETP.NE.U32.AND.EX and 130 SHF.R.S32.HI (one per element); now only address arithmetic
+    assert ops.get("ISETP.NE.U32.AND.EX", 0) < 16 and ops.get("SHF.R.S32.HI", 0) < 16, ops
