@@ -87,8 +87,8 @@ class TrainConfig:
     compile_scope: str = "auto"
     head: str = "auto"  # output layer + loss: plain | fused | gemm | fp8 | fp8all (auto: model.head.resolve_head)
     # fused/fp8/gemm heads: probabilities under 2**grad_floor reach the backward matmuls as exact zeros, which a
-    # power-capped GPU multiplies faster (-24: +2.8 % steps over a seed run at equal val loss, RESULTS.md; opt-in:
-    # in the gemm head the select costs its GEMM ~1 ms, which only the zeros of a trained model pay back)
+    # power-capped GPU multiplies faster (-24: +2.8 % steps over a seed run at equal val loss, RESULTS.md; opt-in).
+    # The gemm head floors exp(z - z_target) >= p instead, through exp2's flush at a shifted offset (no select)
     grad_floor: float | None = None
     # residual stream between blocks: float32 (what autocast leaves it) or bfloat16 (half the bytes
     # through every LayerNorm/GELU/add; auto: bfloat16 on CUDA, float32 on CPU)
