@@ -45,6 +45,12 @@ class GPTConfig:
         if self.dropout_rng == "auto":
             self.dropout_rng = "hash" if cuda else "torch"
 
+    @property
+    def mask_rng(self) -> str:
+        """What the model's Dropout modules draw with: an unresolved auto (a model built outside the trainer:
+        tests, tools) gets torch's masks."""
+        return "torch" if self.dropout_rng == "auto" else self.dropout_rng
+
     def validate(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd}: must be a multiple of n_head={self.n_head}")

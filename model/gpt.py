@@ -12,12 +12,6 @@ from model.config import GPTConfig
 from model.dropout import Dropout
 
 
-def _rng(cfg: GPTConfig) -> str:
-    # the trainer resolves auto for its device first (GPTConfig.resolve_dropout_rng); a model built
-    # elsewhere from an unresolved config (tests, tools) gets torch's masks
-    return "torch" if cfg.dropout_rng == "auto" else cfg.dropout_rng
-
-
 class KVCache:
     """Preallocated keys/values for every layer; `pos` tokens are filled."""
 
@@ -42,7 +36,7 @@ class CausalSelfAttention(nn.Module):
         self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = Dropout(cfg.dropout, _rng(cfg), site=1 + 2 * layer)
+        self.resid_dropout = Dropout(cfg.dropout, cfg.mask_rng, site=1 + 2 * layer)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -71,7 +65,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = Dropout(cfg.dropout, _rng(cfg), site=2 + 2 * layer)
+        self.dropout = Dropout(cfg.dropout, cfg.mask_rng, site=2 + 2 * layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
@@ -98,7 +92,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=Dropout(cfg.dropout, _rng(cfg), site=0),
+            drop=Dropout(cfg.dropout, cfg.mask_rng, site=0),
             h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))

@@ -1,8 +1,8 @@
 """Output layer + cross-entropy with the loss gradient computed during the forward pass.
 The 49k-way logits are written once and turned into their own gradient by one Triton kernel
 (~2-3 passes over memory instead of ~4); `fp8` also runs the forward matmul in FP8 (e4m3). A floor
-(`grad_floor`, opt-in; `head_gemm` has its own, in its epilogue) writes probabilities under 2^floor as exact zeros:
-the backward matmuls draw less power.
+(`grad_floor`, opt-in; `head_gemm` gets its own from exp2's flush) writes probabilities under 2^floor as exact
+zeros: the backward matmuls draw less power.
 Costs: the gradient's memory is held until backward (as the plain step's logits are), and FP8
 rounds the forward logits (loss within 3e-4 of float64, gradients within 3e-3: train_bench)."""
 from __future__ import annotations

@@ -239,8 +239,8 @@ class GemmHeadLoss(torch.autograd.Function):
         hb, wb, e, s_rest = ctx.saved_tensors
         r = (g.float() / (e.size(0) * (s_rest + 2.0 ** -ctx.offset2)))[:, None]  # [N, 1]
         lift = 2.0 ** (ctx.offset2 - OFFSET2)  # a power of two: W * lift is exact in bf16
-        gx = torch.mul(e @ (wb * lift if lift != 1.0 else wb), r / lift if lift != 1.0 else r,
-                       out=torch.empty(hb.shape, dtype=ctx.h_dtype, device=hb.device))
+        wl = wb if lift == 1.0 else wb * lift
+        gx = torch.mul(e @ wl, r / lift, out=torch.empty(hb.shape, dtype=ctx.h_dtype, device=hb.device))
         gw = matmul_f32(e.t(), torch.mul(hb, r, out=torch.empty_like(hb)), ctx.w_dtype)
         return gx.view(ctx.h_shape), gw, None, None, None
 

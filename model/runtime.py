@@ -2,7 +2,6 @@
 ranks, RNG state, and the event/metrics writer. Kept apart so train.py reads as the loop alone."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -57,32 +56,6 @@ def pick_device(name: str, d: Dist) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is visible")
     return torch.device(name if ":" in name else f"cuda:{d.local_rank}")
-
-
-def start_cuda(device: torch.device) -> threading.Thread | None:
-    """Creates `device`'s CUDA context on a thread (1.2 s of a seed run's start-up on the H200, in the driver)
-    while the main thread imports the compiler (~2.7 s of Python); torch's lazy init is locked, so the main
-    thread's first CUDA call waits for it. An error here is left for that call to raise, with its message."""
-    if device.type != "cuda":
-        return None
-
-    def create() -> None:
-        with contextlib.suppress(Exception):
-            torch.empty(1, device=device)
-        th.ready_s = process_age_s()  # for the start event: when the context existed
-
-    th = threading.Thread(target=create, name="cuda-context", daemon=True)
-    th.ready_s = None
-    th.start()
-    return th
-
-
-def import_compiler() -> None:
-    """Dynamo, Inductor and Triton imported up front (what the first compile would import anyway)."""
-    import torch._dynamo  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
-    with contextlib.suppress(ImportError):
-        import triton  # noqa: F401
 
 
 def device_name(device: torch.device) -> str:

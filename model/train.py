@@ -64,7 +64,6 @@ def train(ns: argparse.Namespace) -> int:
     cfg, run_id, resume_from = rt.resolve_config(ns, home, tok_vocab, tok_sha, tok_path)
     device = rt.pick_device(cfg.device, d)
     cfg.model.resolve_dropout_rng(device.type == "cuda")
-    cuda_context = rt.start_cuda(device)  # the driver works while the compiler is imported below
     startup["config"] = rt.process_age_s()
     if device.type != "cuda":  # FP8 matmuls and Triton kernels; LayerNorm's fp32 weights meet bf16 only under autocast
         if cfg.head in ("fp8", "fp8all"):
@@ -85,19 +84,13 @@ def train(ns: argparse.Namespace) -> int:
     val_w = TokenWindows(shards["val"], T, cfg.model.vocab_size, "val")
     val = torch.from_numpy(val_w.fixed(cfg.eval_batches * micro))
     startup["data"] = rt.process_age_s()
-    if is_cuda and cfg.compile:
-        rt.import_compiler()
-        startup["compiler_import"] = rt.process_age_s()
-    if cuda_context is not None:
-        cuda_context.join()
-        startup["cuda_ready"] = cuda_context.ready_s
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     # the weights drawn where they will live: on the H200's host the CPU's init of the seed model took ~1.1 s of
-    # start-up with the CUDA context already made (RESULTS.md, twelfth pass); on CUDA from its generator
+    # start-up, the CUDA context ~0.15 s (RESULTS.md, twelfth pass); on CUDA from its generator
     with torch.device(device):
         raw = GPT(cfg.model)
-    startup["model"] = rt.process_age_s()
+    startup["model"] = rt.process_age_s()  # on CUDA: the context's creation and the weights' init
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, cfg.schedule_steps or cfg.max_steps, cfg.min_lr_ratio)
     start = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ def test_background_sample_draws_the_in_line_text_from_the_weights_at_submit():
     got, threads = [], []
     bg = BackgroundSampler(m, lambda ids: ids, prompt, 12, background=True)
     rng = torch.get_rng_state()
-    bg.submit(m, 7, lambda ids: (got.append(ids), threads.append(__import__("threading").current_thread().name)))
+    bg.submit(m, 7, lambda ids: (got.append(ids), threads.append(threading.current_thread().name)))
     with torch.no_grad():  # training goes on at once: the sample must come from the weights as they were
         for p in m.parameters():
             p.add_(1.0)
