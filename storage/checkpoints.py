@@ -40,20 +40,15 @@ def checkpoint_root(home: Home, run_id: str) -> Path:
     return home.run_dir(run_id) / CKPT_DIR
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 24):
-            h.update(b)
-    return h.hexdigest()
-
-
-def export_weights(path: Path, state_dict: dict, config: dict) -> None:
-    """Weights alone, for inference; the tied lm_head is stored once (as wte)."""
-    from safetensors.torch import save_file
+def export_weights(path: Path, state_dict: dict, config: dict) -> str:
+    """Weights alone, for inference; the tied lm_head is stored once (as wte). Returns the file's sha256, taken
+    from the bytes as written rather than read back (150 MB for the seed model, on the run's last wait)."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k != "lm_head.weight"}
-    save_file(tensors, str(path), metadata={"config": json.dumps(config, sort_keys=True)})
+    data = save(tensors, metadata={"config": json.dumps(config, sort_keys=True)})
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 class CheckpointWriteError(OSError):
@@ -74,7 +69,7 @@ def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_s
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(train_state, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-        export_weights(tmp / WEIGHTS, model_state, config)
+        weights_sha = export_weights(tmp / WEIGHTS, model_state, config)
         atomic_replace_dir(tmp, final)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,7 +78,7 @@ def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_s
         raise CheckpointWriteError(f"{final}: checkpoint not written ({why}, {free >> 20} MiB free); "
                                    f"the previous checkpoint is kept") from None
     size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
-    info = CheckpointInfo(step=step, path=str(final), val_loss=val_loss, sha256=_sha256(final / WEIGHTS),
+    info = CheckpointInfo(step=step, path=str(final), val_loss=val_loss, sha256=weights_sha,
                           size_bytes=size, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
                           run_id=run_id)
     atomic_write_text(final / MARKER, json.dumps(info.to_dict(), indent=1))

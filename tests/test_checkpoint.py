@@ -2,6 +2,8 @@
 A one-layer model keeps each save in milliseconds; the format is the same as the seed model's."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -25,6 +27,11 @@ def test_save_list_prune_and_export(tmp_path):
         info = _save(root, step, m, val)
         assert (root / f"step_{step:06d}" / ckpts.MARKER).is_file()
     assert info.size_bytes > 0 and len(info.sha256) == 64
+    # the recorded sha256 is the exported file's, and the export loads back as the model
+    from storage.shards import file_sha256
+    assert info.sha256 == file_sha256(Path(info.path) / ckpts.WEIGHTS)
+    _, sd = ckpts.load_weights(info.path, "cpu")
+    assert torch.equal(sd["transformer.wte.weight"], m.state_dict()["transformer.wte.weight"])
     # a crash after the rename but before the marker: that folder does not count
     (root / "step_000050").mkdir()
     (root / "step_000050" / "model.pt").write_bytes(b"partial")
