@@ -2,7 +2,6 @@
 ranks, RNG state, and the event/metrics writer. Kept apart so train.py reads as the loop alone."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from model.config import TrainConfig, preset
 from storage import checkpoints as ckpts
 from storage.atomic import atomic_write_text
 from storage.paths import Home
+from storage.shards import file_sha256
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
@@ -60,10 +60,6 @@ def pick_device(name: str, d: Dist) -> torch.device:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_tokenizer(path: Path):
