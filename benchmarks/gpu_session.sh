@@ -7,7 +7,7 @@
 # passes and grad-x widths (head_bench --glue), speed (with the SM clock and power sampled beside it), regional = speed with
 # --regional, compile = short trainer runs timing start-up + compile cold and warm, homecache = two short runs
 # on the home's own compile cache, pyc = start-up imports with and without model.bytecode's cache, dropout = the
-# hash dropout compiled and timed against torch's, seed), to split it over calls.
+# hash dropout compiled and timed against torch's, ckpt = the checkpoint hand-off (benchmarks/ckpt_probe.py), seed), to split it over calls.
 # SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope; SEED_EXTRA: more trainer flags (e.g. --grad-floor -24);
 # SEED_DROPOUT=auto: --dropout-rng hash if the dropout part measured it >= 1 % faster; SEED_WARMUP=N: an N-step run first.
 set -uo pipefail
@@ -97,6 +97,9 @@ if has dropout; then  # the hash dropout compiled on CUDA (masks checked), then 
     TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --dropouts 0.1 \
       --variants gemm@hash --mix-order-reduction --steps 60 --bf16-stream 2>&1 | grep -v Warning | tee -a "$OUT/speed_dropout.log"
   fi
+fi
+if has ckpt; then  # what a checkpoint's submit holds the loop for, and that the files hold the submitted step
+  python3 benchmarks/ckpt_probe.py --json "$OUT/ckpt.json" 2>&1 | grep -v Warning | tee "$OUT/ckpt.log"
 fi
 has seed || exit 0
 # the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun),

@@ -45,6 +45,8 @@ def make_data(out: Path, vocab: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # as the Makefile does: on 2 busy cores Prefect's 20 s default for its temporary server is too short
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.prepare import PrepareParams, prepare
 
     roots = [Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages",

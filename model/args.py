@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import typing
 
-from model.config import GPTConfig, TrainConfig
+from model.config import GPTConfig, TrainConfig, parse_grad_floor
 
 SKIP = {"model", "preset"}
+PARSERS = {"grad_floor": parse_grad_floor}  # flags whose values are not of one type
 
 
 def _flag_type(tp):
@@ -26,7 +27,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                 continue
             flag = "--" + f.name.replace("_", "-")
             tp = _flag_type(hints[f.name])
-            if tp is bool:
+            if f.name in PARSERS:
+                p.add_argument(flag, dest=f.name, type=PARSERS[f.name], default=None, metavar="VALUE")
+            elif tp is bool:
                 p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             else:
                 p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=tp.__name__.upper())

@@ -63,6 +63,19 @@ class GPTConfig:
                 raise ValueError(f"{k}={getattr(self, k)}: must be positive")
 
 
+AUTO_GRAD_FLOOR = -24.0  # what --grad-floor auto means on CUDA: p under 2**-24, below bf16's resolution of p - 1
+
+
+def parse_grad_floor(text: str) -> float | str:
+    """--grad-floor's value: auto, off, or a number (validated with the rest of the config)."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text  # TrainConfig.validate names it
+
+
 @dataclass
 class TrainConfig:
     preset: str = "seed"
@@ -93,9 +106,10 @@ class TrainConfig:
     compile_scope: str = "auto"
     head: str = "auto"  # output layer + loss: plain | fused | gemm | fp8 | fp8all (auto: model.head.resolve_head)
     # fused/fp8/gemm heads: probabilities under 2**grad_floor reach the backward matmuls as exact zeros, which a
-    # power-capped GPU multiplies faster (-24: +2.8 % steps over a seed run at equal val loss, RESULTS.md; opt-in).
+    # power-capped GPU multiplies faster. auto: AUTO_GRAD_FLOOR with those heads on CUDA (seed run on the H200: loop
+    # 177.1/174.2 s against 183.8/178.4 s without, val loss within run-to-run spread, RESULTS.md), off elsewhere.
     # The gemm head floors exp(z - z_target) >= p instead, through exp2's flush at a shifted offset (no select)
-    grad_floor: float | None = None
+    grad_floor: float | str | None = "auto"  # a log2 probability, "auto" or "off" (None: off, older configs)
     # residual stream between blocks: float32 (what autocast leaves it) or bfloat16 (half the bytes
     # through every LayerNorm/GELU/add; auto: bfloat16 on CUDA, float32 on CPU)
     stream_dtype: str = "auto"
@@ -106,7 +120,9 @@ class TrainConfig:
         self.model.validate()
         if self.head not in ("auto", "plain", "fused", "gemm", "fp8", "fp8all"):
             raise ValueError(f"--head {self.head}: expected auto, plain, fused, gemm, fp8 or fp8all")
-        if self.grad_floor is not None and not -126 <= self.grad_floor < 0:
+        if isinstance(self.grad_floor, str) and self.grad_floor not in ("auto", "off"):
+            raise ValueError(f"--grad-floor {self.grad_floor}: expected auto, off or a log2 probability, e.g. -24")
+        if isinstance(self.grad_floor, (int, float)) and not -126 <= self.grad_floor < 0:
             raise ValueError(f"--grad-floor {self.grad_floor:g}: a log2 probability in [-126, 0), e.g. -24")
         if self.compile_scope not in ("auto", "model", "regions"):
             raise ValueError(f"--compile-scope {self.compile_scope}: expected auto, model or regions")

@@ -1,7 +1,7 @@
 """Output layer + cross-entropy with the loss gradient computed during the forward pass.
 The 49k-way logits are written once and turned into their own gradient by one Triton kernel
 (~2-3 passes over memory instead of ~4); `fp8` also runs the forward matmul in FP8 (e4m3). A floor
-(`grad_floor`, opt-in; `head_gemm` gets its own from exp2's flush) writes probabilities under 2^floor as exact
+(`grad_floor`, -24 by default on CUDA; `head_gemm` gets its own from exp2's flush) writes probabilities under 2^floor as exact
 zeros: the backward matmuls draw less power.
 Costs: the gradient's memory is held until backward (as the plain step's logits are), and FP8
 rounds the forward logits (loss within 3e-4 of float64, gradients within 3e-3: train_bench)."""
@@ -200,9 +200,17 @@ class FusedHeadLoss(torch.autograd.Function):
 FLOOR_HEADS = ("fused", "fp8", "gemm")
 
 
-def check_grad_floor(kind: str, grad_floor: float | None) -> None:
-    if grad_floor is not None and kind not in FLOOR_HEADS:
+def resolve_grad_floor(grad_floor: float | str | None, kind: str, device: torch.device) -> float | None:
+    """The floor a run uses: `auto` is AUTO_GRAD_FLOOR where head `kind` writes its gradient in a kernel on CUDA,
+    none elsewhere (on CPU the heads' torch paths keep the exact gradient); a number needs such a head."""
+    from model.config import AUTO_GRAD_FLOOR
+    if grad_floor == "auto":
+        return AUTO_GRAD_FLOOR if device.type == "cuda" and kind in FLOOR_HEADS else None
+    if grad_floor is None or grad_floor == "off":
+        return None
+    if kind not in FLOOR_HEADS:
         raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused, fp8 or gemm (the head here is {kind})")
+    return float(grad_floor)
 
 
 def resolve_head(kind: str, device: torch.device) -> str:
@@ -219,7 +227,8 @@ def resolve_head(kind: str, device: torch.device) -> str:
 def make_head_loss(kind: str, grad_floor: float | None = None):
     """`None` for the plain (autograd + compile) loss, else a loss function the model calls. `grad_floor`
     (FLOOR_HEADS only): probabilities under 2**grad_floor enter the backward matmuls as exact zeros."""
-    check_grad_floor(kind, grad_floor)
+    if grad_floor is not None:
+        grad_floor = resolve_grad_floor(float(grad_floor), kind, torch.device("cpu"))  # checks the head takes one
     if kind == "plain":
         return None
     if kind == "fp8all":

@@ -17,7 +17,7 @@ from model import args as cli_args
 from model import runtime as rt
 from model.data import Prefetcher, TokenWindows, load_shard_list
 from model.gpt import GPT
-from model.head import check_grad_floor, make_head_loss, resolve_head
+from model.head import make_head_loss, resolve_grad_floor, resolve_head
 from model.optim import WarmupCosine, make_optimizer
 from model.sampler import BackgroundSampler
 from model.step import autocast_for, train_step
@@ -73,7 +73,7 @@ def train(ns: argparse.Namespace) -> int:
     is_cuda = device.type == "cuda"
     # fp8 is faster still, but its val loss trailed the plain step's at equal tokens (RESULTS.md)
     head = resolve_head(cfg.head, device)
-    check_grad_floor(head, cfg.grad_floor)  # before the run folder exists, as the checks above
+    grad_floor = resolve_grad_floor(cfg.grad_floor, head, device)  # before the run folder exists, as above
     run_dir = home.run_dir(run_id)
     emit = rt.Emitter(run_dir, d.rank == 0)
     T, micro = cfg.model.block_size, cfg.micro_batch
@@ -110,7 +110,7 @@ def train(ns: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = True
     stream = cfg.stream_dtype if cfg.stream_dtype != "auto" else ("bfloat16" if is_cuda else "float32")
     raw.stream_dtype = torch.bfloat16 if stream == "bfloat16" else None
-    train_head = raw.head_loss = make_head_loss(head, cfg.grad_floor)  # one object: compile guards on its identity
+    train_head = raw.head_loss = make_head_loss(head, grad_floor)  # one object: compile guards on its identity
     eval_head = make_head_loss("fused" if is_cuda else "plain")
     startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
     model = raw
@@ -136,8 +136,8 @@ def train(ns: argparse.Namespace) -> int:
     prompt_ids = tok.encode(cfg.sample_prompt).ids if tok is not None else [0]
 
     emit.event("start", run_id=run_id, run_dir=str(run_dir), step=start, max_steps=cfg.max_steps,
-               device=rt.device_name(device), world=d.world, accum=accum, head=head, stream_dtype=stream,
-               compile=scope or False, peak_tflops=peak, params=raw.num_params(),
+               device=rt.device_name(device), world=d.world, accum=accum, head=head, grad_floor=grad_floor,
+               stream_dtype=stream, compile=scope or False, peak_tflops=peak, params=raw.num_params(),
                tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None,
                process_s=rt.process_age_s(), startup_s=startup, compile_cache=caches)
     if d.rank == 0:

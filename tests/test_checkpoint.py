@@ -99,10 +99,13 @@ def test_background_saver_writes_the_state_of_its_step(tmp_path):
     assert saver.wait() == [] and not list(tmp_path.glob("blocked*/step_*"))
 
 
-def test_background_saver_snapshot_ignores_later_steps(tmp_path):
-    """The same with the first checkpoint kept: its bytes are those of step 10, not of what came after."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the device snapshot needs CUDA (benchmarks/ckpt_probe.py runs it there)"))])
+def test_background_saver_snapshot_ignores_later_steps(tmp_path, device):
+    """The same with the first checkpoint kept: its bytes are those of step 10, not of what came after
+    (on CUDA the later steps are queued on the loop's stream while the copy to host runs on another)."""
     torch.manual_seed(1)
-    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=100))
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=100)).to(device)
     root = tmp_path / "ck"
     before = {k: v.clone() for k, v in m.state_dict().items()}
     saver = ckpts.BackgroundSaver(keep_last=5)
@@ -114,4 +117,4 @@ def test_background_saver_snapshot_ignores_later_steps(tmp_path):
     saver.wait()
     _, sd = ckpts.load_weights(root / "step_000010")
     for k, v in before.items():
-        assert torch.equal(sd[k], v), k
+        assert torch.equal(sd[k], v.cpu()), k

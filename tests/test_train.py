@@ -26,6 +26,8 @@ def test_tiny_run_learns_and_checkpoints(train_home):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("eval") == 2
     assert events[0]["config"]["model"]["dropout_rng"] == "torch"  # auto, resolved for the CPU and saved so
+    # --grad-floor auto: kept as auto (a resume on CUDA takes the floor there), none on the CPU's plain head
+    assert events[0]["config"]["grad_floor"] == "auto" and events[0]["grad_floor"] is None
     # where the wall clock went: start-up before the loop, the first step, the rest, all on one clock
     first = next(e for e in events if e["event"] == "first_step")
     assert first["step"] == 1 and kinds.index("first_step") < kinds.index("eval")
@@ -100,7 +102,8 @@ def test_bad_inputs_fail_with_one_line(train_home, tmp_path):
                        (("--head", "fp8all"), "--head fp8all needs CUDA"),
                        (("--head", "fp9"), "--head fp9: expected"),
                        (("--grad-floor", "-24"), "--grad-floor -24 needs --head fused, fp8 or gemm (the head here is plain)"),
-                       (("--grad-floor", "3"), "--grad-floor 3: a log2 probability")):
+                       (("--grad-floor", "3"), "--grad-floor 3: a log2 probability"),
+                       (("--grad-floor", "low"), "--grad-floor low: expected auto, off or a log2 probability")):
         code, _, text = run_trainer(train_home, *FAST, *flags, "--max-steps", "2", "--run-id", "c")
         assert code == 2 and msg in text, text
         assert not (train_home.root / "runs" / "c").exists()
@@ -117,6 +120,20 @@ def test_grad_floor_trains_and_is_kept_in_the_config(train_home, head):
     assert sum(train[s] for s in range(26, 31)) / 5 < sum(train[s] for s in range(1, 6)) / 5 - 0.5
     st = ckpts.load_train_state(ckpts.latest(ckpts.checkpoint_root(train_home, run)).path)
     assert st["config"]["train"]["grad_floor"] == -12.0 and st["config"]["train"]["head"] == head
+
+
+def test_grad_floor_auto_is_minus_24_on_cuda_with_a_kernel_head_only():
+    import torch
+
+    from model.head import resolve_grad_floor
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # resolving touches no device
+    assert resolve_grad_floor("auto", "gemm", cuda) == -24.0 == resolve_grad_floor("auto", "fused", cuda)
+    assert resolve_grad_floor("auto", "plain", cuda) is None and resolve_grad_floor("auto", "fp8all", cuda) is None
+    assert resolve_grad_floor("auto", "gemm", cpu) is None and resolve_grad_floor("auto", "plain", cpu) is None
+    assert resolve_grad_floor("off", "gemm", cuda) is None and resolve_grad_floor(None, "gemm", cuda) is None
+    assert resolve_grad_floor(-12, "fused", cpu) == -12.0
+    with pytest.raises(ValueError, match="--grad-floor -12 needs --head fused, fp8 or gemm"):
+        resolve_grad_floor(-12, "plain", cuda)
 
 
 def test_gemm_head_trains_as_the_plain_head(train_home):
