@@ -134,6 +134,15 @@ def test_grad_floor_auto_is_minus_24_on_cuda_with_a_kernel_head_only():
     assert resolve_grad_floor(-12, "fused", cpu) == -12.0
     with pytest.raises(ValueError, match="--grad-floor -12 needs --head fused, fp8 or gemm"):
         resolve_grad_floor(-12, "plain", cuda)
+    # on the command line: off must reach the config (it overrides a checkpoint's auto), a number as a float
+    import argparse
+
+    from model.args import add_config_args, overrides
+    ap = argparse.ArgumentParser()
+    add_config_args(ap)
+    assert overrides(ap.parse_args(["--grad-floor", "off"])) == {"grad_floor": "off"}
+    assert overrides(ap.parse_args(["--grad-floor", "-24"])) == {"grad_floor": -24.0}
+    assert overrides(ap.parse_args([])) == {}
 
 
 def test_gemm_head_trains_as_the_plain_head(train_home):
