@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from model.config import AUTO_GRAD_FLOOR
+
 try:  # triton exists only where CUDA does; the CPU path uses the torch reference below
     import triton
     import triton.language as tl
@@ -200,17 +202,19 @@ class FusedHeadLoss(torch.autograd.Function):
 FLOOR_HEADS = ("fused", "fp8", "gemm")
 
 
+def check_grad_floor(kind: str, grad_floor: float | None) -> None:
+    if grad_floor is not None and kind not in FLOOR_HEADS:
+        raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused, fp8 or gemm (the head here is {kind})")
+
+
 def resolve_grad_floor(grad_floor: float | str | None, kind: str, device: torch.device) -> float | None:
     """The floor a run uses: `auto` is AUTO_GRAD_FLOOR where head `kind` writes its gradient in a kernel on CUDA,
     none elsewhere (on CPU the heads' torch paths keep the exact gradient); a number needs such a head."""
-    from model.config import AUTO_GRAD_FLOOR
     if grad_floor == "auto":
         return AUTO_GRAD_FLOOR if device.type == "cuda" and kind in FLOOR_HEADS else None
-    if grad_floor is None or grad_floor == "off":
-        return None
-    if kind not in FLOOR_HEADS:
-        raise ValueError(f"--grad-floor {grad_floor:g} needs --head fused, fp8 or gemm (the head here is {kind})")
-    return float(grad_floor)
+    floor = None if grad_floor in (None, "off") else float(grad_floor)
+    check_grad_floor(kind, floor)
+    return floor
 
 
 def resolve_head(kind: str, device: torch.device) -> str:
@@ -227,8 +231,7 @@ def resolve_head(kind: str, device: torch.device) -> str:
 def make_head_loss(kind: str, grad_floor: float | None = None):
     """`None` for the plain (autograd + compile) loss, else a loss function the model calls. `grad_floor`
     (FLOOR_HEADS only): probabilities under 2**grad_floor enter the backward matmuls as exact zeros."""
-    if grad_floor is not None:
-        grad_floor = resolve_grad_floor(float(grad_floor), kind, torch.device("cpu"))  # checks the head takes one
+    check_grad_floor(kind, grad_floor)
     if kind == "plain":
         return None
     if kind == "fp8all":

@@ -216,7 +216,7 @@ def train(ns: argparse.Namespace) -> int:
                                    lambda text, s=step, v=val_loss: emit.eval_row(s, v, cfg.sample_prompt, text))
                     spent["sample"] += time.perf_counter() - t_eval  # on CUDA: the weights' copy, the thread's start
                 t_ckpt = time.perf_counter()
-                if do_ckpt:  # the state is copied to host memory now, written meanwhile
+                if do_ckpt:  # the state is copied now (on CUDA on the device), written meanwhile
                     landed(saver.submit(ckpts.checkpoint_root(home, run_id), step,
                                         model_state=raw.state_dict(), optim_state=opt.state_dict(),
                                         train_state=rt.train_state(step, sched, cfg, best, shards),

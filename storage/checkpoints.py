@@ -85,44 +85,43 @@ def save(root: Path, step: int, *, model_state: dict, optim_state: dict, train_s
     return info
 
 
+def _copy_tree(obj, copy, memo: dict):
+    """`obj` with every tensor replaced by `copy(tensor)`; tensors that share memory (the tied wte and lm_head)
+    share one copy, so it is made, moved and saved once (torch.save keeps shared storage shared)."""
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype, obj.device)
+        if key not in memo:
+            memo[key] = copy(obj.detach())
+        return memo[key]
+    if isinstance(obj, dict):
+        return {k: _copy_tree(v, copy, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_tree(v, copy, memo) for v in obj)
+    return obj
+
+
 def to_host(obj):
     """A copy of `obj` with every tensor cloned to host memory: what a step saw, whatever later steps do."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
-    return obj
-
-
-def snapshot(obj):
-    """A copy of `obj` taken now: CUDA tensors cloned on their device, in the loop's stream order, others to host.
-    A device clone costs the loop well under a millisecond where the host copy took 0.35-0.5 s a checkpoint (the
-    seed run, H200); `Snapshot.to_host` moves it later, on a side stream, from the writer's thread."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone() if obj.is_cuda else obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
-
-
-def _cuda_device(obj) -> torch.device | None:
-    if isinstance(obj, torch.Tensor):
-        return obj.device if obj.is_cuda else None
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return next((dev for dev in map(_cuda_device, items) if dev is not None), None)
+    return _copy_tree(obj, lambda t: t.to("cpu", copy=True), {})
 
 
 class Snapshot:
-    """`snapshot(state)` and, on CUDA, an event after its clones: the writer's thread copies to host on a
-    side stream once the event is reached, so neither the loop's stream nor its thread waits for the copy."""
+    """A copy of a state taken now: CUDA tensors cloned on their device, in the loop's stream order (the seed model's
+    state in 2.3-3.7 ms where the host copy held the loop 0.42-0.64 s, H200), other tensors to host. `to_host`,
+    called from the writer's thread, moves the device clones on a side stream once an event after them is reached,
+    so neither the loop's stream nor its thread waits for that copy."""
 
     def __init__(self, state):
-        self.device = _cuda_device(state)
-        self.state = snapshot(state)
+        devices = []
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            if t.is_cuda:
+                devices.append(t.device)
+                return t.clone()
+            return t.to("cpu", copy=True)
+
+        self.state = _copy_tree(state, copy, {})
+        self.device = devices[0] if devices else None
         self.ready = None
         if self.device is not None:
             self.ready = torch.cuda.Event()

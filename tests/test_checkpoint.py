@@ -118,3 +118,6 @@ def test_background_saver_snapshot_ignores_later_steps(tmp_path, device):
     _, sd = ckpts.load_weights(root / "step_000010")
     for k, v in before.items():
         assert torch.equal(sd[k], v.cpu()), k
+    # the tied matrix is copied and saved once: model.pt holds one storage for wte and lm_head
+    saved = ckpts.load_train_state(root / "step_000010")["model"]
+    assert saved["lm_head.weight"].untyped_storage().data_ptr() == saved["transformer.wte.weight"].untyped_storage().data_ptr()
