@@ -4,6 +4,7 @@ connection here outlives one unit of work: readers and the writer take turns in 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import random
 import threading
 import time
@@ -18,6 +19,11 @@ from storage.paths import Home
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 WRITE_TIMEOUT_S = 300.0  # the writer must never fail because a reader was in the way
 READ_TIMEOUT_S = 30.0
+
+
+def utcnow() -> dt.datetime:
+    """Catalog timestamps: UTC, naive (DuckDB TIMESTAMP)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS source_files (

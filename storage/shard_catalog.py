@@ -8,15 +8,13 @@ import json
 import pyarrow as pa
 
 from storage import catalog
+from storage.catalog import utcnow
 from storage.paths import Home
 
 SHARD_COLUMNS = ["shard_id", "split", "source_file", "path", "n_docs", "n_tokens", "sha256",
                  "source_sha256", "tokenizer_sha256", "config_hash", "status", "error",
                  "started_at", "finished_at", "seconds", "flow_run_id"]
 
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 def _replace_shard_rows(con, shard_id: int, rows: list[dict]) -> None:

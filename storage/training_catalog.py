@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from storage import catalog
+from storage.catalog import utcnow
 from storage.paths import Home
 
 METRIC_COLUMNS = ["run_id", "step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
@@ -17,9 +18,6 @@ METRIC_COLUMNS = ["run_id", "step", "train_loss", "val_loss", "lr", "grad_norm",
 METRIC_TYPES = [pa.string(), pa.int32()] + [pa.float64()] * 7 + [pa.int64(), pa.float64()]
 METRIC_SCHEMA = pa.schema(list(zip(METRIC_COLUMNS, METRIC_TYPES)))
 
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 def train_shards(home: Home, tokenizer_sha256: str | None = None) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@ Shards stream to temp files and are renamed only when complete, the `.json` side
 never touch the catalog (they may be other machines), the flow's process records the sidecars."""
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import time
@@ -12,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import polars as pl
 
+from storage.catalog import utcnow
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.paths import SPLITS, Home
 from storage.shards import ShardWriter, idx_path
@@ -27,9 +27,6 @@ DOC_SCHEMA = {"doc_id": pl.String, "source_file": pl.String, "shard_id": pl.Int3
               "language_score": pl.Float64, "n_chars": pl.Int64, "n_tokens": pl.Int64, "kept": pl.Boolean,
               "drop_reason": pl.String}
 
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from flows.cli_train import generate
+from flows.cli.train import generate
 from tests.train_fixtures import FAST, run_trainer, train_home  # noqa: F401
 
 

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POOLS = ("langpwt-cpu", "langpwt-gpu")  # the work pools prefect.yaml names
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-APP = Path(__file__).resolve().parents[1] / "dashboards" / "streamlit_app.py"
+APP = Path(__file__).resolve().parents[2] / "dashboards" / "streamlit_app.py"
 
 
 def streamlit_command(port: int, address: str = "127.0.0.1") -> list[str]:

@@ -1,13 +1,12 @@
-"""CLI for the data side: prepare, tokenize, status, sql, demo.
+"""CLI for the data side: prepare, tokenize, rebuild-catalog, demo.
 Thin argument parsing over the flows; errors become one line on stderr and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
 def add_tokenize_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +53,7 @@ def err(msg: str) -> int:
 
 
 def _report(summary: dict) -> int:
+    from flows.cli.sql import print_shards
     from storage.paths import Home
 
     print_shards(Home.from_env())
@@ -88,74 +88,13 @@ def run_flow(kind: str, args: argparse.Namespace) -> int:
         return err(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
-def print_shards(home) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from storage import shard_catalog
-    from storage.catalog import CatalogMissing
-
-    try:
-        tbl = shard_catalog.shard_table(home).to_pylist()
-    except CatalogMissing as e:
-        print(str(e))
-        return
-    t = Table(title=f"shards in {home.root}")
-    for c in ("shard", "split", "file", "status", "docs", "tokens", "seconds", "error"):
-        t.add_column(c, justify="right" if c in ("docs", "tokens", "seconds") else "left")
-    for r in tbl:
-        t.add_row(f"{r['shard_id']:06d}", r["split"], r["source_file"], r["status"],
-                  f"{r['n_docs'] or 0:,}", f"{r['n_tokens'] or 0:,}", f"{r['seconds'] or 0:.2f}",
-                  (r["error"] or "")[:60])
-    Console(width=160).print(t)
-
-
-def cmd_status(args) -> int:
-    from storage import sources
-    from storage.paths import Home
-
-    home = Home.from_env()
-    print_shards(home)
-    for file, why in sources.failed(home):  # never read, so they have no shard rows
-        print(f"source file {file}: failed: {why}")
-    return 0
-
-
-def cmd_sql(args) -> int:
-    import duckdb
-
-    from storage import catalog
-    from storage.paths import Home
-
-    try:
-        tbl = catalog.query(Home.from_env(), args.query, sandboxed=True)
-    except catalog.CatalogMissing as e:
-        return err(str(e))
-    except duckdb.Error as e:
-        return err(str(e).splitlines()[0])
-    if args.format == "csv":
-        import pyarrow.csv as pcsv
-        pcsv.write_csv(tbl, sys.stdout.buffer)
-    elif args.format == "json":
-        for row in tbl.to_pylist():
-            print(json.dumps(row, default=str))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-        t = Table()
-        for c in tbl.column_names:
-            t.add_column(c)
-        for row in tbl.to_pylist():
-            t.add_row(*("" if v is None else str(v) for v in row.values()))
-        Console(width=200).print(t)
-    return 0
-
-
 def cmd_rebuild(args) -> int:
     from storage import shard_catalog
     from storage.paths import Home
 
     home = Home.from_env()
+    from flows.cli.sql import print_shards
+
     n = shard_catalog.rebuild(home)
     print(f"catalog rebuilt from {n} shard sidecars in {home.shards}")
     print_shards(home)
@@ -171,7 +110,7 @@ def cmd_demo(args) -> int:
     rc = run_flow("prepare", args)
     if rc:
         return rc
-    from flows.cli_train import generate
+    from flows.cli.train import generate
     from flows.train import TrainingFailed, TrainParams, train
     from storage import checkpoints as ckpts
     from storage.paths import Home
@@ -193,7 +132,7 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="download (or take --source) and tokenize into shards")
     add_tokenize_args(p)
     try:
-        from flows.cli_download import add_download_args
+        from flows.cli.download import add_download_args
         add_download_args(p, workers_flag="--download-workers")
     except ImportError:
         pass
@@ -201,12 +140,6 @@ def register(sub) -> None:
     p = sub.add_parser("tokenize", help="tokenize local parquet files into shards")
     add_tokenize_args(p)
     p.set_defaults(handler=lambda a: run_flow("tokenize", a))
-    p = sub.add_parser("status", help="per-shard table")
-    p.set_defaults(handler=cmd_status)
-    p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
-    p.add_argument("query")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.set_defaults(handler=cmd_sql)
     p = sub.add_parser("rebuild-catalog", help="rebuild the catalog's shard rows from the shards' sidecars")
     p.set_defaults(handler=cmd_rebuild)
     p = sub.add_parser("demo", help="the whole job on the bundled sample, offline")

@@ -9,11 +9,12 @@ import sys
 
 # module -> subcommands it registers; listed so `langpwt --help` stays fast (no torch import)
 COMMANDS = {
-    "flows.cli_data": ["prepare", "tokenize", "status", "sql", "rebuild-catalog", "demo"],
-    "flows.cli_download": ["download"],
-    "flows.cli_train": ["train", "generate"],
-    "flows.cli_dashboard": ["dashboard"],
-    "flows.cli_server": ["server"],
+    "flows.cli.data": ["prepare", "tokenize", "rebuild-catalog", "demo"],
+    "flows.cli.sql": ["status", "sql"],
+    "flows.cli.download": ["download"],
+    "flows.cli.train": ["train", "generate"],
+    "flows.cli.dashboard": ["dashboard"],
+    "flows.cli.server": ["server"],
 }
 
 
@@ -32,7 +33,7 @@ def _use_local_server() -> None:
     is set: the runs then show in its UI, and no temporary server is started for them (7-15 s each)."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from flows.cli_server import healthy, running, state_dir
+    from flows.cli.server import healthy, running, state_dir
 
     d = state_dir(create=False)
     try:
@@ -81,6 +82,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
