@@ -11,7 +11,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 install: $(STAMP)
 
 # torch==2.13.0 first where no GPU is present: it is the CPU build, and the project's open range
-# then installs nothing more (a plain `torch` pulls a multi-GB CUDA build; shared/NOTES.md)
+# then installs nothing more (a plain `torch` or an open range alone pulls a CUDA build of several GB)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

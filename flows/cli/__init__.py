@@ -19,7 +19,8 @@ COMMANDS = {
 
 
 def _defaults_env() -> None:
-    # a harmless "database is locked" traceback per run otherwise (shared/NOTES.md)
+    # with analytics on, the temporary server prints a harmless "database is locked" traceback per run; its
+    # default 20 s start-up limit is too short for a first start on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 

@@ -196,7 +196,7 @@ def cmd_down(args) -> int:
     d = state_dir()
     stopped = []
     for what in ("worker", "server"):  # workers first: a worker without its server logs errors in a loop
-        # the worker sits on its first signal (NOTES); the server shuts down on the first one
+        # a Prefect worker ignores its first SIGTERM, so it gets a short grace; the server stops on the first
         pid = stop(d / f"{what}.pid", 3.0 if what == "worker" else args.timeout, args.timeout)
         if pid:
             stopped.append(f"{what} (pid {pid})")
