@@ -5,19 +5,18 @@ Run: .venv/bin/python benchmarks/download_bench.py [--files 4] [--mb 256] [--rep
 The fake Hub serves with sendfile from its own process, so no client shares a GIL with the server. Kinds:
   curl          `curl -sSfL` (with --parallel for workers > 1) of the same resolve URLs, redirect followed
   curl_fsync    the same, then fsync of each file: the durability our downloader gives before its rename
-  fetch         storage.hub.Hub.fetch per file: Range GET into .part (body read from the socket into 4 MiB
-                ring buffers, whole buffers written with O_DIRECT), sha256 on its thread, fsync, rename
-  fetch_nohash  the same with no hasher at all: one buffer, no thread, no handoff (verification then passes)
+  fetch         storage.hub.Hub.fetch per file: Range GET into .part (httpx iter_raw pieces gathered into
+                aligned buffers, whole ones written with O_DIRECT), sha256 on the writer thread, fsync, rename
+  fetch_nohash  the same with hashing switched off (verification then passes)
   download      tasks.download.download() end to end in a fresh home: + revision, listing, HEAD, catalog
   hash_after    sha256 of curl's files read back: what verifying after the download would add
-Targets (issue 3): fetch and download >= 80 % of curl's throughput; verification adds <= 10 %."""
+Targets: fetch and download >= 80 % of curl's throughput; verification adds <= 10 %."""
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import hashlib
 import json
-import mmap
 import os
 import platform
 import resource
@@ -36,7 +35,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import storage.hub as hub_mod  # noqa: E402
-from storage import hub_io  # noqa: E402
 
 REPO = "HuggingFaceFW/fineweb-edu"
 
@@ -52,26 +50,13 @@ def make_files(root: Path, n: int, mb: int) -> None:
 
 
 class _NoHash(hub_mod._Hasher):
-    """The transfer alone: one buffer read into and written from again and again, no thread, no handoff,
-    no hashing. So `verify_overhead` counts all that verification adds: the hash and the handoff to it."""
+    """The transfer alone, no hashing: so `verify_overhead` counts all that verification adds."""
 
-    def __init__(self, size: int, git: bool):
-        self.size, self.git, self.buf = size, git, mmap.mmap(-1, hub_io.CHUNK)  # page-aligned, as O_DIRECT needs
-
-    def take(self) -> bytearray:
-        return self.buf
-
-    def feed(self, buf, n: int, ours: bool = True) -> None:
-        pass
-
-    def give_back(self, buf) -> None:
+    def update(self, view, at: int) -> None:
         pass
 
     def done(self):
         return _Unchecked("unchecked"), None
-
-    def reset(self) -> None:
-        pass
 
 
 class _Unchecked(str):
