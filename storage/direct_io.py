@@ -1,6 +1,5 @@
 """Big sequential files written and read back around the page cache (O_DIRECT): token shards and downloads.
-Filling the page cache with GBs nobody rereads soon costs more CPU than the copy itself; the price is that a
-file just written is not cached when it is first read, and a killed writer loses its unwritten buffers."""
+Filling page cache nobody rereads soon costs CPU; the price: a new file is not cached, a killed writer loses its buffers."""
 from __future__ import annotations
 
 import ctypes

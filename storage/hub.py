@@ -1,6 +1,5 @@
 """All Hugging Face Hub HTTP access: pin a revision, list files with size and sha256, fetch one file verified.
-huggingface_hub builds the URLs, auth headers and session; we own the byte transfer (Range resume on our own
-`.part` file, hashed while written) because its downloader restarts a killed download from byte 0."""
+huggingface_hub builds URLs, headers and session; we own the Range resume of `.part`, as its downloader restarts at 0."""
 from __future__ import annotations
 
 import email.utils

@@ -1,6 +1,5 @@
-"""The bytes under storage.hub: a response body gathered into the shared O_DIRECT appender, hashed as written.
-httpx's public `iter_raw` delivers the pieces, so no private layer of httpx or httpcore is touched; the price
-is one copy of each piece into the aligned buffers, which is what lets whole buffers skip the page cache."""
+"""The bytes under storage.hub: a response body gathered into the O_DIRECT appender, hashed as it is written.
+Pieces come from httpx's public `iter_raw` (no private layer touched), at the price of one copy into aligned buffers."""
 from __future__ import annotations
 
 import hashlib

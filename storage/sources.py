@@ -42,7 +42,7 @@ def _listing(source_dir: str | Path, pattern: str) -> tuple[Path, dict[str, Path
 
 
 def _hash_all(paths: list[Path], cache: HashCache | None = None) -> list[str]:
-    # hashlib drops the GIL: on 28 GB of FineWeb-Edu the hashing is ~16 s serial, ~8 s on two threads
+    # hashlib drops the GIL: files hash in parallel on a few threads
     cache = cache or HashCache(None)
     known = {p: cache.lookup(p) for p in paths}
     todo = [p for p in paths if known[p] is None]
@@ -195,8 +195,8 @@ def record(home: Home, files: list[SourceFile], status: str = "verified", *, dat
     rows = [dict(asdict(f), status=status, error=(errors or {}).get(f.file), dataset=dataset, revision=revision,
                  url=(urls or {}).get(f.file), downloaded_at=now if urls and status == "verified" else None,
                  seconds=(seconds or {}).get(f.file)) for f in files]
-    # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports pandas
-    # (~0.25 s per process), and a source is a few files
+    # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports pandas in
+    # every process, and a source is a few files
     with catalog.writer(home) as con:
         con.execute("DELETE FROM source_files WHERE list_contains(?, file)", [[f.file for f in files]])
         con.executemany(f"INSERT INTO source_files ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",

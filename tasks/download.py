@@ -250,7 +250,7 @@ def download(home: Home, params: DownloadParams) -> list[SourceFile]:
     bar = ByteBar.maybe(plan, params)
 
     # one catalog writer, first in first out: a file's rows keep their order (downloading, then verified or
-    # failed), and each ~30-50 ms DuckDB transaction runs beside the next bytes, not between them
+    # failed), and each DuckDB transaction runs beside the next bytes, not between them
     recorder, writes = ThreadPoolExecutor(1, thread_name_prefix="catalog"), []
 
     def one(item: Item) -> SourceFile:
