@@ -5,19 +5,18 @@ Run: .venv/bin/python benchmarks/download_bench.py [--files 4] [--mb 256] [--rep
 The fake Hub serves with sendfile from its own process, so no client shares a GIL with the server. Kinds:
   curl          `curl -sSfL` (with --parallel for workers > 1) of the same resolve URLs, redirect followed
   curl_fsync    the same, then fsync of each file: the durability our downloader gives before its rename
-  fetch         storage.hub.Hub.fetch per file: Range GET into .part (body read from the socket into 4 MiB
-                ring buffers, whole buffers written with O_DIRECT), sha256 on its thread, fsync, rename
-  fetch_nohash  the same with no hasher at all: one buffer, no thread, no handoff (verification then passes)
+  fetch         storage.hub.Hub.fetch per file: Range GET into .part (httpx iter_raw pieces gathered into
+                aligned buffers, whole ones written with O_DIRECT), sha256 on the writer thread, fsync, rename
+  fetch_nohash  the same with hashing switched off (verification then passes)
   download      tasks.download.download() end to end in a fresh home: + revision, listing, HEAD, catalog
   hash_after    sha256 of curl's files read back: what verifying after the download would add
-Targets (issue 3): fetch and download >= 80 % of curl's throughput; verification adds <= 10 %."""
+Targets: fetch and download >= 80 % of curl's throughput; verification adds <= 10 %."""
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import hashlib
 import json
-import mmap
 import os
 import platform
 import resource
@@ -36,7 +35,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import storage.hub as hub_mod  # noqa: E402
-from storage import hub_io  # noqa: E402
 
 REPO = "HuggingFaceFW/fineweb-edu"
 
@@ -52,26 +50,13 @@ def make_files(root: Path, n: int, mb: int) -> None:
 
 
 class _NoHash(hub_mod._Hasher):
-    """The transfer alone: one buffer read into and written from again and again, no thread, no handoff,
-    no hashing. So `verify_overhead` counts all that verification adds: the hash and the handoff to it."""
+    """The transfer alone, no hashing: so `verify_overhead` counts all that verification adds."""
 
-    def __init__(self, size: int, git: bool):
-        self.size, self.git, self.buf = size, git, mmap.mmap(-1, hub_io.CHUNK)  # page-aligned, as O_DIRECT needs
-
-    def take(self) -> bytearray:
-        return self.buf
-
-    def feed(self, buf, n: int, ours: bool = True) -> None:
-        pass
-
-    def give_back(self, buf) -> None:
+    def update(self, view, at: int) -> None:
         pass
 
     def done(self):
         return _Unchecked("unchecked"), None
-
-    def reset(self) -> None:
-        pass
 
 
 class _Unchecked(str):
@@ -157,6 +142,63 @@ def versions() -> dict:
                 httpx2=httpx2.__version__, curl=" ".join(curl.split()[:2]), load_avg_start=os.getloadavg()[0])
 
 
+def measure(kinds: list[str], runs: dict, scratch: Path, w: int, repeats: int) -> dict[str, list[tuple]]:
+    """(wall, own CPU, machine CPU) of every kind, `repeats` times, after one warm-up run of each."""
+    for kind in kinds:  # warm-up: imports, connections, the page cache of the served files
+        out = scratch / "warm"
+        out.mkdir(exist_ok=True)
+        runs[kind](out, w)
+        shutil.rmtree(out)
+    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds + ["hash_after"]}
+    for r in range(repeats):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate: no kind always goes first
+            out = scratch / f"out_{kind}"
+            out.mkdir()
+            times[kind].append(timed(lambda: runs[kind](out, w), child=kind.startswith("curl")))
+            if kind == "curl":
+                times["hash_after"].append(timed(lambda: hash_after(out)))
+            shutil.rmtree(out)
+    return times
+
+
+def summarize(times: dict[str, list[tuple]], kinds: list[str], total: int, w: int) -> dict:
+    """Medians per kind: MB/s, CPU-s per GB (own and whole machine), and the ratios the targets name."""
+    med = {k: statistics.median(t for t, _, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c, _ in v) for k, v in times.items()}
+    machine = {k: statistics.median(m for _, _, m in v) for k, v in times.items()}
+    row = dict(workers=w, **{f"{k}_MBps": round(total / med[k] / 1e6) for k in kinds},
+               **{f"{k}_cpu_s_per_GB": round(cpu[k] / total * 1e9, 2) for k in kinds + ["hash_after"]},
+               **{f"{k}_machine_cpu_s_per_GB": round(machine[k] / total * 1e9, 2) for k in kinds},
+               fetch_vs_curl=round(med["curl"] / med["fetch"], 3),
+               fetch_vs_curl_fsync=round(med["curl_fsync"] / med["fetch"], 3),
+               verify_overhead_pct=round(100 * (med["fetch"] / med["fetch_nohash"] - 1), 1),
+               hash_after_pct=round(100 * med["hash_after"] / med["curl"], 1),
+               wall_s={k: [round(t, 3) for t, _, _ in v] for k, v in times.items()})
+    if "download" in kinds:
+        row["download_vs_curl"] = round(med["curl"] / med["download"], 3)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| workers | curl MB/s | curl+fsync MB/s | fetch MB/s (vs curl / vs curl+fsync) | download MB/s "
+          "(vs curl) | fetch, no hash MB/s | verify overhead | hash after instead |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        dl = f"{r['download_MBps']} ({r['download_vs_curl']:.0%})" if "download_MBps" in r else "n/a"
+        print(f"| {r['workers']} | {r['curl_MBps']} | {r['curl_fsync_MBps']} | {r['fetch_MBps']} "
+              f"({r['fetch_vs_curl']:.0%} / {r['fetch_vs_curl_fsync']:.0%}) | {dl} | {r['fetch_nohash_MBps']} | "
+              f"{r['verify_overhead_pct']:+.1f} % | +{r['hash_after_pct']} % |")
+
+
+def available_kinds() -> list[str]:
+    try:
+        import duckdb, prefect  # noqa: F401,E401
+        return ["curl", "curl_fsync", "fetch", "fetch_nohash", "download"]
+    except ImportError:
+        print("download_bench: prefect/duckdb missing: measuring storage.hub only (no `download` kind)")
+        return ["curl", "curl_fsync", "fetch", "fetch_nohash"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=4)
@@ -169,12 +211,7 @@ def main() -> int:
     if not shutil.which("curl"):
         print("download_bench: skipped: `curl` is not installed (apt-get install -y curl)")
         return 0
-    try:
-        import duckdb, prefect  # noqa: F401,E401
-        kinds = ["curl", "curl_fsync", "fetch", "fetch_nohash", "download"]
-    except ImportError:
-        print("download_bench: prefect/duckdb missing: measuring storage.hub only (no `download` kind)")
-        kinds = ["curl", "curl_fsync", "fetch", "fetch_nohash"]
+    kinds = available_kinds()
     hub_mod._RealHasher = hub_mod._Hasher
     scratch = Path(tempfile.mkdtemp(prefix="dlbench_", dir=a.dir or Path(__file__).parent))
     os.environ["HF_HOME"] = str(scratch / "hf_home")  # no stored login goes to the fake Hub
@@ -196,50 +233,13 @@ def main() -> int:
             "fetch_nohash": lambda out, w: run_fetch(hub, sha, files, out, w, False),
             "download": lambda out, w: run_download(endpoint, out, w),
         }
-        rows = []
-        for w in a.workers:
-            for kind in kinds:  # warm-up: imports, connections, the page cache of the served files
-                out = scratch / "warm"
-                out.mkdir(exist_ok=True)
-                runs[kind](out, w)
-                shutil.rmtree(out)
-            times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds + ["hash_after"]}
-            for r in range(a.repeats):
-                order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]  # rotate: no kind always goes first
-                for kind in order:
-                    out = scratch / f"out_{kind}"
-                    out.mkdir()
-                    times[kind].append(timed(lambda: runs[kind](out, w), child=kind.startswith("curl")))
-                    if kind == "curl":
-                        times["hash_after"].append(timed(lambda: hash_after(out)))
-                    shutil.rmtree(out)
-            med = {k: statistics.median(t for t, _, _ in v) for k, v in times.items()}
-            cpu = {k: statistics.median(c for _, c, _ in v) for k, v in times.items()}
-            machine = {k: statistics.median(m for _, _, m in v) for k, v in times.items()}
-            row = dict(workers=w, **{f"{k}_MBps": round(total / med[k] / 1e6) for k in kinds},
-                       **{f"{k}_cpu_s_per_GB": round(cpu[k] / total * 1e9, 2) for k in kinds + ["hash_after"]},
-                       **{f"{k}_machine_cpu_s_per_GB": round(machine[k] / total * 1e9, 2) for k in kinds},
-                       fetch_vs_curl=round(med["curl"] / med["fetch"], 3),
-                       fetch_vs_curl_fsync=round(med["curl_fsync"] / med["fetch"], 3),
-                       verify_overhead_pct=round(100 * (med["fetch"] / med["fetch_nohash"] - 1), 1),
-                       hash_after_pct=round(100 * med["hash_after"] / med["curl"], 1),
-                       wall_s={k: [round(t, 3) for t, _, _ in v] for k, v in times.items()})
-            if "download" in kinds:
-                row["download_vs_curl"] = round(med["curl"] / med["download"], 3)
-            rows.append(row)
+        rows = [summarize(measure(kinds, runs, scratch, w, a.repeats), kinds, total, w) for w in a.workers]
         report = dict(versions(), files=a.files, mib_per_file=a.mb, repeats=a.repeats,
                       load_avg_end=os.getloadavg()[0], rows=rows)
         print(json.dumps(report, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=1))
-        print("\n| workers | curl MB/s | curl+fsync MB/s | fetch MB/s (vs curl / vs curl+fsync) | download MB/s "
-              "(vs curl) | fetch, no hash MB/s | verify overhead | hash after instead |\n"
-              "|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            dl = f"{r['download_MBps']} ({r['download_vs_curl']:.0%})" if "download_MBps" in r else "n/a"
-            print(f"| {r['workers']} | {r['curl_MBps']} | {r['curl_fsync_MBps']} | {r['fetch_MBps']} "
-                  f"({r['fetch_vs_curl']:.0%} / {r['fetch_vs_curl_fsync']:.0%}) | {dl} | {r['fetch_nohash_MBps']} | "
-                  f"{r['verify_overhead_pct']:+.1f} % | +{r['hash_after_pct']} % |")
+        print_table(rows)
         return 0
     finally:
         if proc:

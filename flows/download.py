@@ -1,19 +1,50 @@
-"""Flow `download`: pin the revision and plan (one task), then one verified download task per file.
-Run: `langpwt download --flow --subset sample-10BT --max-files 2` or `python -m flows.download --max-files 2`."""
+"""Flow `download`: the plan (one task), then one verified download task per file, thin names over tasks.download.
+A task per file shows each in the UI and lets `prepare` tokenize files as they land; the price is Prefect's start."""
 from __future__ import annotations
 
 import sys
 from typing import Iterator
 
-from prefect import flow
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.hub import HubError
 from storage.paths import Home
 from storage.sources import SourceFile
-from tasks.download import (DownloadError, DownloadParams, Item, Plan, failures_message, fetch_file_task,
-                            mark_downloading, plan_download_task, record_fetch)
+from tasks.download import (ByteBar, DownloadError, DownloadParams, Fetched, Item, Plan, failures_message,
+                            fetch_file, mark_downloading, plan_download, record_fetch)
+
+_BARS: dict[str, ByteBar] = {}  # plan key -> its progress bar, shared by that plan's file tasks
+
+
+@task(name="download-plan", cache_policy=NONE)
+def plan_download_task(home: Home, params: DownloadParams) -> Plan:
+    """Call it directly in the flow (not .submit): it reads and writes the catalog."""
+    plan = plan_download(home, params)
+    if bar := ByteBar.maybe(plan, params):
+        _BARS[plan.key] = bar
+    get_run_logger().info(f"{params.dataset}@{plan.revision[:12]}: {len(plan.items)} files, "
+                          f"{len(plan.todo)} to fetch ({plan.need_bytes / 1e9:.2f} GB)")
+    return plan
+
+
+@task(name="download-file", cache_policy=NONE, task_run_name="download-{item.position:06d}")
+def fetch_file_task(home: Home, plan: Plan, item: Item, params: DownloadParams) -> Fetched:
+    bar = _BARS.get(plan.key)
+    try:
+        got = fetch_file(home, plan, item, params, bar.advance if bar else None)
+    except HubError as e:
+        get_run_logger().error(str(e))
+        raise
+    finally:
+        if bar and not item.done:
+            bar.file_done()
+            if bar.left <= 0:
+                _BARS.pop(plan.key, None)
+    get_run_logger().info(f"verified {got.source.file} ({got.source.size_bytes / 1e6:.1f} MB, {got.seconds:.1f} s)")
+    return got
 
 
 def submit_downloads(home: Home, plan: Plan, params: DownloadParams) -> dict[PrefectFuture, Item]:

@@ -1,6 +1,5 @@
 """All Hugging Face Hub HTTP access: pin a revision, list files with size and sha256, fetch one file verified.
-huggingface_hub builds the URLs, auth headers and session; we own the byte transfer (Range resume on our own
-`.part` file, hashed while written) because its downloader restarts a killed download from byte 0."""
+huggingface_hub builds URLs, headers and session; we own the Range resume of `.part`, as its downloader restarts at 0."""
 from __future__ import annotations
 
 import email.utils
@@ -15,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import httpcore2
 import httpx2
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, parse_ratelimit_headers
 
 from storage.atomic import fsync_dir
-from storage.hub_io import CHUNK, Sink, TooLong, socket_body
+from storage.hub_io import Sink, TooLong
 from storage.hub_io import Hasher as _Hasher  # a module name the benchmark swaps for its hashing-off variant
 
 SUBSETS = {f"sample-{n}BT": f"sample/{n}BT/*.parquet" for n in (10, 100, 350)}
@@ -30,10 +28,6 @@ CRAWL = re.compile(r"CC-MAIN-\d{4}-\d{2}")
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 TRANSIENT = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
 MAX_WAIT_S = 900.0         # a rate-limit reset further away than this is reported, not slept through
-
-# httpcore reads 64 KiB per recv(); at 1 MiB the client spends half the CPU per GB (measured, see
-# benchmarks/RESULTS.md). It only bounds each read, so no other huggingface_hub call changes behaviour.
-httpcore2.HTTP11Connection.READ_NUM_BYTES = max(httpcore2.HTTP11Connection.READ_NUM_BYTES, CHUNK)
 
 
 class HubError(RuntimeError):
@@ -186,140 +180,88 @@ class Hub:
             except BlockingIOError:
                 raise HubError(f"{f.path}: another process is downloading it ({part})") from None
             try:
-                digest = self._fill(sha, f, fh, on_bytes, resumed=fh.seek(0, os.SEEK_END) > 0)
+                digest = self._fill(sha, f, part, on_bytes, resumed=os.fstat(fh.fileno()).st_size > 0)
             except HubError:
                 if part.exists() and part.stat().st_size == 0:
                     part.unlink()  # nothing to resume: leave no litter
                 raise
-            fh.flush()
-            os.fsync(fh.fileno())
-            os.replace(part, dest)
+            os.replace(part, dest)  # the appender fsynced the bytes before this
         fsync_dir(dest.parent)
         return digest
 
-    def _fill(self, sha, f, fh, on_bytes, resumed: bool) -> str:
-        offset = fh.seek(0, os.SEEK_END)
-        if offset > f.size:
-            offset = self._restart(fh)
-        hasher = _Hasher(f.size, git=f.sha256 is None)
-        fh.seek(0)
-        while fh.tell() < offset:  # re-hash the prefix on disk: hash state cannot outlive the process
-            buf = hasher.take()
-            hasher.feed(buf, fh.readinto(memoryview(buf)[:offset - fh.tell()]))
-        fh.seek(0, os.SEEK_END)
+    def _fill(self, sha, f, part: Path, on_bytes, resumed: bool) -> str:
+        offset = part.stat().st_size
+        sink = Sink(part, f.size, f.sha256 is None, offset if offset <= f.size else 0, on_bytes, _Hasher)
         try:
-            offset = self._transfer(sha, f, fh, offset, hasher, on_bytes)
-        except BaseException as e:
-            hasher.done()  # stop its thread whatever happened
-            if isinstance(e, VerifyError):
-                self._reject(fh)
-            raise
-        got256, got1 = hasher.done()
+            self._get_all(sha, f, sink)
+            got256, got1 = sink.finish()
+        except TooLong:
+            self._reject(part)
+            raise VerifyError(f"{f.path}: the Hub sent more than the listed {f.size} bytes; download deleted") \
+                from None
+        finally:
+            sink.close()
         want, got = (f.sha256, got256) if f.sha256 else (f.blob_oid, got1)
         if got == want:
             return got256
         if resumed:  # the prefix left by an earlier run may be what is wrong: one clean retry from 0
-            self._restart(fh)
-            return self._fill(sha, f, fh, on_bytes, resumed=False)
-        self._reject(fh)
+            os.truncate(part, 0)
+            return self._fill(sha, f, part, on_bytes, resumed=False)
+        self._reject(part)
         kind = "sha256" if f.sha256 else "git sha1"
-        raise VerifyError(f"{f.path}: {kind} {got[:16]}… of the {offset} bytes received does not match the "
+        raise VerifyError(f"{f.path}: {kind} {got[:16]}… of the {f.size} bytes received does not match the "
                           f"Hub's {want[:16]}…; download deleted")
 
     @staticmethod
-    def _restart(fh) -> int:
-        fh.truncate(0)
-        fh.seek(0)
-        return 0
-
-    @staticmethod
-    def _reject(fh) -> None:
-        fh.truncate(0)
-        os.unlink(fh.name)
+    def _reject(part: Path) -> None:
+        os.truncate(part, 0)
+        part.unlink()
 
     def _body(self, r, sink: Sink) -> Exception | None:
         """Stream the response body into `sink` until it ends; returns the transient error that cut it short,
-        or None. `sink.offset` holds what is on disk either way: the retry's Range starts there."""
-        raw = socket_body(r)
+        or None. What arrived is in the part file either way: the retry's Range starts after it."""
         try:
-            if raw is None:
-                for b in r.iter_raw():
-                    sink.put(b, len(b), ours=False)
-                return None
-            sock, buffered, left = raw
-            if buffered:
-                sink.put(buffered, len(buffered), ours=False)
-            sock.settimeout(self.timeout_s)
-            while left > 0:
-                buf, n, cut = sink.hasher.take(), 0, None
-                want = min(sink.want(), left)
-                with memoryview(buf) as view:
-                    while n < want and cut is None:  # fill it: whole aligned buffers can skip the page cache
-                        try:
-                            got = sock.recv_into(view[n:want])
-                        except TimeoutError:
-                            cut = httpx2.ReadTimeout(f"no byte for {self.timeout_s:g} s")
-                        except OSError as e:
-                            cut = httpx2.ReadError(str(e) or type(e).__name__)
-                        else:
-                            n += got
-                            if not got:
-                                cut = httpx2.RemoteProtocolError(f"connection closed, {left - n} body bytes to come")
-                left -= n
-                if n:
-                    sink.put(buf, n)  # what arrived before a cut is kept too
-                else:
-                    sink.hasher.give_back(buf)
-                if cut:
-                    raise cut
+            for piece in r.iter_raw():
+                sink.put(piece)
             return None
         except TRANSIENT as e:
             return e
-
-    def _transfer(self, sha, f, fh, offset, hasher, on_bytes) -> int:
-        """GET with Range from `offset` until the listed size is on disk; retries what is transient."""
-        sink = Sink(fh, f.size, hasher, offset, on_bytes)
-        try:
-            return self._get_all(sha, f, fh, sink)
-        except TooLong:
-            raise VerifyError(f"{f.path}: the Hub sent more than the listed {f.size} bytes; download deleted") from None
         finally:
-            sink.close()
+            if sink.offset < sink.size:
+                sink.keep()
 
-    def _get_all(self, sha, f, fh, sink: Sink) -> int:
-        url, attempt, last = self.url(sha, f.path), 0, ""
+    def _get_once(self, url: str, f: HubFile, sink: Sink, attempt: int) -> tuple[str, float]:
+        """One GET from `sink.offset` on; (what went wrong, seconds to wait) when the file is still short."""
+        offset = sink.offset
+        headers = build_hf_headers(token=self.token, library_name="langpwt")
+        headers["Accept-Encoding"] = "identity"  # the bytes must be the file's, to hash them
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         timeout = httpx2.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+        with get_session().stream("GET", url, headers=headers, timeout=timeout) as r:
+            if r.status_code in RETRY_STATUS:
+                return f"HTTP {r.status_code}", _wait_s(r.status_code, r.headers, attempt, self.backoff_s)
+            if r.status_code == 416:  # our part is longer or other than the file: start over
+                sink.restart()
+                return "HTTP 416", 0.0
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            if offset and r.status_code == 200:  # Range ignored: the body starts at byte 0
+                sink.restart()
+            elif offset and not (r.headers.get("Content-Range") or "").startswith(f"bytes {offset}-"):
+                raise HubError(f"{f.path}: asked for bytes {offset}- and got "
+                               f"Content-Range {r.headers.get('Content-Range')!r}")
+            cut = self._body(r, sink)
+            return _short(cut) if cut else "body ended early", _wait_s(0, {}, attempt, self.backoff_s)
+
+    def _get_all(self, sha, f, sink: Sink) -> int:
+        """GET with Range from what is on disk until the listed size is there; retries what is transient."""
+        url, attempt = self.url(sha, f.path), 0
         while sink.offset < f.size:
-            before = offset = sink.offset
-            headers = build_hf_headers(token=self.token, library_name="langpwt")
-            headers["Accept-Encoding"] = "identity"  # the bytes must be the file's, to hash them
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
+            before = sink.offset
             try:
-                with get_session().stream("GET", url, headers=headers, timeout=timeout) as r:
-                    if r.status_code in RETRY_STATUS:
-                        last, wait = f"HTTP {r.status_code}", _wait_s(r.status_code, r.headers, attempt, self.backoff_s)
-                    elif r.status_code == 416:  # our part is longer or other than the file: start over
-                        last, wait = "HTTP 416", 0.0
-                        sink.restart(self._restart(fh))
-                        sink.hasher.reset()
-                    elif r.status_code >= 400:
-                        r.read()
-                        hf_raise_for_status(r)
-                    else:
-                        if offset and r.status_code == 200:  # Range ignored: the body starts at byte 0
-                            sink.restart(self._restart(fh))
-                            sink.hasher.reset()
-                        elif offset and not (r.headers.get("Content-Range") or "").startswith(f"bytes {offset}-"):
-                            raise HubError(f"{f.path}: asked for bytes {offset}- and got "
-                                           f"Content-Range {r.headers.get('Content-Range')!r}")
-                        fh.flush()
-                        try:
-                            cut = self._body(r, sink)
-                        finally:
-                            fh.seek(0, os.SEEK_END)  # the fd moved under the buffered file object
-                        last = _short(cut) if cut else "body ended early"
-                        wait = _wait_s(0, {}, attempt, self.backoff_s)
+                last, wait = self._get_once(url, f, sink, attempt)
             except HfHubHTTPError as e:
                 raise HubError(f"{f.path}: {_short(e)}") from e
             except TRANSIENT as e:

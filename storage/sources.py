@@ -42,7 +42,7 @@ def _listing(source_dir: str | Path, pattern: str) -> tuple[Path, dict[str, Path
 
 
 def _hash_all(paths: list[Path], cache: HashCache | None = None) -> list[str]:
-    # hashlib drops the GIL: on 28 GB of FineWeb-Edu the hashing is ~16 s serial, ~8 s on two threads
+    # hashlib drops the GIL: files hash in parallel on a few threads
     cache = cache or HashCache(None)
     known = {p: cache.lookup(p) for p in paths}
     todo = [p for p in paths if known[p] is None]
@@ -116,6 +116,43 @@ def read_manifest(path: str | Path) -> dict[str, tuple[str, int | None]]:
     return out
 
 
+def _match(expected: dict, local: dict[str, Path]) -> dict[str, str]:
+    """local relative path -> the manifest name it answers: the same path, or the longest local path the
+    name ends with (a manifest written from a parent folder)."""
+    entry_of: dict[str, str] = {}
+    for name in expected:
+        rel = name if name in local else max((r for r in local if name.endswith("/" + r) and r not in entry_of),
+                                             key=len, default=None)
+        if rel is not None and rel not in entry_of:
+            entry_of[rel] = name
+    return entry_of
+
+
+def _missing(expected: dict, entry_of: dict[str, str], local: dict[str, Path]) -> dict[str, str]:
+    """Where each listed-but-absent file would lie (relative, as its matched siblings do) -> its manifest name."""
+    prefixes = {entry_of[r][:len(entry_of[r]) - len(r)] for r in entry_of}
+    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    missing = {}
+    for n in (n for n in expected if n not in entry_of.values()):
+        short = n[len(prefix):] if prefix and n.startswith(prefix) else n
+        missing[short if short not in local else n] = n
+    return missing
+
+
+def _judge(p: Path, rel: str, pos: int, size: int, got: str, entry: tuple[str, int | None] | None,
+           manifest) -> tuple[SourceFile, str | None]:
+    """One present file against its manifest entry (None: not listed): the file, and why it is refused."""
+    if entry is None:
+        return SourceFile(rel, str(p), size, got, pos), f"{p}: not listed in --manifest {manifest}"
+    sha, want = entry
+    if want is not None and size != want:
+        return SourceFile(rel, str(p), size, sha, pos), f"{p}: {size:,} bytes, --manifest {manifest} says {want:,}"
+    if got != sha:
+        return (SourceFile(rel, str(p), size, sha, pos),
+                f"{p}: sha256 {got} does not match --manifest {manifest} ({sha})")
+    return SourceFile(rel, str(p), size, sha, pos), None
+
+
 def list_verified(source_dir: str | Path, manifest: str | Path,
                   pattern: str = "*.parquet") -> tuple[list[SourceFile], list[tuple[SourceFile, str]]]:
     """`list_local` checked against a manifest: (files that match it, [(file, why) for the rest]). A file
@@ -126,42 +163,25 @@ def list_verified(source_dir: str | Path, manifest: str | Path,
     folder, as the Hub names them: `sample/10BT/000_00000.parquet`)."""
     expected = read_manifest(manifest)
     root, local = _listing(source_dir, pattern)
-    entry_of: dict[str, str] = {}  # local relative path -> manifest name
-    for name in expected:
-        rel = name if name in local else max((r for r in local if name.endswith("/" + r) and r not in entry_of),
-                                             key=len, default=None)
-        if rel is not None and rel not in entry_of:
-            entry_of[rel] = name
-    prefixes = {entry_of[r][:len(entry_of[r]) - len(r)] for r in entry_of}
-    prefix = prefixes.pop() if len(prefixes) == 1 else ""
-    missing = {}
-    for n in (n for n in expected if n not in entry_of.values()):
-        short = n[len(prefix):] if prefix and n.startswith(prefix) else n
-        missing[short if short not in local else n] = n
-    names = sorted(set(local) | set(missing))
+    entry_of = _match(expected, local)
+    missing = _missing(expected, entry_of, local)
     sizes = {r: p.stat().st_size for r, p in local.items()}
+    # a file whose size already disagrees is refused without reading it
     to_hash = [r for r in local if r not in entry_of or expected[entry_of[r]][1] in (None, sizes[r])]
     shas = dict(zip(to_hash, _hash_all([local[r] for r in to_hash])))
     good, bad = [], []
-    for pos, rel in enumerate(names):
+    for pos, rel in enumerate(sorted(set(local) | set(missing))):
         if rel in missing:
             sha, size = expected[missing[rel]]
             bad.append((SourceFile(rel, str(root / rel), size or 0, sha, pos),
                         f"{root / rel}: listed in --manifest {manifest} but not in --source"))
             continue
-        p, size = local[rel], sizes[rel]
-        if rel not in entry_of:
-            bad.append((SourceFile(rel, str(p), size, shas[rel], pos), f"{p}: not listed in --manifest {manifest}"))
-            continue
-        sha, want = expected[entry_of[rel]]
-        if want is not None and size != want:
-            bad.append((SourceFile(rel, str(p), size, sha, pos),
-                        f"{p}: {size:,} bytes, --manifest {manifest} says {want:,}"))
-        elif shas[rel] != sha:
-            bad.append((SourceFile(rel, str(p), size, sha, pos),
-                        f"{p}: sha256 {shas[rel]} does not match --manifest {manifest} ({sha})"))
+        entry = expected[entry_of[rel]] if rel in entry_of else None
+        f, why = _judge(local[rel], rel, pos, sizes[rel], shas.get(rel, ""), entry, manifest)
+        if why:
+            bad.append((f, why))
         else:
-            good.append(SourceFile(rel, str(p), size, sha, pos))
+            good.append(f)
     return good, bad
 
 
@@ -175,8 +195,8 @@ def record(home: Home, files: list[SourceFile], status: str = "verified", *, dat
     rows = [dict(asdict(f), status=status, error=(errors or {}).get(f.file), dataset=dataset, revision=revision,
                  url=(urls or {}).get(f.file), downloaded_at=now if urls and status == "verified" else None,
                  seconds=(seconds or {}).get(f.file)) for f in files]
-    # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports pandas
-    # (~0.25 s per process), and a source is a few files
+    # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports pandas in
+    # every process, and a source is a few files
     with catalog.writer(home) as con:
         con.execute("DELETE FROM source_files WHERE list_contains(?, file)", [[f.file for f in files]])
         con.executemany(f"INSERT INTO source_files ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",

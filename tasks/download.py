@@ -1,9 +1,10 @@
 """Download a FineWeb-Edu subset from the Hub into $LANGPWT_HOME/raw: plan, fetch each file verified, record.
-Plain functions do the work and run without Prefect; the @task wrappers only name them for flows."""
+Plain functions that run without Prefect; flows/download.py wraps them as tasks for the flows."""
 from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import threading
 import time
 import uuid
@@ -12,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import constants
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -32,22 +31,44 @@ class DownloadError(HubError):
     """Some files failed; the message lists each with its reason."""
 
 
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_bytes(text) -> int:
+    """A byte count: an int, or text such as 0, 500M or 20G (powers of 1000)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"{text!r}: expected bytes such as 0, 500M or 20G")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
 class DownloadParams(BaseModel):
     """Parameters of `langpwt download` and of the download half of `prepare`."""
     model_config = ConfigDict(extra="forbid")
-    dataset: str = "HuggingFaceFW/fineweb-edu"
-    subset: str = Field("sample-10BT", description="sample-10BT|sample-100BT|sample-350BT|CC-MAIN-YYYY-WW")
+    dataset: str = Field("HuggingFaceFW/fineweb-edu", description="Hub dataset repo")
+    subset: str = Field("sample-10BT", description="sample-10BT, sample-100BT, sample-350BT or a crawl like "
+                                                   "CC-MAIN-2024-10")
     revision: str = Field("main", description="branch, tag or commit; resolved to one commit for every file")
-    include: str | None = Field(None, description="glob on repo paths, within the subset")
-    max_files: int | None = Field(None, ge=1)
-    workers: int = Field(4, ge=1, le=64, description="concurrent file downloads")
-    endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
-    token: SecretStr | None = Field(None, exclude=True, description="default: HF_TOKEN or the stored login")
-    min_free_bytes: int = Field(1 << 30, ge=0, description="disk space to leave free after the download")
+    include: str | None = Field(None, description="only repo paths matching this glob, within the subset")
+    max_files: int | None = Field(None, ge=1, description="only the first N files of the subset")
+    workers: int = Field(4, ge=1, le=64, description="files downloaded concurrently")
+    endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT") or constants.ENDPOINT,
+                          description="Hub URL; from HF_ENDPOINT, else huggingface.co")
+    token: SecretStr | None = Field(None, exclude=True, description="Hub token; default: HF_TOKEN or the stored "
+                                                                     "login")
+    min_free_bytes: int = Field("1G", ge=0, validate_default=True,
+                                description="disk space to leave free after the download, in bytes (500M, 20G)")
     retries: int = Field(8, ge=0, description="attempts per file without progress, on 429/5xx/timeouts")
-    backoff_s: float = Field(1.0, ge=0)
-    timeout_s: float = Field(30.0, gt=0)
-    progress: bool = True
+    backoff_s: float = Field(1.0, ge=0, description="first wait between attempts, doubled each time (jittered)")
+    timeout_s: float = Field(30.0, gt=0, description="seconds without a byte before an attempt is cut")
+    progress: bool = Field(True, description="a live progress bar on a terminal")
+
+    @field_validator("min_free_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v):
+        return parse_bytes(v)
 
     @field_validator("subset")
     @classmethod
@@ -117,9 +138,6 @@ class ByteBar:
             self.p.update(self.task, description=f"download {self.files - self.left}/{self.files} files")
             if self.left <= 0:
                 self.p.stop()
-
-
-_BARS: dict[str, ByteBar] = {}
 
 
 def _verified_rows(home: Home, dataset: str) -> dict[str, tuple]:
@@ -232,7 +250,7 @@ def download(home: Home, params: DownloadParams) -> list[SourceFile]:
     bar = ByteBar.maybe(plan, params)
 
     # one catalog writer, first in first out: a file's rows keep their order (downloading, then verified or
-    # failed), and each ~30-50 ms DuckDB transaction runs beside the next bytes, not between them
+    # failed), and each DuckDB transaction runs beside the next bytes, not between them
     recorder, writes = ThreadPoolExecutor(1, thread_name_prefix="catalog"), []
 
     def one(item: Item) -> SourceFile:
@@ -262,33 +280,3 @@ def download(home: Home, params: DownloadParams) -> list[SourceFile]:
     if errors:
         raise DownloadError(failures_message(errors, len(plan.items)))
     return sorted(got, key=lambda s: s.position)
-
-
-# -- Prefect tasks: thin names over the functions above, so a flow can overlap them with tokenize --
-
-@task(name="download-plan", cache_policy=NONE)
-def plan_download_task(home: Home, params: DownloadParams) -> Plan:
-    """Call it directly in the flow (not .submit): it reads and writes the catalog."""
-    plan = plan_download(home, params)
-    if bar := ByteBar.maybe(plan, params):
-        _BARS[plan.key] = bar
-    get_run_logger().info(f"{params.dataset}@{plan.revision[:12]}: {len(plan.items)} files, "
-                          f"{len(plan.todo)} to fetch ({plan.need_bytes / 1e9:.2f} GB)")
-    return plan
-
-
-@task(name="download-file", cache_policy=NONE, task_run_name="download-{item.position:06d}")
-def fetch_file_task(home: Home, plan: Plan, item: Item, params: DownloadParams) -> Fetched:
-    bar = _BARS.get(plan.key)
-    try:
-        got = fetch_file(home, plan, item, params, bar.advance if bar else None)
-    except HubError as e:
-        get_run_logger().error(str(e))
-        raise
-    finally:
-        if bar and not item.done:
-            bar.file_done()
-            if bar.left <= 0:
-                _BARS.pop(plan.key, None)
-    get_run_logger().info(f"verified {got.source.file} ({got.source.size_bytes / 1e6:.1f} MB, {got.seconds:.1f} s)")
-    return got

@@ -1,16 +1,16 @@
-"""The byte paths under Hub.fetch: socket reads into the ring with O_DIRECT writes (the fast path), the same with
-buffered writes, and httpx's iter_raw (the fallback); each must resume, verify and reject alike."""
+"""The byte paths under Hub.fetch: iter_raw pieces gathered into aligned buffers written with O_DIRECT, and the
+same with buffered writes (where O_DIRECT is refused); each must resume, verify and reject alike."""
 from __future__ import annotations
 
 import errno
-import mmap
+import fcntl
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-import storage.hub as hub_mod
-from storage import hub_io
+from storage import direct_io, hub_io
 from storage.hub import Hub, VerifyError, part_path
 from tests.fakehub import Fault, FakeHub
 
@@ -23,12 +23,10 @@ def fake(tree, hf_isolated):
         yield h
 
 
-@pytest.fixture(params=["socket+direct", "socket+buffered", "iter_raw"])
+@pytest.fixture(params=["direct", "buffered"])
 def path(request, monkeypatch) -> str:
-    if request.param == "socket+buffered":
-        monkeypatch.setattr(hub_io, "DIRECT_IO", False)
-    if request.param == "iter_raw":
-        monkeypatch.setattr(hub_mod, "socket_body", lambda r: None)
+    if request.param == "buffered":
+        monkeypatch.setattr(direct_io, "DIRECT_IO", False)
     return request.param
 
 
@@ -63,46 +61,56 @@ def test_corrupt_bytes_are_rejected(path, fake, tmp_path):
     assert not dest.exists() and not part_path(dest).exists()
 
 
-def test_the_fast_path_is_the_one_taken(fake, tmp_path, monkeypatch):
-    """Guards the speed: a huggingface_hub/httpx upgrade that hides the socket falls back silently otherwise."""
-    seen, direct = [], []
-    real_body, real_direct = hub_mod.socket_body, hub_io.Sink._direct
-    monkeypatch.setattr(hub_mod, "socket_body", lambda r: seen.append(real_body(r)) or seen[-1])
-    monkeypatch.setattr(hub_io.Sink, "_direct", lambda self, v: direct.append(real_direct(self, v)) or direct[-1])
+def test_whole_buffers_go_around_the_page_cache(fake, tmp_path, monkeypatch):
+    """Guards the O_DIRECT path: a change that silently sends every byte through the page cache fails here."""
+    direct, real = [], direct_io.pwrite_direct
+    monkeypatch.setattr(direct_io, "pwrite_direct", lambda fd, v, off: direct.append(real(fd, v, off)) or direct[-1])
     fetch(fake, tmp_path / "out" / "big.parquet")
-    assert seen and all(s is not None for s in seen)
     assert sum(direct) >= 1  # a whole 4 MiB buffer of the ~4.5 MB file went around the page cache
 
 
 def test_a_device_refusing_the_alignment_falls_back_to_buffered(fake, tree, tmp_path, monkeypatch):
-    def einval(fd, data, offset):
-        raise OSError(errno.EINVAL, "Invalid argument")
-    monkeypatch.setattr(os, "pwrite", einval)
+    refused, real = [], os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     dest = tmp_path / "out" / "big.parquet"
     fetch(fake, dest)
+    assert refused == [0]  # refused once, then buffered for the rest
     assert dest.read_bytes() == tree[BIG].read_bytes()
 
 
-def test_sink_aligns_and_refuses_more_than_the_listed_size(tmp_path):
-    data = os.urandom(3 * hub_io.CHUNK)
-    hasher = hub_io.Hasher(len(data), git=False)
+@pytest.mark.parametrize("start", [0, 1000, hub_io.CHUNK])
+def test_sink_resumes_keeps_a_cut_and_refuses_more_than_the_listed_size(tmp_path, start):
+    """A resumed part (misaligned or not), a cut kept mid-buffer, then the rest: the file and its digest are
+    those of the whole data, each byte hashed once; one byte past the listed size is refused unwritten."""
+    data = os.urandom(2 * hub_io.CHUNK + 12345)
     part = tmp_path / "x.part"
-    with open(part, "a+b") as fh:
-        fh.write(data[:1000])
-        fh.flush()
-        sink = hub_io.Sink(fh, len(data), hasher, 1000, None)
-        assert sink.want() == (hub_io.ALIGN - 1000 if sink.direct is not None else hub_io.CHUNK)
-        off = 1000
-        while off < len(data):
-            buf = hasher.take()
-            n = min(sink.want(), len(data) - off)
-            buf[:n] = data[off:off + n]
-            sink.put(buf, n)
-            off += n
-        buf = hasher.take()
-        with pytest.raises(hub_io.TooLong):
-            sink.put(buf, 1)
-        sink.close()
-    hasher.done()
+    part.write_bytes(data[:start])
+    sink = hub_io.Sink(part, len(data), False, start, None)
+    cut = start + hub_io.CHUNK // 2 + 7
+    for i in range(start, cut, 65536):
+        sink.put(data[i:min(i + 65536, cut)])
+    sink.keep()  # a dropped connection: what arrived is in the file now
+    assert part.read_bytes() == data[:cut] and sink.offset == cut
+    for i in range(cut, len(data), 65536):
+        sink.put(data[i:i + 65536])
+    with pytest.raises(hub_io.TooLong):
+        sink.put(b"x")
+    assert sink.finish() == (hashlib.sha256(data).hexdigest(), None)
+    sink.close()
     assert part.read_bytes() == data
-    assert isinstance(hasher.take(), mmap.mmap)  # the refused buffer went back to the ring
+
+
+def test_sink_git_blob_sha1(tmp_path):
+    data = b"small text kept in git\n" * 100
+    part = tmp_path / "x.part"
+    part.touch()
+    sink = hub_io.Sink(part, len(data), True, 0, None)
+    sink.put(data)
+    _, sha1 = sink.finish()
+    assert sha1 == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

@@ -1,43 +1,53 @@
-"""CLI for `langpwt download`: thin argument parsing over tasks.download (or the Prefect flow with --flow).
-The default path skips Prefect's server start (7-16 s) because a download needs no orchestration of its own."""
+"""CLI for `langpwt download`: flags generated from DownloadParams over tasks.download (or the flow with --flow).
+The default path skips Prefect's server start because a download needs no orchestration of its own."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+from flows.cli.params import add_model_args, build
+
+FLAGS = {"min_free_bytes": "--min-free"}
+# set through the environment or only by tests and benchmarks: endpoint (HF_ENDPOINT), token (HF_TOKEN)
+NOT_FLAGS = {"endpoint", "token", "backoff_s", "timeout_s"}
 
 
 def _bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes such as 0, 500M or 20G")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    from tasks.download import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_download_args(p: argparse.ArgumentParser, workers_flag: str = "--workers") -> None:
-    """The download flags, reusable by `prepare` (which may name the worker flag otherwise)."""
-    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hub dataset repo")
-    p.add_argument("--subset", default="sample-10BT",
-                   help="sample-10BT (default), sample-100BT, sample-350BT or a crawl like CC-MAIN-2024-10")
-    p.add_argument("--revision", default="main", help="branch, tag or commit; pinned to one commit")
-    p.add_argument("--include", metavar="GLOB", help="only repo paths matching GLOB, within the subset")
-    p.add_argument("--max-files", type=int, metavar="N", help="the first N files of the subset")
-    p.add_argument(workers_flag, dest="download_workers", type=int, default=4, metavar="N",
-                   help="files downloaded concurrently (default 4)")
-    p.add_argument("--min-free", type=_bytes, default=_bytes("1G"), metavar="BYTES",
-                   help="disk space to leave free after the download (default 1G)")
-    p.add_argument("--retries", type=int, default=8, help="attempts per file without progress (default 8)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+class _Prefixed:
+    """Adds arguments to `p` under dests that start with `prefix`, so another command's flags of the same
+    name (`prepare`'s --workers) keep their own."""
+
+    def __init__(self, p, prefix: str):
+        self.p, self.prefix = p, prefix
+
+    def add_argument(self, *flags, dest: str, **kw):
+        return self.p.add_argument(*flags, dest=self.prefix + dest, **kw)
 
 
-def download_params(args: argparse.Namespace):
+def add_download_args(p: argparse.ArgumentParser, workers_flag: str = "--workers", dest_prefix: str = "") -> None:
+    """The download flags, reusable by `prepare`, which names the worker flag --download-workers and keeps
+    the values apart with `dest_prefix` (read them back with `download_fields`)."""
     from tasks.download import DownloadParams
 
-    return DownloadParams(dataset=args.dataset, subset=args.subset, revision=args.revision, include=args.include,
-                          max_files=args.max_files, workers=args.download_workers, min_free_bytes=args.min_free,
-                          retries=args.retries, progress=args.progress)
+    add_model_args(_Prefixed(p, dest_prefix), DownloadParams, exclude=NOT_FLAGS,
+                   flags={**FLAGS, "workers": workers_flag}, parsers={"min_free_bytes": _bytes},
+                   metavars={"min_free_bytes": "BYTES", "include": "GLOB", "max_files": "N", "workers": "N"})
+
+
+def download_fields(args: argparse.Namespace, dest_prefix: str = "") -> dict:
+    """The DownloadParams fields given on the command line, by field name."""
+    from tasks.download import DownloadParams
+
+    return {k: v for k, v in ((k.removeprefix(dest_prefix), v) for k, v in vars(args).items()
+                              if k.startswith(dest_prefix)) if k in DownloadParams.model_fields}
 
 
 def register(sub) -> None:
@@ -45,7 +55,7 @@ def register(sub) -> None:
                        description="Download a FineWeb-Edu subset into $LANGPWT_HOME/raw. Honours HF_ENDPOINT, "
                                    "HF_TOKEN and HF_HUB_OFFLINE.")
     add_download_args(p)
-    p.add_argument("--flow", action="store_true", help="run as the Prefect flow `download`")
+    p.add_argument("--flow", action="store_true", help="run as the Prefect flow `download` (default: off)")
     p.set_defaults(handler=run)
 
 
@@ -54,18 +64,25 @@ def _err(msg: str, code: int) -> int:
     return code
 
 
-def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+def _params(args: argparse.Namespace):
+    from tasks.download import DownloadParams
 
+    ns = argparse.Namespace(**download_fields(args))
+    try:
+        return build(DownloadParams, ns, FLAGS), None
+    except ValueError as e:
+        flag, _, why = str(e).partition(": ")
+        why = why.removeprefix("Value error, ")
+        return None, why if why.startswith(flag) else f"{flag}: {why}"  # the model's message names the flag
+
+
+def run(args: argparse.Namespace) -> int:
     from storage.hub import HubError
     from storage.paths import Home
 
-    try:
-        params = download_params(args)
-    except ValidationError as e:
-        first = e.errors()[0]
-        msg = str(first.get("ctx", {}).get("error") or first["msg"]).removeprefix("Value error, ")
-        return _err(msg if msg.startswith("--") else f"--{str(first['loc'][0]).replace('_', '-')}: {msg}", 2)
+    params, bad = _params(args)
+    if bad:
+        return _err(bad, 2)
     home = Home.from_env()
     try:
         if args.flow:
