@@ -16,10 +16,10 @@ from flows.tokenize import Incoming, TokenizeParams, local_files, run_tokenize, 
 from storage import shard_catalog
 from storage.lock import exclusive
 from storage.paths import Home
-from flows.download import submit_downloads
+from flows.download import plan_download_task, submit_downloads
 from storage.hub import HubError
 from storage.sources import SourceFile
-from tasks.download import DownloadParams, plan_download_task, record_fetch
+from tasks.download import DownloadParams, record_fetch
 
 
 class PrepareParams(TokenizeParams):
