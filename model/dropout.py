@@ -71,7 +71,7 @@ class Dropout(nn.Module):
     def __init__(self, p: float, rng: str = "torch", site: int = 0):
         super().__init__()
         if rng not in DROPOUT_RNGS:
-            raise ValueError(f"--dropout-rng {rng}: expected {' or '.join(DROPOUT_RNGS)}")
+            raise ValueError(f"dropout_rng {rng}: expected {' or '.join(DROPOUT_RNGS)}")
         self.p, self.rng, self.site = p, rng, site
         if rng == "hash":
             self.register_buffer("seed", torch.zeros(1, dtype=torch.int32), persistent=False)
