@@ -1,6 +1,5 @@
-"""Command-line flags for the trainer, generated from the config dataclasses' field metadata so none is forgotten.
-Every flag defaults to None: only values given explicitly override a preset or a checkpoint (the help shows the
-preset-free default). Imports no torch, so the CLI and the Prefect flow can build their parameters from it."""
+"""The trainer's command-line flags, generated from the config fields' metadata (torch-free), so none is forgotten.
+Every flag defaults to None so only values given override a preset or a checkpoint; the help shows the seed's."""
 from __future__ import annotations
 
 import argparse

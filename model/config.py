@@ -1,6 +1,5 @@
-"""Typed configs for the model (GPTConfig) and the training run (TrainConfig), plus presets.
-Plain dataclasses serialised as JSON so a checkpoint carries its config without pickled code; each field's
-metadata holds its flag's help line (model.args), or `cli: False` for values a run records but no user sets."""
+"""Typed configs for the model (GPTConfig) and the training run (TrainConfig), with presets; field metadata = flag help.
+Plain dataclasses serialised as JSON, so a checkpoint carries its config without pickled code."""
 from __future__ import annotations
 
 import dataclasses

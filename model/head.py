@@ -1,8 +1,5 @@
-"""Output layer + cross-entropy with the loss gradient computed during the forward pass (`--head fused`).
-Trade-off: the 49k-way logits are written once and turned into their own gradient in place by one Triton kernel,
-so fewer passes over memory, but that gradient is held until backward (as the plain step's logits are).
-A floor (`grad_floor`; `head_gemm` gets its own from exp2's flush) writes probabilities under 2^floor as exact
-zeros: the backward matmuls then multiply by zeros, which a power-capped GPU does faster."""
+"""Output layer + cross-entropy whose gradient one Triton kernel writes in place over the logits (`--head fused`).
+Trade-off: fewer passes over the 49k-way rows than autograd's, but that gradient is held until backward."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,5 @@
-"""Output layer + cross-entropy with the loss taken in the logits matmul's epilogue (`--head gemm`): one Triton
-GEMM writes exp(logit - target logit) instead of the logits, so no pass over the 49k-way rows follows it.
-Trade-off: the GEMM is Triton's, not cuBLAS's, and a row whose target trails a logit by > 111 nats overflows
-(its loss is inf, which stops the run as divergence; past ~98 its gradient loses bits to fp32 denormals)."""
+"""Output layer + cross-entropy taken in the logits GEMM's epilogue (`--head gemm`): it writes exp(z - z_target).
+Trade-off: no pass over the rows follows the GEMM, but the GEMM is Triton's, and a target > 111 nats behind overflows."""
 from __future__ import annotations
 
 import torch

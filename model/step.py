@@ -1,6 +1,5 @@
-"""One optimizer step and the model set-up every step runs with, shared by the trainer and the benchmark so the
-benchmark times the real step. Trade-off: the set-up is fixed per device (no switches), so a variant to compare
-against is built by hand in the benchmark rather than configured here."""
+"""One optimizer step and the set-up every step runs with, shared by the trainer and the benchmark (the real step).
+Trade-off: the set-up is fixed per device, with no switches; a variant to compare against is built in the benchmark."""
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,5 @@
-"""The training loop, runnable alone as `python -m model.train` (or under torchrun) with torch + numpy.
-Rank 0 appends one metrics row per step to the run's JSONL and prints JSON events on stdout for the parent;
-on CUDA the host syncs only every `log_every` steps, so rows arrive in small bursts rather than one per step."""
+"""The training loop, runnable alone as `python -m model.train` (or under torchrun): rows to JSONL, events to stdout.
+Trade-off: on CUDA the host syncs only every `log_every` steps, so metrics rows arrive in small bursts."""
 from __future__ import annotations
 
 import argparse

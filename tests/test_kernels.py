@@ -208,7 +208,7 @@ def test_gemm_head_with_floor_keeps_loss_and_gradients_on_the_torch_path():
 
 def test_gemm_head_epilogue_compiles_for_hopper_flushing_exp2_without_64_bit_compares():
     """The logits GEMM compiled for sm_90 (no GPU needed): target ids are compared in 32 bits, which took the
-    epilogue's 64-bit compares and sign extensions off every element (RESULTS.md, twelfth pass)."""
+    epilogue's 64-bit compares and sign extensions off every element."""
     import subprocess
     import sys
     from pathlib import Path
