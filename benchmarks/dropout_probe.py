@@ -1,5 +1,5 @@
 """Compile the hash dropout (model.dropout) fused with a residual add and LayerNorm, as in the trainer, on CUDA,
-and print what Inductor/Triton say: a cheap check before `train_bench speed --variants gemm@hash` spends device time."""
+and print what Inductor/Triton say: a cheap check before `train_bench speed` (whose default step draws these masks) spends device time."""
 import sys
 import time
 import traceback

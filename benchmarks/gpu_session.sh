@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# One device call's worth of training benchmarks: the step per head at dropout 0.1 and 0, then the
-# original's whole run (5000 x 65,536 tokens) timed from process start to exit. Results under $OUT.
-# Run on the GPU machine from the repo root, with shards made here by `train_bench.py make-data`
-# carried along (benchmarks/out/home): bash benchmarks/gpu_session.sh
-# PARTS picks what runs (ce = the CE kernel against its previous version, gemm = --head gemm's tiles (head_bench --gemm), glue = the fused head's backward
-# passes and grad-x widths (head_bench --glue), speed (with the SM clock and power sampled beside it), regional = speed with
-# --regional, compile = short trainer runs timing start-up + compile cold and warm, homecache = two short runs
-# on the home's own compile cache, pyc = start-up imports with and without model.bytecode's cache, dropout = the
-# hash dropout compiled and timed against torch's, ckpt = the checkpoint hand-off (benchmarks/ckpt_probe.py), seed), to split it over calls.
-# SEED_HEAD / SEED_SCOPE: the seed run's --head and --compile-scope; SEED_EXTRA: more trainer flags (e.g. --grad-floor -24);
-# SEED_DROPOUT=auto: --dropout-rng hash if the dropout part measured it >= 1 % faster; SEED_WARMUP=N: an N-step run first.
+# One device call's worth of training benchmarks: the step of the project's default set-up against a plain
+# nanoGPT-style one at dropout 0.1 and 0, then the original's whole run (5000 x 65,536 tokens) timed from process
+# start to exit. Results under $OUT. Run on the GPU machine from the repo root, with shards made here by
+# `train_bench.py make-data` carried along (benchmarks/out/home): bash benchmarks/gpu_session.sh
+# PARTS picks what runs, to split it over calls: ce = the CE kernel against its first version, gemm = --head gemm's
+# tiles (head_bench --gemm), glue = the fused head's backward passes and grad-x widths (head_bench --glue), speed
+# (with the SM clock and power sampled beside it), compile = short trainer runs timing start-up + compile cold and
+# warm, homecache = two short runs on the home's own compile cache, dropout = the hash dropout compiled on CUDA
+# (masks checked), ckpt = the checkpoint hand-off (benchmarks/ckpt_probe.py), seed.
+# SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
+# run first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# the GPU image ships torch without .pyc and sets PYTHONDONTWRITEBYTECODE=1, so every process would recompile
+# torch's Python at start-up: keep bytecode in a cache of ours (nothing is written beside the sources)
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$HOME/.cache/langpwt/pycache}
+unset PYTHONDONTWRITEBYTECODE
 OUT=${OUT:-benchmarks/out/gpu}
 HOME_DIR=${HOME_DIR:-benchmarks/out/home}
-VARIANTS=${VARIANTS:-plain,fused,fp8all}
+VARIANTS=${VARIANTS:-plain,default}
 SEED_HEAD=${SEED_HEAD:-auto}
 PARTS=${PARTS:-ce,speed,seed}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -38,7 +42,7 @@ if has speed; then  # the card runs at its power cap: clocks beside the step rat
   smi=$!
 fi
 has speed && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants "$VARIANTS" --dropouts 0.1,0.0 \
-  --bf16-stream --gemm-config "$OUT/gemm_best.json" --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
+  --gemm-config "$OUT/gemm_best.json" --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
 if has speed; then
   kill $smi 2>/dev/null
   python3 - "$OUT/smi.csv" <<'PY' | tee -a "$OUT/speed.log"
@@ -51,15 +55,13 @@ if busy:
           f"(min {clk[0]:.0f}, max {clk[-1]:.0f}), power median {pw[len(pw) // 2]:.0f} W (max {pw[-1]:.0f})")
 PY
 fi
-has regional && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants fused --dropouts 0.1,0.0 \
-  --bf16-stream --regional --json "$OUT/speed_regional.json" 2>&1 | grep -v Warning | tee "$OUT/speed_regional.log"
-# first step (start-up + compile) of short trainer runs, each in a fresh process: SCOPE cold, then warm
-short() {  # name scope cache_dir ("home": the trainer's own choice, HOME/cache/compile)
+# first step (start-up + compile) of short trainer runs, each in a fresh process: cold, then warm
+short() {  # name cache_dir ("home": the trainer's own choice, HOME/cache/compile)
   rm -rf "$HOME_DIR/runs/$1"
-  if [[ $3 == home ]]; then cache=(env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR); else
-    cache=(env TORCHINDUCTOR_CACHE_DIR="$3" TRITON_CACHE_DIR="$3/triton"); fi
+  if [[ $2 == home ]]; then cache=(env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR); else
+    cache=(env TORCHINDUCTOR_CACHE_DIR="$2" TRITON_CACHE_DIR="$2/triton"); fi
   "${cache[@]}" timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps "${SHORT_STEPS:-150}" \
-    --compile-scope "$2" --run-id "$1" > "$OUT/$1.jsonl" 2> "$OUT/$1.err"
+    --run-id "$1" > "$OUT/$1.jsonl" 2> "$OUT/$1.err"
   python3 - "$OUT/$1.jsonl" "$1" <<'PY' | tee -a "$OUT/compile_summary.txt"
 import json, sys
 ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
@@ -71,62 +73,33 @@ PY
 }
 if has homecache; then  # the compile caches the trainer keeps in the home: a second run must start warm
   rm -rf "$HOME_DIR/cache/compile"
-  SHORT_STEPS=30 short home-1 auto home; SHORT_STEPS=30 short home-2 auto home
+  SHORT_STEPS=30 short home-1 home; SHORT_STEPS=30 short home-2 home
   { du -sh "$HOME_DIR"/cache/compile/* 2>&1; grep '"event": "start"' "$OUT/home-2.jsonl" | grep -o '"compile_cache": {[^}]*}'; } | tee -a "$OUT/compile_summary.txt"
 fi
 if has compile; then
-  for scope in model regions; do
-    c=$(mktemp -d); short "cold-$scope" $scope "$c"; short "warm-$scope" $scope "$c"
-  done
+  c=$(mktemp -d); short cold "$c"; short warm "$c"
 fi
-if has pyc; then  # start-up imports in fresh processes: Python's own choice, then model.bytecode's cache cold and warm
-  imp='import time; t = time.perf_counter(); import model, torch, sys; a = time.perf_counter(); import torch._dynamo; b = time.perf_counter(); import torch._inductor.compile_fx; c = time.perf_counter(); print(f"model+torch {a - t:.2f} s, dynamo {b - a:.2f} s, inductor {c - b:.2f} s, bytecode cache {sys.pycache_prefix}")'
-  pyc=$(mktemp -d)
-  { python3 -c 'import sys, os; print("dont_write_bytecode", sys.flags.dont_write_bytecode)'
-    LANGPWT_PYCACHE=off python3 -c "$imp"
-    for i in 1 2 3; do LANGPWT_PYCACHE=$pyc python3 -c "$imp"; done
-    du -sh "$pyc"; } 2>&1 | tee "$OUT/pyc.log"
-fi
-if has dropout; then  # the hash dropout compiled on CUDA (masks checked), then against torch's in the step
+if has dropout; then  # the hash dropout compiled on CUDA, its masks checked against eager
   python3 benchmarks/dropout_probe.py 2>&1 | grep -v Warning | tee "$OUT/dropout_probe.log"
-  if ! grep -q "works: none" "$OUT/dropout_probe.log"; then
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --dropouts 0.1 \
-      --variants "${DROPOUT_VARIANTS:-gemm,gemm@hash,gemm,gemm@hash}" --steps 60 --bf16-stream --json "$OUT/speed_dropout.json" 2>&1 \
-      | grep -v Warning | tee "$OUT/speed_dropout.log"
-    # the trainer turns Inductor's mix-order LayerNorm backward off with dropout (torch's masks made it 5x slower)
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --dropouts 0.1 \
-      --variants gemm@hash --mix-order-reduction --steps 60 --bf16-stream 2>&1 | grep -v Warning | tee -a "$OUT/speed_dropout.log"
-  fi
 fi
 if has ckpt; then  # what a checkpoint's submit holds the loop for, and that the files hold the submitted step
   python3 benchmarks/ckpt_probe.py --json "$OUT/ckpt.json" 2>&1 | grep -v Warning | tee "$OUT/ckpt.log"
 fi
 has seed || exit 0
-# the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun),
-# and a fresh bytecode cache beside it (model.bytecode; used where the install ships no bytecode)
+# the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun)
 export TORCHINDUCTOR_CACHE_DIR=${SEED_CACHE:-$(mktemp -d)}
 export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton  # else the trainer keeps Triton's under the home
-export LANGPWT_PYCACHE=${SEED_PYCACHE:-$TORCHINDUCTOR_CACHE_DIR/pycache}
-if [[ ${SEED_DROPOUT:-} == auto && -f $OUT/speed_dropout.json ]]; then  # hash only where it measured >= 1 % faster
-  SEED_EXTRA="${SEED_EXTRA:-} $(python3 - "$OUT/speed_dropout.json" <<'PY'
-import json, sys
-r = [x for x in json.load(open(sys.argv[1]))["results"] if "tokens_per_s" in x]
-mean = lambda v: sum(x["tokens_per_s"] for x in r if x["variant"] == v) / max(1, sum(x["variant"] == v for x in r))
-print("--dropout-rng hash" if mean("gemm@hash") >= 1.01 * mean("gemm") else "")
-PY
-)"
-fi
 if [[ -n ${SEED_WARMUP:-} ]]; then  # a short run first on the same caches: the seed run then starts warm
   rm -rf "$HOME_DIR/runs/seed-warmup"
   timeout 200 python3 -m model.train --home "$HOME_DIR" --preset seed --max-steps "$SEED_WARMUP" --head "$SEED_HEAD" \
-    --compile-scope "${SEED_SCOPE:-auto}" ${SEED_EXTRA:-} --run-id seed-warmup > "$OUT/seed_warmup.jsonl" 2>&1
+    ${SEED_EXTRA:-} --run-id seed-warmup > "$OUT/seed_warmup.jsonl" 2>&1
   grep -o '"startup_s": {[^}]*}' "$OUT/seed_warmup.jsonl" | tee -a "$OUT/seed_summary.txt"
 fi
 echo "seed run flags: --head $SEED_HEAD ${SEED_EXTRA:-}" | tee -a "$OUT/seed_summary.txt"
 rm -rf "$HOME_DIR/runs/seed-bench"
 start=$(date +%s.%N)
 timeout "${SEED_LIMIT:-330}" python3 -m model.train --home "$HOME_DIR" --preset seed --head "$SEED_HEAD" \
-  --compile-scope "${SEED_SCOPE:-auto}" ${SEED_EXTRA:-} --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
+  ${SEED_EXTRA:-} --run-id seed-bench > "$OUT/seed.jsonl" 2> "$OUT/seed.err"
 rc=$?
 end=$(date +%s.%N)
 python3 - "$OUT/seed.jsonl" "$start" "$end" "$rc" <<'EOF' | tee -a "$OUT/seed_summary.txt"

@@ -1,5 +1,5 @@
 """The output layer's pieces at the seed shape (65,536 tokens x 512 -> 49,152), timed alone on the GPU:
-the CE kernels, the e5m2 gradient writers (each layout alone and both at once), FP8 backward matmuls, and each whole head against float64.
+the CE kernels, the head's matmuls, the gemm head's tile configurations, and each whole head against float64.
 Trade-off: pieces alone ignore how they share L2 and clocks inside a step; `train_bench speed` decides.
 
     python benchmarks/head_bench.py --json $OUT/head.json
@@ -19,7 +19,6 @@ import torch  # noqa: E402
 import triton.testing as tt  # noqa: E402
 
 import model.head as H  # noqa: E402
-import model.head_fp8 as H8  # noqa: E402
 import model.head_gemm as G  # noqa: E402
 
 N, C, VP, V = 65536, 512, 49152, 48951
@@ -31,8 +30,8 @@ import triton.language as tl  # noqa: E402
 
 @triton.jit
 def _ce_v1_kernel(logits_ptr, stride, targets_ptr, loss_ptr, V, VP, scale, BLOCK: tl.constexpr):
-    """The CE kernel as of 2026-12-01 (f48866b), kept to time the current one against: a rescale exp per
-    value, loads masked at V (not a multiple of 16, so not vectorised), the one-hot as a select per value."""
+    """The first CE kernel, kept to time the current one against: a rescale exp per value, loads masked at V
+    (not a multiple of 16, so not vectorised), the one-hot as a select per value."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     offs = tl.arange(0, BLOCK)
@@ -65,8 +64,8 @@ def ce_v1(logits, t, v, scale):
 
 
 def layouts() -> None:
-    """The head's three matmuls in every operand layout cuBLAS can be handed (transposed copies cost
-    ~0.02 ms for W and ~0.1 ms for h): the same product, different kernels."""
+    """The head's three matmuls in every operand layout cuBLAS can be handed (a transposed copy of W or h is
+    cheap next to them): the same product, different kernels."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(3)
     h = torch.randn(N, C, device=dev, dtype=torch.bfloat16, generator=g)
@@ -93,7 +92,7 @@ def ce_kernels() -> None:
     g = torch.Generator(device=dev).manual_seed(1)
     t = torch.randint(0, V, (N,), device=dev, generator=g)
     logits = torch.randn(N, VP, device=dev, dtype=torch.bfloat16, generator=g) * 3
-    rec("CE v1 (f48866b) 8192 x 32 warps", lambda: ce_v1(logits, t, V, 1.0 / N), nbytes=2 * N * VP * 2)
+    rec("CE v1 8192 x 32 warps", lambda: ce_v1(logits, t, V, 1.0 / N), nbytes=2 * N * VP * 2)
     for blk, nw in [(8192, 32), (4096, 16), (2048, 8), (8192, 16), (4096, 8), (16384, 32)]:
         H.CE_BLOCK, H.CE_WARPS = blk, nw
         rec(f"CE v2 BLOCK={blk} w={nw}", lambda: H.ce_grad_inplace(logits, t, V, 1.0 / N), nbytes=2 * N * VP * 2)
@@ -155,42 +154,15 @@ def pieces() -> None:
         rec(f"CE bf16 two reads BLOCK={blk} w={nw}", lambda: H.ce_grad_inplace(logits, t, V, 1.0 / N),
             nbytes=2 * N * VP * 2)
     H.CE_BLOCK, H.CE_WARPS = 8192, 32
-    lse, _, _ = H8.ce_rm8(logits, t, V, 1.0 / N)
-    rec("CE row pass -> e5m2 row-major + lse", lambda: H8.ce_rm8(logits, t, V, 1.0 / N), nbytes=N * VP * 3)
-    best = {}
-    for tm, tn, nw in [(64, 256, 8), (128, 128, 8), (32, 256, 4), (64, 128, 4), (128, 256, 16), (64, 512, 16)]:
-        H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
-        for rm, tr in [(True, False), (False, True), (True, True)]:
-            ms = rec(f"grad8 {tm}x{tn} w{nw} rowmajor={rm:d} transposed={tr:d}",
-                     lambda: H8.grad8(logits, t, lse, V, rm, tr), nbytes=N * VP * (2 + rm + tr))
-            if ms and ms < best.get((rm, tr), (1e9,))[0]:
-                best[(rm, tr)] = (ms, tm, tn, nw)
-    for k, v in best.items():
-        OUT.append(dict(name="best grad8", row_major=k[0], transposed=k[1], ms=v[0], tile=v[1:]))
-    ms_b, tm, tn, nw = best.get((True, True), (0, 64, 256, 8))
-    H8.TILE_M, H8.TILE_N, H8.TILE_WARPS = tm, tn, nw
-    dl8, dlT8 = H8.grad8(logits, t, lse, V, True, True)
-    h8, sh = H.to_fp8(h)
-    w8, sw = H.to_fp8(w)
-    hT8, wT8 = h8.t().contiguous(), w8.t().contiguous()
-    one = torch.ones((), device=dev)
     rec("logits bf16", lambda: h @ w.t(), flops)
-    rec("logits fp8 (incl. quantize)", lambda: H.fp8_linear(h, w), flops)
     g16 = (torch.randn(N, VP, device=dev, dtype=torch.bfloat16, generator=g) * 1e-5)
     rec("grad_x bf16", lambda: g16 @ w, flops)
     rec("grad_W bf16", lambda: g16.t() @ h, flops)
-    for fast in (False, True):
-        rec(f"grad_x fp8 e5m2xe4m3 fast_accum={fast}",
-            lambda: torch._scaled_mm(dl8, wT8.t(), scale_a=one, scale_b=sw, out_dtype=torch.bfloat16,
-                                     use_fast_accum=fast), flops)
-        rec(f"grad_W fp8 from transposed fast_accum={fast}",
-            lambda: torch._scaled_mm(dlT8, hT8.t(), scale_a=one, scale_b=sh, out_dtype=torch.float32,
-                                     use_fast_accum=fast), flops)
 
 
 def backward_glue() -> None:
     """The fused head's backward on a gradient the head itself produced (not random bits, which draw
-    more power): the 2026-12-01 glue (casts and scales as passes of their own) against the current one
+    more power): the first glue (casts and scales as passes of their own) against the current one
     (g folded into the operand copies, grad-W written fp32 by cuBLAS), and grad-x at other widths: cuBLAS
     picks 192 x 192 tiles for it, which leave a third of the last column of tiles idle at N = 512."""
     dev = torch.device("cuda")
@@ -213,12 +185,6 @@ def backward_glue() -> None:
         wg = torch.mul(w32, g, out=torch.empty(w32.shape, dtype=torch.bfloat16, device=dev))
         return G @ wg, H.matmul_f32(G.t(), h * g.to(torch.bfloat16), torch.float32)
 
-    def old_q(x):  # the quantiser as of 2026-12-01: abs, amax, divide, cast (W through a bf16 copy)
-        sx = (x.abs().amax().float() / H.FP8_MAX).clamp_min(1e-12)
-        return (x / sx).to(torch.float8_e4m3fn), sx
-
-    rec("quantise h and W for FP8, old (4 passes each)", lambda: (old_q(h), old_q(w32.to(torch.bfloat16))))
-    rec("quantise h and W for FP8, new (2 passes each)", lambda: (H.to_fp8(h), H.to_fp8(w32)))
     rec("backward, old glue (2 matmuls + 5 passes)", old, 2 * f)
     rec("backward, new glue (2 matmuls + 2 passes)", new, 2 * f)
     (ox, ow), (nx, nw) = old(), new()
@@ -249,7 +215,7 @@ def whole_heads() -> None:
     h = (torch.randn(N, C, device=dev, generator=g)).requires_grad_()
     w = (torch.randn(VP, C, device=dev, generator=g) * 0.05).requires_grad_()
     t = torch.randint(0, V, (N,), device=dev, generator=g)
-    heads = {k: H.make_head_loss(k) for k in ("fused", "gemm", "fp8", "fp8all")}
+    heads = {k: H.make_head_loss(k) for k in ("fused", "gemm")}
     heads["gemm floor -24"] = H.make_head_loss("gemm", -24.0)
     for name, fn in heads.items():
         def step():
@@ -287,9 +253,9 @@ def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def power() -> None:
-    """The card runs at its 700 W cap, and a matmul's power depends on the bits it multiplies (random data ran the
-    logits matmul at 5.6 ms, a real step at 3.96): the backward matmuls timed on the gradient the CE kernel
-    writes, on that gradient with fewer mantissa bits, on zeros; each variant twice, interleaved, against drift."""
+    """A power-capped card runs a matmul at a speed that depends on the bits it multiplies (random data runs slower
+    than a real step's): the backward matmuls timed on the gradient the CE kernel writes, on that gradient with
+    fewer mantissa bits, on zeros; each variant twice, interleaved, against drift."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(5)
     h = torch.randn(N, C, device=dev, dtype=torch.bfloat16, generator=g)
@@ -316,8 +282,8 @@ def power() -> None:
 
 
 def sparsity(h, w, d) -> None:
-    """The backward matmuls against the share of exact zeros in the gradient, chosen at random. (A CE kernel
-    that wrote probabilities under 2^-20 as zeros was tried on this: RESULTS.md, ninth pass.)"""
+    """The backward matmuls against the share of exact zeros in the gradient, chosen at random (what a gradient
+    floor, --grad-floor, produces)."""
     f = 2 * N * C * VP
     g = torch.Generator(device=d.device).manual_seed(9)
     for frac in (0.5, 0.9, 0.99):
@@ -326,10 +292,8 @@ def sparsity(h, w, d) -> None:
         rec(f"grad_W  {int(frac * 100)} % zeros at random", lambda: dd.t() @ h, f)
 
 
-# --head gemm's configurations, measured on the H200 (RESULTS.md, tenth pass). Round 1: pointer loads 9.1-13.5 ms,
-# persistent + TMA 6.8-8.2 ms over 12 tiles, 128 x 256 x 64 with E stored in halves and 4 stages best (4 stages
-# unsplit: out of shared memory). Round 2, around that: per-tile masks no faster, no loop flattening +8 %, L2 groups
-# of 16 tile-rows -1.5 % (the default since), 4 +6 %, BK 32 with 7 stages +5 %
+# --head gemm's configurations: the chosen one (model.head_gemm.GEMM_CONFIG) and its nearest rivals (4 stages
+# unsplit do not fit in shared memory, hence 3 there)
 _BEST = dict(BM=128, BN=256, BK=64, GROUP=16, warps=8, stages=4, tma=True, split=True)
 GEMM_CONFIGS = [_BEST, {**_BEST, "GROUP": 8}, {**_BEST, "split": False, "stages": 3}, {**_BEST, "tma": False, "split": False, "stages": 3}]
 
@@ -388,9 +352,9 @@ def gemm_head(best_path: Path | None) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--skip-pieces", action="store_true")
-    p.add_argument("--ce-only", action="store_true", help="only the CE kernels against their previous version")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--skip-pieces", action="store_true", help="the CE kernels and whole heads only")
+    p.add_argument("--ce-only", action="store_true", help="only the CE kernels against their first version")
     p.add_argument("--layouts", action="store_true", help="only the head's matmuls in each operand layout")
     p.add_argument("--glue", action="store_true", help="only the fused head's backward: glue and grad-x widths")
     p.add_argument("--power", action="store_true", help="only the backward matmuls against their operands' mantissa bits and zeros (the card is power-capped)")

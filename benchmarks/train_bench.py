@@ -1,6 +1,10 @@
-"""Training throughput of the seed model on one GPU: the plain compiled step against the fused/FP8
-output layer, side by side, on real shards; `make-data` builds those shards here with the pipeline.
-Trade-off: each variant is timed over a few dozen steps after compile, not a whole run (see `seed`).
+"""Training throughput of the seed model on one GPU: the project's default step (the trainer's own set-up) against a
+plain nanoGPT-style step, side by side, on real shards; `make-data` builds those shards here with the pipeline.
+Trade-off: each variant is timed over a few dozen steps after compile, not a whole run (gpu_session.sh's `seed`).
+
+Variants: `default` (model.step's set-up: `--head auto`, its gradient floor, bf16 residual stream and hash dropout on
+CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `plain` (nanoGPT: F.cross_entropy,
+float32 residual stream, torch's dropout, torch.compile of the whole model); `NAME:synthetic` feeds in-GPU tokens.
 
     python benchmarks/train_bench.py make-data                # here: docstrings -> parquet -> prepare
     python benchmarks/train_bench.py speed --home benchmarks/out/home --json $OUT/speed.json
@@ -22,17 +26,13 @@ import torch  # noqa: E402
 from model.config import GPTConfig, preset  # noqa: E402
 from model.data import Prefetcher, TokenWindows, find_shards  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.head import FLOOR_HEADS, make_head_loss  # noqa: E402
+from model.head import make_head_loss, resolve_grad_floor, resolve_head  # noqa: E402
 from model.optim import WarmupCosine, make_optimizer  # noqa: E402
-from model.runtime import device_name, load_tokenizer, measure_peak_tflops, tune_inductor  # noqa: E402
-from model.step import autocast_for, train_step  # noqa: E402
+from model.runtime import device_name, load_tokenizer, measure_peak_tflops  # noqa: E402
+from model.step import autocast_for, compile_step, prepare_step, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
-COMPILE_MODE = None  # --compile-mode
-STREAM_DTYPE = None  # --bf16-stream
-GRAD_FLOOR = None  # --grad-floor
-REGIONAL = False  # --regional
-MIX_ORDER = False  # --mix-order-reduction
+VARIANTS = ("default", "plain", "fused", "gemm")
 
 
 def make_data(out: Path, vocab: int) -> None:
@@ -80,38 +80,42 @@ def make_data(out: Path, vocab: int) -> None:
     print({k: v for k, v in summary.items() if k != "table"})
 
 
-def setup(home: Path, dropout: float, name: str = "seed", rng: str = "torch"):
+def setup(home: Path, dropout: float, name: str = "seed"):
     tok, _, vocab = load_tokenizer(home / "tokenizer" / "tokenizer.json")
-    cfg = preset(name, vocab).override({"dropout": dropout, "dropout_rng": rng})
+    cfg = preset(name, vocab).override({"dropout": dropout})
     T = cfg.model.block_size
     train = TokenWindows(find_shards(home / "shards", "train"), T, vocab, "train")
     val = TokenWindows(find_shards(home / "shards", "val"), T, vocab, "val")
     return cfg, train, val
 
 
-def build(cfg, head: str, device, total_steps: int):
+def build(cfg, name: str, device, total_steps: int):
+    """(raw model, the module to step, optimizer, schedule) of variant `name` (see the module's docstring)."""
+    if name not in VARIANTS:
+        raise SystemExit(f"--variants {name}: expected one of {', '.join(VARIANTS)} (with :synthetic)")
     torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
-    raw = GPT(GPTConfig(**cfg.model.__dict__)).to(device)
-    raw.head_loss = make_head_loss(head, GRAD_FLOOR if head in FLOOR_HEADS else None)
-    raw.stream_dtype = STREAM_DTYPE
-    if device.type == "cuda" and not MIX_ORDER:
-        tune_inductor(cfg.model.dropout)  # as the trainer does
-    if device.type == "cuda" and REGIONAL:  # as the trainer's --compile-scope regions
-        raw.compile_regions(mode=COMPILE_MODE)
-        model = raw
+    mcfg = GPTConfig(**cfg.model.__dict__)
+    if name == "plain":
+        mcfg.dropout_rng = "torch"
+        raw = GPT(mcfg).to(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        model = torch.compile(raw) if device.type == "cuda" else raw
     else:
-        model = torch.compile(raw, mode=COMPILE_MODE) if device.type == "cuda" else raw
+        mcfg.resolve_dropout_rng(device.type == "cuda")  # as the trainer does
+        raw = GPT(mcfg).to(device)
+        head = resolve_head("auto" if name == "default" else name, device)
+        prepare_step(raw, head, resolve_grad_floor("auto", head, device), device)
+        model, _ = compile_step(raw, cfg, device)
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     return raw, model, opt, sched
 
 
-def variant(spec: str) -> tuple[str, str, str]:
-    """HEAD[:synthetic][@hash] -> (head, data, dropout rng); @hash draws dropout masks by model.dropout's hash."""
-    head, _, rng = spec.partition("@")
-    head, _, data = head.partition(":")
-    return head, data, rng or "torch"
+def variant(spec: str) -> tuple[str, str]:
+    """NAME[:synthetic] -> (name, data)."""
+    name, _, data = spec.partition(":")
+    return name, data
 
 
 def sync(device, reset: bool = False) -> None:
@@ -128,9 +132,9 @@ def speed(args) -> list[dict]:
     print(f"device {device_name(device)} torch {torch.__version__} bf16 matmul peak {peak:.0f} TFLOP/s")
     results = []
     for spec in args.variants.split(","):
-        head, data, rng = variant(spec)
+        head, data = variant(spec)
         for dropout in [float(x) for x in args.dropouts.split(",")]:
-            cfg, train, _ = setup(args.home, dropout, args.preset, rng)
+            cfg, train, _ = setup(args.home, dropout, args.preset)
             T, micro = cfg.model.block_size, cfg.micro_batch
             accum = cfg.batch_tokens // (micro * T)
             raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
@@ -185,7 +189,7 @@ def speed(args) -> list[dict]:
 
 
 def quality(args) -> list[dict]:
-    """Equal tokens, same data and seed: val loss after `steps` for each head."""
+    """Equal tokens, same data and seed: val loss after `steps` for each variant."""
     device = torch.device(args.device)
     results = []
     for head in args.variants.split(","):
@@ -204,7 +208,7 @@ def quality(args) -> list[dict]:
             losses.append(loss)
         pf.close()
         vb = torch.from_numpy(val.fixed(20 * micro))
-        raw.head_loss = make_head_loss("fused")  # the same evaluation for every variant
+        raw.head_loss = make_head_loss("fused" if device.type == "cuda" else "plain")  # the same for every variant
         raw.eval()
         with torch.no_grad(), autocast():
             vl = sum(float(raw(b[:, :-1].to(device), b[:, 1:].to(device))) * b.size(0)
@@ -220,7 +224,7 @@ def quality(args) -> list[dict]:
 
 
 def micro(args) -> list[dict]:
-    """The output layer's pieces alone at the seed shape: matmuls (bf16, FP8) and the CE kernel."""
+    """The output layer's pieces alone at the seed shape: the bf16 matmuls and the CE kernel."""
     import triton.testing as tt
 
     import model.head as H
@@ -243,7 +247,6 @@ def micro(args) -> list[dict]:
     rec("copy 2 GiB", tt.do_bench(torch.empty(2 * 2 ** 30, device=dev, dtype=torch.uint8).clone,
                                   return_mode="median"), nbytes=4 * 2 ** 30)
     rec("logits h@W^T bf16", tt.do_bench(lambda: h @ w.t(), return_mode="median"), flops)
-    rec("logits fp8 (incl. quantize)", tt.do_bench(lambda: H.fp8_linear(h, w), return_mode="median"), flops)
     rec("grad_x dlogits@W bf16", tt.do_bench(lambda: g @ w, return_mode="median"), flops)
     rec("grad_W dlogits^T@h bf16", tt.do_bench(lambda: g.t() @ h, return_mode="median"), flops)
     best = (H.CE_BLOCK, H.CE_WARPS, 1e9)
@@ -264,8 +267,7 @@ def micro(args) -> list[dict]:
     col = torch.arange(vp, device=dev)
     ref = torch.nn.functional.cross_entropy((hr @ wr.t()).masked_fill(col >= v, float("-inf")), tt_)
     ref.backward()
-    for name, fn in [("fused", lambda a, b: H.FusedHeadLoss.apply(a, b, tt_, v, False)),
-                     ("fp8", lambda a, b: H.FusedHeadLoss.apply(a, b, tt_, v, True))]:
+    for name, fn in [("fused", lambda a, b: H.FusedHeadLoss.apply(a, b, tt_, v))]:
         a, b = hh.float().requires_grad_(), ww.float().requires_grad_()
         loss = fn(a, b)
         loss.backward()
@@ -287,8 +289,8 @@ def profile(args) -> list[dict]:
     device = torch.device("cuda")
     for spec in args.variants.split(","):
         dropout = float(args.dropouts.split(",")[0])
-        head, _, rng = variant(spec)
-        cfg, train, _ = setup(args.home, dropout, args.preset, rng)
+        head, _ = variant(spec)
+        cfg, train, _ = setup(args.home, dropout, args.preset)
         micro = cfg.micro_batch
         raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
         pf = Prefetcher(train, cfg.seed, micro, 1, 0, 1, 0, device)
@@ -336,48 +338,23 @@ def gpu_gaps(trace: Path, top: int = 12) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["make-data", "speed", "quality", "micro", "profile"])
-    p.add_argument("--home", type=Path, default=OUT / "home")
-    p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--vocab", type=int, default=48_951)
-    p.add_argument("--variants", default="plain,fused,fp8,fp8:synthetic")
-    p.add_argument("--dropouts", default="0.1,0.0")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--json", type=Path)
+    p.add_argument("mode", choices=["make-data", "speed", "quality", "micro", "profile"],
+                   help="make-data: shards here; speed: step rate; quality: val loss at equal tokens; micro: the "
+                        "output layer's pieces; profile: top kernels and GPU gaps")
+    p.add_argument("--home", type=Path, default=OUT / "home", help="home with shards and tokenizer (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=OUT, help="make-data's and profile's output folder (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=48_951, help="make-data's BPE vocabulary (default: %(default)s)")
+    p.add_argument("--variants", default="plain,default,default:synthetic",
+                   help=f"comma-separated: {', '.join(VARIANTS)}, each optionally NAME:synthetic")
+    p.add_argument("--dropouts", default="0.1,0.0", help="comma-separated dropout rates (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (quality: trained steps) (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps first, compile included (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--device", default="cuda", help="cpu only to dry-run the script (with --preset tiny)")
-    p.add_argument("--preset", default="seed")
+    p.add_argument("--preset", default="seed", help="the trainer's preset (default: %(default)s)")
     p.add_argument("--tuned", type=Path, help="micro's JSON: use the kernel tile sizes it chose")
-    p.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
-                   help="restrict scaled_dot_product_attention to one backend")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    p.add_argument("--bf16-stream", action="store_true", help="residual stream in bf16 instead of float32")
-    p.add_argument("--grad-floor", type=float, help="fused/fp8/gemm heads: probabilities under 2**X as zeros (as the trainer's)")
     p.add_argument("--gemm-config", type=Path, help="head_bench --gemm-best's JSON: --head gemm's tile configuration")
-    p.add_argument("--coord-descent", action="store_true", help="Inductor coordinate-descent tuning")
-    p.add_argument("--regional", action="store_true", help="compile regions (embedding, one shared block graph, ln_f + loss) as --compile-scope regions")
-    p.add_argument("--mix-order-reduction", action="store_true",
-                   help="keep Inductor's mix-order LayerNorm backward at dropout > 0 (the trainer turns it off)")
-    p.add_argument("--fallback-random", action="store_true",
-                   help="Inductor calls aten's dropout kernels instead of generating random numbers in its own")
     args = p.parse_args()
-    global COMPILE_MODE, STREAM_DTYPE, REGIONAL, MIX_ORDER, GRAD_FLOOR
-    COMPILE_MODE = args.compile_mode
-    REGIONAL = args.regional
-    MIX_ORDER = args.mix_order_reduction
-    STREAM_DTYPE = torch.bfloat16 if args.bf16_stream else None
-    GRAD_FLOOR = args.grad_floor
-    if args.fallback_random:
-        import torch._inductor.config as ic
-        ic.fallback_random = True
-    if args.coord_descent:
-        import torch._inductor.config as ic
-        ic.coordinate_descent_tuning = True
-    if args.sdpa != "default":
-        for name in ("cudnn", "flash", "efficient"):
-            getattr(torch.backends.cuda, f"enable_{'mem_efficient' if name == 'efficient' else name}_sdp")(
-                name == args.sdpa)
-        torch.backends.cuda.enable_math_sdp(False)
     if args.tuned and args.tuned.exists():
         import model.head as H
         chosen = next(r for r in json.loads(args.tuned.read_text())["results"] if r["name"] == "chosen")

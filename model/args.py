@@ -1,5 +1,5 @@
-"""Command-line flags for the trainer, generated from the config dataclasses so none is forgotten.
-Every flag defaults to None: only values given explicitly override a preset or a checkpoint."""
+"""The trainer's command-line flags, generated from the config fields' metadata (torch-free), so none is forgotten.
+Every flag defaults to None so only values given override a preset or a checkpoint; the help shows the seed's."""
 from __future__ import annotations
 
 import argparse
@@ -8,37 +8,63 @@ import typing
 
 from model.config import GPTConfig, TrainConfig, parse_grad_floor
 
-SKIP = {"model", "preset"}
 PARSERS = {"grad_floor": parse_grad_floor}  # flags whose values are not of one type
+PRESET_HELP = "seed | tiny: the defaults the other flags override (default: seed, or the checkpoint's)"
 
 
-def _flag_type(tp):
-    tp = typing.get_type_hints(TrainConfig).get(tp, tp) if isinstance(tp, str) else tp
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
+def _value_type(name: str, hint) -> type:
+    """The type a flag's value has on the command line: Optional unwrapped; str for flags with their own parser."""
+    if name in PARSERS:
+        return str
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _cli_fields() -> list[tuple[dataclasses.Field, type]]:
+    out = []
+    for cls in (TrainConfig, GPTConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True):
+                out.append((f, _value_type(f.name, hints[f.name])))
+    return out
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else None
+
+
+def flag_fields() -> list[tuple[str, type, str]]:
+    """(field name, value type, help line with its default) for every flag of TrainConfig + GPTConfig (--preset,
+    which picks the defaults rather than overriding one, is not a field flag). `--grad-floor` is typed str: its
+    value is auto, off or a number, parsed by model.config.parse_grad_floor."""
+    return [(f.name, tp, help_line(f)) for f, tp in _cli_fields()]
+
+
+def help_line(f: dataclasses.Field) -> str:
+    default = _default(f)
+    shown = "unset" if default is None else ("on" if default is True else "off" if default is False else default)
+    return f"{f.metadata['help']} (default: {shown})"
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(GPTConfig)}
-    p.add_argument("--preset", default=None, help="seed | tiny (default: seed, or the checkpoint's)")
-    for cls in (TrainConfig, GPTConfig):
-        for f in dataclasses.fields(cls):
-            if f.name in SKIP:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            tp = _flag_type(hints[f.name])
-            if f.name in PARSERS:
-                p.add_argument(flag, dest=f.name, type=PARSERS[f.name], default=None, metavar="VALUE")
-            elif tp is bool:
-                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-            else:
-                p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=tp.__name__.upper())
+    p.add_argument("--preset", default=None, help=PRESET_HELP)
+    for f, tp in _cli_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(dest=f.name, default=None, help=help_line(f).replace("%", "%%"))  # argparse %-formats help
+        if f.name in PARSERS:
+            p.add_argument(flag, type=PARSERS[f.name], metavar="VALUE", **kw)
+        elif tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type=tp, metavar=tp.__name__.upper(), **kw)
 
 
 def overrides(ns: argparse.Namespace) -> dict:
-    """The config values given on the command line (flat; model keys included)."""
+    """The config values given on the command line (flat; model keys included). A caller in Python may also set
+    a non-flag field on the namespace (tests: `dropout_rng`); it is passed on the same way."""
     names = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(GPTConfig)}
-    return {k: v for k, v in vars(ns).items() if k in names - SKIP and v is not None}
+    return {k: v for k, v in vars(ns).items() if k in names - {"model", "preset"} and v is not None}
 
 
 def to_argv(values: dict) -> list[str]:

@@ -1,17 +1,17 @@
-"""Typed configs for the model (GPTConfig) and the training run (TrainConfig), plus presets.
-Plain dataclasses serialised as JSON so a checkpoint carries its config without pickled code."""
+"""Typed configs for the model (GPTConfig) and the training run (TrainConfig), with presets; field metadata = flag help.
+Plain dataclasses serialised as JSON, so a checkpoint carries its config without pickled code."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
 
-# a multiple of 128 (the issue) taken to 256: 48,951 -> 49,152, the size measured at +12 % on the H100
-# (shared/NOTES.md); the next multiple of 128 alone, 49,024 = 383 x 128, leaves 256-wide matmul tiles ragged
+# the embedding's rows are padded to a multiple of 256 (48,951 -> 49,152): a multiple of 128 alone (49,024 =
+# 383 x 128) would leave the output matmul's 256-wide tiles ragged
 VOCAB_MULTIPLE = 256
 
-
-# ~8 s of compile saved against ~1 % of each 37 ms seed step: break-even near 21k steps (RESULTS.md)
+# torch.compile on CUDA: up to this many steps the model is compiled as regions (embedding, one block graph all
+# blocks share, ln_f + loss), whose shorter compile outweighs their slightly slower steps; beyond it, whole
 REGIONS_MAX_STEPS = 20_000
 
 DROPOUT_RNGS = ("torch", "hash")  # model.dropout; GPTConfig also takes "auto" (resolve_dropout_rng)
@@ -21,20 +21,26 @@ def padded(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return (vocab_size + multiple - 1) // multiple * multiple
 
 
+def arg(default=dataclasses.MISSING, help: str | None = None, *, cli: bool = True, **kw):
+    """A config field: `help` is its flag's help line; `cli=False` keeps it out of the command line."""
+    meta = {"help": help} if cli else {"cli": False}
+    return field(default=default, metadata=meta, **kw)
+
+
 @dataclass
 class GPTConfig:
-    n_layer: int = 4
-    n_head: int = 8
-    n_embd: int = 512
-    block_size: int = 512
-    vocab_size: int = 50257  # the tokenizer's; the embedding holds `padded_vocab` rows
-    dropout: float = 0.1
-    # who draws the residual and embedding dropout masks: torch (Philox per element) or a hash of the
-    # element's index (model.dropout: +1.9 % per step at 0.1 on an H200, seed-run val loss within the spread
-    # of torch's, RESULTS.md); auto = hash on CUDA, torch elsewhere (where nothing is gained, and CPU runs
-    # stay as they were); attention dropout stays inside SDPA either way
-    dropout_rng: str = "auto"
-    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    n_layer: int = arg(4, "transformer blocks")
+    n_head: int = arg(8, "attention heads per block (must divide --n-embd)")
+    n_embd: int = arg(512, "width of the residual stream")
+    block_size: int = arg(512, "context length in tokens")
+    vocab_size: int = arg(50257, cli=False)  # the tokenizer's; the embedding holds `padded_vocab` rows
+    dropout: float = arg(0.1, "dropout rate on the embeddings, attention and residual branches")
+    # who draws the residual and embedding dropout masks: a hash of the element's index (model.dropout) on CUDA,
+    # where it is cheaper to draw than torch's Philox at the same val loss; torch elsewhere, where nothing is gained.
+    # Resolved once and saved (resolve_dropout_rng), so a resumed run draws the masks it would have drawn.
+    # Attention dropout stays inside SDPA either way.
+    dropout_rng: str = arg("auto", cli=False)
+    bias: bool = arg(True, "biases in every Linear and LayerNorm, as GPT-2")
 
     @property
     def padded_vocab(self) -> int:
@@ -57,7 +63,7 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must lie in [0, 1)")
         if self.dropout_rng not in ("auto", *DROPOUT_RNGS):
-            raise ValueError(f"--dropout-rng {self.dropout_rng}: expected auto, {' or '.join(DROPOUT_RNGS)}")
+            raise ValueError(f"dropout_rng {self.dropout_rng}: expected auto, {' or '.join(DROPOUT_RNGS)}")
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k}={getattr(self, k)}: must be positive")
@@ -78,56 +84,49 @@ def parse_grad_floor(text: str) -> float | str:
 
 @dataclass
 class TrainConfig:
-    preset: str = "seed"
-    seed: int = 1337
-    max_steps: int = 5000
-    schedule_steps: int | None = None  # cosine length; None -> max_steps of the first start
-    batch_tokens: int = 65536  # per optimizer step, all ranks and micro-steps together
-    micro_batch: int = 128  # sequences per forward on one rank
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 200
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 1000
-    eval_batches: int = 10
-    sample_tokens: int = 48
-    sample_prompt: str = "The"
-    ckpt_every: int = 2500
-    keep_last: int = 2
-    log_every: int = 10  # steps between host syncs on CUDA; every step still gets a row
-    device: str = "auto"
-    compile: bool = True
-    # what torch.compile covers on CUDA: the whole model (fastest steps) or regions (embedding, one block
-    # graph all blocks share, ln_f + loss): a seed-model cold compile 22.9 -> 14.8 s, steps ~1 % slower
-    # (RESULTS.md), so regions pay off below ~800 s of steps; auto = regions up to REGIONS_MAX_STEPS
-    compile_scope: str = "auto"
-    head: str = "auto"  # output layer + loss: plain | fused | gemm | fp8 | fp8all (auto: model.head.resolve_head)
-    # fused/fp8/gemm heads: probabilities under 2**grad_floor reach the backward matmuls as exact zeros, which a
-    # power-capped GPU multiplies faster. auto: AUTO_GRAD_FLOOR with those heads on CUDA (seed run on the H200: loop
-    # 177.1/174.2 s against 183.8/178.4 s without, val loss within run-to-run spread, RESULTS.md), off elsewhere.
-    # The gemm head floors exp(z - z_target) >= p instead, through exp2's flush at a shifted offset (no select)
-    grad_floor: float | str | None = "auto"  # a log2 probability, "auto" or "off" (None: off, older configs)
-    # residual stream between blocks: float32 (what autocast leaves it) or bfloat16 (half the bytes
-    # through every LayerNorm/GELU/add; auto: bfloat16 on CUDA, float32 on CPU)
-    stream_dtype: str = "auto"
-    peak_tflops: float | None = None  # None: measured at start on CUDA
-    model: GPTConfig = field(default_factory=GPTConfig)
+    preset: str = arg("seed", cli=False)  # its own flag, --preset: it picks the defaults the others override
+    seed: int = arg(1337, "random seed of the weights, the data order and dropout")
+    max_steps: int = arg(5000, "optimizer steps to train to (with --resume: the new end)")
+    schedule_steps: int | None = arg(None, "length of the cosine learning-rate decay in steps; unset: --max-steps of "
+                                           "the run's first start, kept on resume")
+    batch_tokens: int = arg(65536, "tokens per optimizer step, all ranks and micro-batches together")
+    micro_batch: int = arg(128, "sequences per forward pass on one rank; lower it on out-of-memory, --batch-tokens "
+                                "is kept by gradient accumulation")
+    lr: float = arg(1e-3, "peak learning rate")
+    min_lr_ratio: float = arg(0.1, "learning rate at the end of the cosine decay, as a fraction of --lr")
+    warmup_steps: int = arg(200, "steps of linear learning-rate warmup")
+    weight_decay: float = arg(0.1, "AdamW weight decay (2-D weights only)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    grad_clip: float = arg(1.0, "clip the gradient's global norm to this")
+    eval_every: int = arg(1000, "steps between validation-loss evaluations (and the last step)")
+    eval_batches: int = arg(10, "micro-batches of validation data per evaluation")
+    sample_tokens: int = arg(48, "tokens of text sampled from the model at each evaluation (0: none)")
+    sample_prompt: str = arg("The", "text the evaluation samples continue")
+    ckpt_every: int = arg(2500, "steps between checkpoints (and the last step)")
+    keep_last: int = arg(2, "checkpoints kept besides the best one")
+    log_every: int = arg(50, "steps between progress lines on stdout (on CUDA also between host syncs; every step "
+                             "still gets its metrics row)")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N (auto: cuda if visible)")
+    compile: bool = arg(True, "torch.compile the model on CUDA (--no-compile: eager, for debugging)")
+    head: str = arg("auto", "output layer + loss: plain (autograd), fused (Triton CE kernel), gemm (loss in the "
+                            "logits GEMM, Hopper+); auto: gemm on Hopper+, fused on older CUDA, plain on CPU")
+    # fused/gemm heads: probabilities under 2**grad_floor reach the backward matmuls as exact zeros, which a
+    # power-capped GPU multiplies faster, at the same val loss. The gemm head floors exp(z - z_target) >= p instead,
+    # through exp2's flush at a shifted offset (no select). None: off (configs written before the floor existed)
+    grad_floor: float | str | None = arg("auto", "gradient floor of the fused/gemm heads: probabilities under "
+                                                 "2**VALUE enter the backward as zeros; a log2 probability (e.g. "
+                                                 "-24), off, or auto (-24 with those heads on CUDA, off elsewhere)")
+    model: GPTConfig = arg(cli=False, default_factory=GPTConfig)
 
     def validate(self) -> None:
         self.model.validate()
-        if self.head not in ("auto", "plain", "fused", "gemm", "fp8", "fp8all"):
-            raise ValueError(f"--head {self.head}: expected auto, plain, fused, gemm, fp8 or fp8all")
+        if self.head not in ("auto", "plain", "fused", "gemm"):
+            raise ValueError(f"--head {self.head}: expected auto, plain, fused or gemm")
         if isinstance(self.grad_floor, str) and self.grad_floor not in ("auto", "off"):
             raise ValueError(f"--grad-floor {self.grad_floor}: expected auto, off or a log2 probability, e.g. -24")
         if isinstance(self.grad_floor, (int, float)) and not -126 <= self.grad_floor < 0:
             raise ValueError(f"--grad-floor {self.grad_floor:g}: a log2 probability in [-126, 0), e.g. -24")
-        if self.compile_scope not in ("auto", "model", "regions"):
-            raise ValueError(f"--compile-scope {self.compile_scope}: expected auto, model or regions")
-        if self.stream_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"--stream-dtype {self.stream_dtype}: expected auto, float32 or bfloat16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device}: expected auto, cpu or cuda")
         for k in ("max_steps", "batch_tokens", "micro_batch", "eval_every", "ckpt_every", "keep_last", "log_every"):
@@ -137,9 +136,8 @@ class TrainConfig:
             raise ValueError(f"--lr {self.lr}: must be a non-negative number")
 
     @property
-    def resolved_compile_scope(self) -> str:
-        if self.compile_scope != "auto":
-            return self.compile_scope
+    def compile_scope(self) -> str:
+        """What torch.compile covers on CUDA: regions for runs up to REGIONS_MAX_STEPS, the whole model beyond."""
         return "regions" if self.max_steps <= REGIONS_MAX_STEPS else "model"
 
     def to_dict(self) -> dict:
@@ -151,7 +149,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        model = GPTConfig(**d.pop("model", {}))
+        # keys of fields since removed (configs of older runs) are dropped: their behaviour is now fixed
+        model_known = {f.name for f in dataclasses.fields(GPTConfig)}
+        model = GPTConfig(**{k: v for k, v in d.pop("model", {}).items() if k in model_known})
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(model=model, **{k: v for k, v in d.items() if k in known})
 

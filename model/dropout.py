@@ -1,6 +1,5 @@
-"""Dropout whose keep-mask is a hash of (a per-site call counter, the element's index), as an option.
-Cheaper to draw than torch's Philox per element and free of any RNG state, so it resumes exactly from the step
-count; the masks differ from torch's, so runs under the two are not bit-identical."""
+"""Dropout whose keep-mask is a hash of (a per-site call counter, the element's index): the trainer's on CUDA.
+Trade-off: cheaper than Philox and stateless, so resume is exact from the step count; masks differ from torch's."""
 from __future__ import annotations
 
 import math
@@ -32,7 +31,7 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 def keep_mask(shape: torch.Size, p: float, seed: torch.Tensor) -> torch.Tensor:
     """True where an element survives; `seed` is a one-element int32 tensor. The index meets the seed first:
     Inductor folds arithmetic on a bare index into its index expressions, where a product like index x a
-    32-bit constant overflows Triton's int32 literals (compile error on the H200). Two rounds of the
+    32-bit constant overflows Triton's int32 literals (a compile error on CUDA). Two rounds of the
     finaliser, the seed in both, so masks of seeds that differ in a few bits are not permutations of each other."""
     n = math.prod(shape)
     if n >= 1 << 31:
@@ -71,7 +70,7 @@ class Dropout(nn.Module):
     def __init__(self, p: float, rng: str = "torch", site: int = 0):
         super().__init__()
         if rng not in DROPOUT_RNGS:
-            raise ValueError(f"--dropout-rng {rng}: expected {' or '.join(DROPOUT_RNGS)}")
+            raise ValueError(f"dropout_rng {rng}: expected {' or '.join(DROPOUT_RNGS)}")
         self.p, self.rng, self.site = p, rng, site
         if rng == "hash":
             self.register_buffer("seed", torch.zeros(1, dtype=torch.int32), persistent=False)

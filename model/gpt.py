@@ -49,7 +49,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         if cache is not None and T == 1:
             # one query per decoded token, in plain matmuls: SDPA's cuDNN backend would build a graph for each new
-            # key length (hundreds of ms each, pytorch#155958), and choosing its backend means global flags, which
+            # key length (a slow build each time), and choosing its backend means global flags, which
             # an eval sample drawn on a thread beside training must not touch
             att = torch.softmax((q @ k.transpose(-2, -1)).float() * (q.size(-1) ** -0.5), dim=-1)
             y = att.to(v.dtype) @ v
@@ -170,9 +170,8 @@ class GPT(nn.Module):
 
     def compile_regions(self, **options) -> None:
         """Compile training's forward as regions: the embedding, one block graph that all blocks share
-        (they are the same code with other weights), and ln_f + loss. A cold compile of the seed model took
-        14.8 s instead of 22.9 s, at the cost of the fusions across region edges (steps ~1 % slower,
-        RESULTS.md); eval and decoding (model.eval(), KV cache) stay eager."""
+        (they are the same code with other weights), and ln_f + loss: a shorter cold compile, at the cost of the
+        fusions across region edges (slightly slower steps); eval and decoding (model.eval(), KV cache) stay eager."""
         self._regions = (torch.compile(self._embed, **options),
                          [torch.compile(b, **options) for b in self.transformer.h],
                          torch.compile(self._final_loss, **options))

@@ -1,7 +1,5 @@
-"""Output layer + cross-entropy with the loss taken in the logits matmul's epilogue (`--head gemm`): one Triton
-GEMM writes exp(logit - target logit) instead of the logits, so no pass over the 49k-way rows follows it.
-Trade-off: the GEMM is Triton's, not cuBLAS's, and a row whose target trails a logit by > 111 nats overflows
-(its loss is inf, which stops the run as divergence; past ~98 its gradient loses bits to fp32 denormals)."""
+"""Output layer + cross-entropy taken in the logits GEMM's epilogue (`--head gemm`): it writes exp(z - z_target).
+Trade-off: no pass over the rows follows the GEMM, but the GEMM is Triton's, and a target > 111 nats behind overflows."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +21,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 OFFSET2 = 32.0
 # exp2 in the kernels is ex2.approx.ftz: results under 2^-126 are flushed to 0. `--grad-floor F` uses that:
 # with the offset 126 + F the flush falls exactly where exp(z - z_target) < 2^F (a bound above p), so the floor
-# costs no instruction (an explicit compare and select cost the GEMM ~1 ms, RESULTS.md twelfth pass)
+# costs no instruction in the epilogue (an explicit compare and select would)
 FLUSH2 = -126.0
 
 
@@ -32,9 +30,8 @@ def offset2_for(floor_log2: float | None) -> float:
     return OFFSET2 if floor_log2 is None else max(OFFSET2, floor_log2 - FLUSH2)
 # tile rows, tile columns, K step, rows of tiles per L2 group, warps, pipeline stages; `tma`: one persistent
 # program per SM with TMA loads and stores (Hopper on; elsewhere the pointer kernel), `split`: E stored in two
-# halves (room for a 4th stage). head_bench --gemm on the H200: 6.8 ms for 65,536 x 512 -> 49,152, against 8.9 ms
-# for cuBLAS's logits + the CE kernel; 7.1-7.3 ms unsplit with 3 stages, 9.1 ms with pointer loads; groups of 16
-# tile-rows 1-2 % faster than 8 (the order tiles run in: the values are the same)
+# halves (room for a 4th stage). The fastest configuration `head_bench.py --gemm` found; the group size changes only
+# the order tiles run in, never the values
 GEMM_CONFIG = dict(BM=128, BN=256, BK=64, GROUP=16, warps=8, stages=4, tma=True, split=True)
 
 
@@ -69,8 +66,8 @@ if triton is not None:
     def _exp_tile(acc, c0, W: tl.constexpr, ref, tgt, V):
         """2^(z log2 e - ref) of the logits in columns c0..c0+W (flushed to 0 under 2^-126), 0 in the target's
         and the padded columns: the target's term is known exactly (2^-offset) and left out, so p - 1 there comes
-        from the other terms' sum. (Skipping the compare and select in tiles without a target or padding measured
-        no faster.)"""
+        from the other terms' sum. (Skipping the compare and select in tiles without a target or padding gained
+        nothing.)"""
         rn = c0 + tl.arange(0, W)
         e = tl.exp2(acc * _LOG2E - ref[:, None])
         return tl.where((rn[None, :] < V) & (rn[None, :] != tgt[:, None]), e, 0.0)
@@ -109,8 +106,7 @@ if triton is not None:
                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                                NUM_SMS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
         """The same tiles as `_logits_exp_kernel` from one program per SM, operands and E moved by TMA (which
-        zero-fills and clips the edges); the flattened loop issues the next tile's loads during this tile's epilogue
-        (without flattening: +8 % time)."""
+        zero-fills and clips the edges); the flattened loop issues the next tile's loads during this tile's epilogue."""
         n_m = tl.cdiv(M, BM)
         for tile in tl.range(tl.program_id(0), n_m * n_tiles_n, NUM_SMS, flatten=True):
             pid_m, pid_n = _tile_coords(tile, n_m, n_tiles_n, GROUP)
@@ -124,8 +120,8 @@ if triton is not None:
             rm = pid_m * BM + tl.arange(0, BM)
             rm_ok = rm < M
             ref = tl.load(ref_ptr + rm, mask=rm_ok, other=0.0)
-            # ids compared in 32 bits: as int64 every element's compare took two instructions and a sign extension
-            # (sm_90 SASS from Triton 3.6: 3,336 -> 2,944 instructions per tile, the epilogue being most of them)
+            # ids compared in 32 bits: as int64 every element's compare takes two instructions and a sign extension
+            # (benchmarks/kernel_sass.py checks the compiled epilogue)
             tgt = tl.load(tgt_ptr + rm, mask=rm_ok, other=-1).to(tl.int32)
             if SPLIT:  # two half-width stores: half the shared memory for staging E, room for a deeper pipeline
                 a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))

@@ -1,5 +1,5 @@
-"""One optimizer step: micro-batches with gradient accumulation, DDP sync on the last one only,
-clipping, AdamW. Shared by the trainer and the benchmark so the benchmark times the real step."""
+"""One optimizer step and the set-up every step runs with, shared by the trainer and the benchmark (the real step).
+Trade-off: the set-up is fixed per device, with no switches; a variant to compare against is built in the benchmark."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,34 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from model.gpt import GPT
+from model.head import make_head_loss
+from model.runtime import tune_inductor
+
+
+def prepare_step(raw: GPT, head: str, grad_floor: float | None, device: torch.device):
+    """TF32 matmuls and a bfloat16 residual stream on CUDA (autocast alone would leave the stream between blocks
+    in float32: twice the bytes through every LayerNorm, GELU and add, at the same val loss); float32 elsewhere,
+    where bf16 autocast is not used. Installs and returns the head's loss (None: the plain loss)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    raw.stream_dtype = torch.bfloat16 if device.type == "cuda" else None
+    raw.head_loss = make_head_loss(head, grad_floor)  # one object: compile guards on its identity
+    return raw.head_loss
+
+
+def compile_step(raw: GPT, cfg, device: torch.device):
+    """(the module to step, what was compiled: "regions", "model" or None). Compiled on CUDA only (with --compile),
+    over the scope `cfg.compile_scope` picks from the run's length; elsewhere the eager model."""
+    if device.type != "cuda" or not cfg.compile:
+        return raw, None
+    tune_inductor(cfg.model.dropout)
+    if cfg.compile_scope == "regions":
+        raw.compile_regions()
+        return raw, "regions"
+    return torch.compile(raw), "model"
 
 
 def train_step(model, params, opt, next_batch: Callable, accum: int, ddp: bool, autocast: Callable,

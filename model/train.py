@@ -1,6 +1,5 @@
-"""The training loop, runnable alone as `python -m model.train` (or under torchrun) with torch + numpy.
-Rank 0 appends one metrics row per step to the run's JSONL and prints JSON events on stdout for the
-parent; on CUDA the host syncs only every `log_every` steps, so rows arrive in small bursts."""
+"""The training loop, runnable alone as `python -m model.train` (or under torchrun): rows to JSONL, events to stdout.
+Trade-off: on CUDA the host syncs only every `log_every` steps, so metrics rows arrive in small bursts."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +19,7 @@ from model.gpt import GPT
 from model.head import make_head_loss, resolve_grad_floor, resolve_head
 from model.optim import WarmupCosine, make_optimizer
 from model.sampler import BackgroundSampler
-from model.step import autocast_for, train_step
+from model.step import autocast_for, compile_step, prepare_step, train_step
 from storage import checkpoints as ckpts
 from storage.paths import Home
 
@@ -32,12 +31,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.train", description="train the LangPWT GPT")
-    p.add_argument("--home", help="state folder (default $LANGPWT_HOME or ./.langpwt)")
+    p = argparse.ArgumentParser(prog="python -m model.train", description="train the LangPWT GPT",
+                                epilog="Defaults shown are the seed preset's; --preset tiny and a resumed "
+                                       "checkpoint's config replace them, and any flag given overrides both.")
+    p.add_argument("--home", help="state folder (default: $LANGPWT_HOME or ./.langpwt)")
     p.add_argument("--run-id", help="run folder name under HOME/runs (default: preset-timestamp)")
-    p.add_argument("--resume", action="store_true", help="continue the newest run (or --run-id)")
-    p.add_argument("--shard-list", type=Path, help="JSON {train: [...], val: [...]} (default: glob HOME/shards)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default HOME/tokenizer/tokenizer.json)")
+    p.add_argument("--resume", action="store_true", help="continue the newest run (or --run-id) (default: off)")
+    p.add_argument("--shard-list", type=Path,
+                   help="JSON {train: [...], val: [...]} of shard paths (default: glob HOME/shards)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: HOME/tokenizer/tokenizer.json)")
     cli_args.add_config_args(p)
     return p
 
@@ -55,210 +57,265 @@ def evaluate(model: GPT, val: torch.Tensor, micro: int, device, autocast) -> flo
     return total / max(n, 1)
 
 
-def train(ns: argparse.Namespace) -> int:
-    home = Home.from_env(ns.home)
-    startup = {"imports": rt.process_age_s()}  # where start-up goes, in seconds since the process began
-    d = rt.setup_dist()
-    tok_path = ns.tokenizer or home.tokenizer
-    tok, tok_sha, tok_vocab = rt.load_tokenizer(tok_path)
-    cfg, run_id, resume_from = rt.resolve_config(ns, home, tok_vocab, tok_sha, tok_path)
-    device = rt.pick_device(cfg.device, d)
-    cfg.model.resolve_dropout_rng(device.type == "cuda")
-    startup["config"] = rt.process_age_s()
-    if device.type != "cuda":  # FP8 matmuls and Triton kernels; LayerNorm's fp32 weights meet bf16 only under autocast
-        if cfg.head in ("fp8", "fp8all"):
-            raise ValueError(f"--head {cfg.head} needs CUDA (FP8 matmuls); use fused, plain or auto on CPU")
-        if cfg.stream_dtype == "bfloat16":
-            raise ValueError("--stream-dtype bfloat16 needs CUDA (bf16 autocast); use float32 or auto on CPU")
-    is_cuda = device.type == "cuda"
-    # fp8 is faster still, but its val loss trailed the plain step's at equal tokens (RESULTS.md)
-    head = resolve_head(cfg.head, device)
-    grad_floor = resolve_grad_floor(cfg.grad_floor, head, device)  # before the run folder exists, as above
-    run_dir = home.run_dir(run_id)
-    emit = rt.Emitter(run_dir, d.rank == 0)
-    T, micro = cfg.model.block_size, cfg.micro_batch
-    accum = rt.accum_steps(cfg, d.world)
+class Trainer:
+    """One training process: `setup` resolves the run and builds everything, `run` steps to max_steps, evaluating
+    and checkpointing on the way. State the loop changes lives in fields, so each piece is a method of its own."""
 
-    shards = load_shard_list(ns.shard_list, home.shards)
-    train_w = TokenWindows(shards["train"], T, cfg.model.vocab_size, "train")
-    val_w = TokenWindows(shards["val"], T, cfg.model.vocab_size, "val")
-    val = torch.from_numpy(val_w.fixed(cfg.eval_batches * micro))
-    startup["data"] = rt.process_age_s()
+    def __init__(self, ns: argparse.Namespace):
+        self.ns = ns
+        self.startup = {"imports": rt.process_age_s()}  # where start-up goes, in seconds since the process began
 
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    # the weights drawn where they will live: on the H200's host the CPU's init of the seed model took ~1.1 s of
-    # start-up, the CUDA context ~0.15 s (RESULTS.md, twelfth pass); on CUDA from its generator
-    with torch.device(device):
-        raw = GPT(cfg.model)
-    startup["model"] = rt.process_age_s()  # on CUDA: the context's creation and the weights' init
-    opt = make_optimizer(raw, cfg, device)
-    sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, cfg.schedule_steps or cfg.max_steps, cfg.min_lr_ratio)
-    start = 0
-    best = None
-    torch.manual_seed(cfg.seed + d.rank)
-    if resume_from is not None:
-        st = ckpts.load_train_state(resume_from, map_location=device)
-        raw.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["state"]["scheduler"])
-        start, best = int(st["state"]["step"]), st["state"].get("best_val")
-        rt.set_rng(st["state"]["rng"], d.rank, cfg.seed, start)
-    # --dropout-rng hash: seeds from (seed, rank) and the forwards already taken, so a resumed run goes on as one
-    raw.reseed_dropout(cfg.seed * 2654435761 + d.rank * 97_000_003, start * accum)
-    if is_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    stream = cfg.stream_dtype if cfg.stream_dtype != "auto" else ("bfloat16" if is_cuda else "float32")
-    raw.stream_dtype = torch.bfloat16 if stream == "bfloat16" else None
-    train_head = raw.head_loss = make_head_loss(head, grad_floor)  # one object: compile guards on its identity
-    eval_head = make_head_loss("fused" if is_cuda else "plain")
-    startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
-    model = raw
-    caches = rt.use_compile_cache(home.compile_cache) if is_cuda else {}  # Triton runs uncompiled too
-    scope = cfg.resolved_compile_scope if (is_cuda and cfg.compile) else None
-    if scope:
-        rt.tune_inductor(cfg.model.dropout)
-        if scope == "regions":
-            raw.compile_regions()
-        else:
-            model = torch.compile(raw)
-    startup["compile_setup"] = rt.process_age_s()
-    if d.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # no buffer broadcast: the model's only buffers are hash dropout's seeds, which differ by rank on purpose
-        model = DDP(model, device_ids=[d.local_rank] if is_cuda else None, broadcast_buffers=False)
-    autocast = autocast_for(device)
-    params = list(raw.parameters())
-    peak = cfg.peak_tflops or (rt.measure_peak_tflops(device) if is_cuda else None)
-    startup["peak_probe"] = rt.process_age_s()
-    flops_tok = raw.flops_per_token(T)
-    step_tokens = micro * T * accum * d.world
-    prompt_ids = tok.encode(cfg.sample_prompt).ids if tok is not None else [0]
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self._resolve_run()
+        self._load_data()
+        self._build_model()
+        self._ready_model()
+        self._announce()
+        self._start_loop()
 
-    emit.event("start", run_id=run_id, run_dir=str(run_dir), step=start, max_steps=cfg.max_steps,
-               device=rt.device_name(device), world=d.world, accum=accum, head=head, grad_floor=grad_floor,
-               stream_dtype=stream, compile=scope or False, peak_tflops=peak, params=raw.num_params(),
-               tokenizer_sha256=tok_sha, config=cfg.to_dict(), resumed_from=str(resume_from) if resume_from else None,
-               process_s=rt.process_age_s(), startup_s=startup, compile_cache=caches)
-    if d.rank == 0:
-        rt.write_run_config(run_dir, cfg, run_id, tok_sha)
-    emit.say(f"run {run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} x{d.world}, "
-             f"{step_tokens} tokens/step ({micro}x{T}x{accum} accum x{d.world} ranks), head={head}")
+    def _resolve_run(self) -> None:
+        ns = self.ns
+        self.home = home = Home.from_env(ns.home)
+        self.d = rt.setup_dist()
+        tok_path = ns.tokenizer or home.tokenizer
+        self.tok, self.tok_sha, tok_vocab = rt.load_tokenizer(tok_path)
+        self.cfg, self.run_id, self.resume_from = rt.resolve_config(ns, home, tok_vocab, self.tok_sha, tok_path)
+        cfg = self.cfg
+        self.device = rt.pick_device(cfg.device, self.d)
+        self.is_cuda = self.device.type == "cuda"
+        cfg.model.resolve_dropout_rng(self.is_cuda)
+        self.startup["config"] = rt.process_age_s()
+        self.head = resolve_head(cfg.head, self.device)
+        self.grad_floor = resolve_grad_floor(cfg.grad_floor, self.head, self.device)  # before the run folder exists
+        self.run_dir = home.run_dir(self.run_id)
+        self.emit = rt.Emitter(self.run_dir, self.d.rank == 0)
+        self.T, self.micro = cfg.model.block_size, cfg.micro_batch
+        self.accum = rt.accum_steps(cfg, self.d.world)
 
-    # seconds outside the steps, for the `done` event: what the seed run's wall clock spends besides training
-    spent = dict(eval=0.0, sample=0.0, checkpoint=0.0, final_wait=0.0)
-    pf = Prefetcher(train_w, cfg.seed, micro, d.world, d.rank, accum, start, device)
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
-    t_window, t0 = time.perf_counter(), time.perf_counter()
-    last_ckpt = ckpts.latest(ckpts.checkpoint_root(home, run_id))
-    saver = ckpts.BackgroundSaver(cfg.keep_last)  # the loop goes on while a checkpoint is written
-    # and while each evaluation's text sample is drawn (on CUDA; in line on the CPU)
-    sampler = BackgroundSampler(raw, lambda ids: tok.decode(ids) if tok is not None else "", prompt_ids,
-                                cfg.sample_tokens if tok is not None else 0, background=is_cuda)
+    def _load_data(self) -> None:
+        cfg, T = self.cfg, self.T
+        self.shards = load_shard_list(self.ns.shard_list, self.home.shards)
+        self.train_w = TokenWindows(self.shards["train"], T, cfg.model.vocab_size, "train")
+        val_w = TokenWindows(self.shards["val"], T, cfg.model.vocab_size, "val")
+        self.val = torch.from_numpy(val_w.fixed(cfg.eval_batches * self.micro))
+        self.startup["data"] = rt.process_age_s()
 
-    def landed(done: list) -> None:
-        nonlocal last_ckpt
-        for info, removed in done:
-            last_ckpt = info
-            emit.event("checkpoint", **info.to_dict(), removed=removed)
+    def _build_model(self) -> None:
+        cfg, d, device = self.cfg, self.d, self.device
+        torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+        # the weights drawn where they will live (on CUDA from its generator): no host init and copy
+        with torch.device(device):
+            self.raw = raw = GPT(cfg.model)
+        self.startup["model"] = rt.process_age_s()  # on CUDA: the context's creation and the weights' init
+        self.opt = make_optimizer(raw, cfg, device)
+        self.sched = WarmupCosine(self.opt, cfg.lr, cfg.warmup_steps, cfg.schedule_steps or cfg.max_steps,
+                                  cfg.min_lr_ratio)
+        self.start, self.best = 0, None
+        torch.manual_seed(cfg.seed + d.rank)
+        if self.resume_from is not None:
+            st = ckpts.load_train_state(self.resume_from, map_location=device)
+            raw.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["state"]["scheduler"])
+            self.start, self.best = int(st["state"]["step"]), st["state"].get("best_val")
+            rt.set_rng(st["state"]["rng"], d.rank, cfg.seed, self.start)
+        # hash dropout seeds from (seed, rank) and the forwards already taken, so a resumed run goes on as one
+        raw.reseed_dropout(cfg.seed * 2654435761 + d.rank * 97_000_003, self.start * self.accum)
 
-    def flush() -> None:
-        nonlocal t_window
-        if not pending:
+    def _ready_model(self) -> None:
+        cfg, raw, d = self.cfg, self.raw, self.d
+        self.train_head = prepare_step(raw, self.head, self.grad_floor, self.device)  # compile guards on its identity
+        self.eval_head = make_head_loss("fused" if self.is_cuda else "plain")
+        self.startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
+        self.caches = rt.use_compile_cache(self.home.compile_cache) if self.is_cuda else {}  # Triton runs uncompiled too
+        self.model, self.scope = compile_step(raw, cfg, self.device)
+        self.startup["compile_setup"] = rt.process_age_s()
+        if d.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            # no buffer broadcast: the model's only buffers are hash dropout's seeds, which differ by rank on purpose
+            self.model = DDP(self.model, device_ids=[d.local_rank] if self.is_cuda else None, broadcast_buffers=False)
+        self.autocast = autocast_for(self.device)
+        self.params = list(raw.parameters())
+        self.peak = rt.measure_peak_tflops(self.device) if self.is_cuda else None
+        self.startup["peak_probe"] = rt.process_age_s()
+        self.flops_tok = raw.flops_per_token(self.T)
+        self.step_tokens = self.micro * self.T * self.accum * d.world
+
+    def _announce(self) -> None:
+        cfg, d, raw, device = self.cfg, self.d, self.raw, self.device
+        self.emit.event("start", run_id=self.run_id, run_dir=str(self.run_dir), step=self.start,
+                        max_steps=cfg.max_steps, device=rt.device_name(device), world=d.world, accum=self.accum,
+                        head=self.head, grad_floor=self.grad_floor,
+                        stream_dtype="bfloat16" if raw.stream_dtype is not None else "float32",
+                        compile=self.scope or False, peak_tflops=self.peak, params=raw.num_params(),
+                        tokenizer_sha256=self.tok_sha, config=cfg.to_dict(),
+                        resumed_from=str(self.resume_from) if self.resume_from else None,
+                        process_s=rt.process_age_s(), startup_s=self.startup, compile_cache=self.caches)
+        if d.rank == 0:
+            rt.write_run_config(self.run_dir, cfg, self.run_id, self.tok_sha)
+        self.emit.say(f"run {self.run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} "
+                      f"x{d.world}, {self.step_tokens} tokens/step ({self.micro}x{self.T}x{self.accum} accum "
+                      f"x{d.world} ranks), head={self.head}")
+
+    def _start_loop(self) -> None:
+        cfg, tok, d = self.cfg, self.tok, self.d
+        # seconds outside the steps, for the `done` event: what the wall clock spends besides training
+        self.spent = dict(eval=0.0, sample=0.0, checkpoint=0.0, final_wait=0.0)
+        self.pf = Prefetcher(self.train_w, cfg.seed, self.micro, d.world, d.rank, self.accum, self.start, self.device)
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.t_window = self.t0 = time.perf_counter()
+        self.last_ckpt = ckpts.latest(ckpts.checkpoint_root(self.home, self.run_id))
+        self.saver = ckpts.BackgroundSaver(cfg.keep_last)  # the loop goes on while a checkpoint is written
+        # and while each evaluation's text sample is drawn (on CUDA; in line on the CPU)
+        prompt_ids = tok.encode(cfg.sample_prompt).ids if tok is not None else [0]
+        self.sampler = BackgroundSampler(self.raw, lambda ids: tok.decode(ids) if tok is not None else "",
+                                         prompt_ids, cfg.sample_tokens if tok is not None else 0,
+                                         background=self.is_cuda)
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Set up, train, and say how it ended; the exit code (bad input raises ValueError/FileNotFoundError)."""
+        self.setup()
+        try:
+            self._loop()
+        except NonFiniteLoss as e:
+            with contextlib.suppress(ckpts.CheckpointWriteError):
+                self._landed(self.saver.wait())  # a good state taken before the bad step may still be landing
+            where = self.last_ckpt.path if self.last_ckpt else "none written"
+            self.emit.fail("nan", f"non-finite loss, training stopped ({e}); last good checkpoint: {where}")
+            return EXIT_NAN
+        except ckpts.CheckpointWriteError as e:
+            self.emit.fail("checkpoint", str(e))
+            return EXIT_CKPT
+        except torch.cuda.OutOfMemoryError:
+            cfg = self.cfg
+            self.emit.fail("oom", f"CUDA out of memory with --micro-batch {self.micro} (x {self.T} tokens); lower "
+                                  f"--micro-batch: --batch-tokens {cfg.batch_tokens} is kept by gradient accumulation")
+            return EXIT_OOM
+        finally:
+            self._close()
+        self._done()
+        return 0
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        for it in range(self.start, cfg.max_steps):
+            step = it + 1
+            self._step(step, first=it == self.start)
+            self._landed(self.saver.poll())
+            do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+            do_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+            if step % cfg.log_every == 0 or do_eval or do_ckpt or not self.is_cuda:
+                self._flush()
+            if self.d.rank == 0 and (do_eval or do_ckpt):
+                t_out = time.perf_counter()
+                val_loss = self._on_eval(step, t_out) if do_eval else None
+                t_ckpt = time.perf_counter()
+                if do_ckpt:
+                    self._on_checkpoint(step, val_loss)
+                self.t_window = time.perf_counter()  # eval and saving are not training throughput
+                self.spent["checkpoint"] += self.t_window - t_ckpt
+        t_wait = time.perf_counter()
+        self.sampler.wait()
+        self._landed(self.saver.wait())
+        self.spent["final_wait"] = time.perf_counter() - t_wait
+
+    def _step(self, step: int, first: bool) -> None:
+        lr = self.sched.apply()
+        loss_acc, gnorm = train_step(self.model, self.params, self.opt, self.pf.next, self.accum, self.d.ddp,
+                                     self.autocast, self.cfg.grad_clip)
+        self.sched.step()
+        self.pending.append((step, loss_acc, gnorm, lr))
+        if first:  # one sync: how long start-up and the compile took, apart from the steps
+            if self.is_cuda:
+                torch.cuda.synchronize(self.device)
+            self.emit.event("first_step", step=step, seconds=time.perf_counter() - self.t0,
+                            process_s=rt.process_age_s())
+
+    def _flush(self) -> None:
+        """The steps run since the last flush, as metrics rows (one host sync); stops on a non-finite loss."""
+        if not self.pending:
             return
-        vals = torch.stack([torch.stack([l, g]) for _, l, g, _ in pending]).float().tolist()
+        cfg, peak = self.cfg, self.peak
+        vals = torch.stack([torch.stack([l, g]) for _, l, g, _ in self.pending]).float().tolist()
         now = time.perf_counter()
-        tps = step_tokens * len(pending) / max(now - t_window, 1e-9)
-        mem = rt.memory_gb(device)
+        tps = self.step_tokens * len(self.pending) / max(now - self.t_window, 1e-9)
+        mem = rt.memory_gb(self.device)
         rows = []
-        for (s, _, _, lr), (loss, gnorm) in zip(pending, vals):
+        for (s, _, _, lr), (loss, gnorm) in zip(self.pending, vals):
             rows.append(dict(step=s, train_loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps,
-                             mfu=(tps * flops_tok / (peak * 1e12 * d.world)) if peak else None,
-                             memory_gb=mem, tokens=s * step_tokens, elapsed_s=now - t0))
-        pending.clear()
-        t_window = now
-        emit.rows(rows)
+                             mfu=(tps * self.flops_tok / (peak * 1e12 * self.d.world)) if peak else None,
+                             memory_gb=mem, tokens=s * self.step_tokens, elapsed_s=now - self.t0))
+        self.pending.clear()
+        self.t_window = now
+        self.emit.rows(rows)
         bad = next((r for r in rows if not rt.finite(r["train_loss"]) or not rt.finite(r["grad_norm"])), None)
         if bad:
             raise NonFiniteLoss(f"step {bad['step']}: loss {bad['train_loss']}, grad norm {bad['grad_norm']}")
         last = rows[-1]
-        if d.rank == 0 and (last["step"] % max(cfg.log_every, 1) == 0 or last["step"] == cfg.max_steps):
-            emit.event("step", **last)
+        if self.d.rank == 0 and (last["step"] % max(cfg.log_every, 1) == 0 or last["step"] == cfg.max_steps):
+            self.emit.event("step", **last)
 
-    try:
-        for it in range(start, cfg.max_steps):
-            step = it + 1
-            lr = sched.apply()
-            loss_acc, gnorm = train_step(model, params, opt, pf.next, accum, d.ddp, autocast, cfg.grad_clip)
-            sched.step()
-            pending.append((step, loss_acc, gnorm, lr))
-            if it == start:  # one sync: how long start-up and the compile took, apart from the steps
-                if is_cuda:
-                    torch.cuda.synchronize(device)
-                emit.event("first_step", step=step, seconds=time.perf_counter() - t0, process_s=rt.process_age_s())
-            landed(saver.poll())
-            do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-            do_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
-            if step % cfg.log_every == 0 or do_eval or do_ckpt or not is_cuda:
-                flush()
-            if d.rank == 0 and (do_eval or do_ckpt):
-                val_loss = None
-                t_out = time.perf_counter()
-                if do_eval:
-                    sampler.wait()  # the previous sample's event first: evals reach the parent in order
-                    raw.head_loss = eval_head
-                    val_loss = evaluate(raw, val, micro, device, autocast)
-                    raw.head_loss = train_head
-                    best = val_loss if best is None else min(best, val_loss)
-                    t_eval = time.perf_counter()
-                    spent["eval"] += t_eval - t_out
-                    sampler.submit(raw, cfg.seed + step,
-                                   lambda text, s=step, v=val_loss: emit.eval_row(s, v, cfg.sample_prompt, text))
-                    spent["sample"] += time.perf_counter() - t_eval  # on CUDA: the weights' copy, the thread's start
-                t_ckpt = time.perf_counter()
-                if do_ckpt:  # the state is copied now (on CUDA on the device), written meanwhile
-                    landed(saver.submit(ckpts.checkpoint_root(home, run_id), step,
-                                        model_state=raw.state_dict(), optim_state=opt.state_dict(),
-                                        train_state=rt.train_state(step, sched, cfg, best, shards),
-                                        config=rt.ckpt_config(cfg, run_id, tok_sha, step, d.world),
-                                        val_loss=val_loss, run_id=run_id))
-                t_window = time.perf_counter()  # eval and saving are not training throughput
-                spent["checkpoint"] += t_window - t_ckpt
-        t_wait = time.perf_counter()
-        sampler.wait()
-        landed(saver.wait())
-        spent["final_wait"] = time.perf_counter() - t_wait
-    except NonFiniteLoss as e:
-        with contextlib.suppress(ckpts.CheckpointWriteError):
-            landed(saver.wait())  # a good state taken before the bad step may still be landing
-        where = last_ckpt.path if last_ckpt else "none written"
-        emit.fail("nan", f"non-finite loss, training stopped ({e}); last good checkpoint: {where}")
-        return EXIT_NAN
-    except ckpts.CheckpointWriteError as e:
-        emit.fail("checkpoint", str(e))
-        return EXIT_CKPT
-    except torch.cuda.OutOfMemoryError:
-        emit.fail("oom", f"CUDA out of memory with --micro-batch {micro} (x {T} tokens); lower --micro-batch: "
-                         f"--batch-tokens {cfg.batch_tokens} is kept by gradient accumulation")
-        return EXIT_OOM
-    finally:
+    # ---- on-eval / on-checkpoint --------------------------------------------------------------------------
+    def _on_eval(self, step: int, t_out: float) -> float:
+        """The validation loss (with the eval head), then the text sample drawn from these weights meanwhile."""
+        cfg, raw = self.cfg, self.raw
+        self.sampler.wait()  # the previous sample's event first: evals reach the parent in order
+        raw.head_loss = self.eval_head
+        val_loss = evaluate(raw, self.val, self.micro, self.device, self.autocast)
+        raw.head_loss = self.train_head
+        self.best = val_loss if self.best is None else min(self.best, val_loss)
+        t_eval = time.perf_counter()
+        self.spent["eval"] += t_eval - t_out
+        self.sampler.submit(raw, cfg.seed + step,
+                            lambda text, s=step, v=val_loss: self.emit.eval_row(s, v, cfg.sample_prompt, text))
+        self.spent["sample"] += time.perf_counter() - t_eval  # on CUDA: the weights' copy, the thread's start
+        return val_loss
+
+    def _on_checkpoint(self, step: int, val_loss: float | None) -> None:
+        """The state is copied now (on CUDA on the device) and written while the loop goes on."""
+        cfg = self.cfg
+        self._landed(self.saver.submit(ckpts.checkpoint_root(self.home, self.run_id), step,
+                                       model_state=self.raw.state_dict(), optim_state=self.opt.state_dict(),
+                                       train_state=rt.train_state(step, self.sched, cfg, self.best, self.shards),
+                                       config=rt.ckpt_config(cfg, self.run_id, self.tok_sha, step, self.d.world),
+                                       val_loss=val_loss, run_id=self.run_id))
+
+    def _landed(self, done: list) -> None:
+        for info, removed in done:
+            self.last_ckpt = info
+            self.emit.event("checkpoint", **info.to_dict(), removed=removed)
+
+    # ---- the end ------------------------------------------------------------------------------------------
+    def _close(self) -> None:
         with contextlib.suppress(Exception):
-            sampler.wait()
+            self.sampler.wait()
         with contextlib.suppress(Exception):
-            saver.wait()  # an error on the way out: still let a write in flight finish
-        pf.close()
-        emit.close()
-    emit.event("done", run_id=run_id, step=cfg.max_steps, elapsed_s=time.perf_counter() - t0,
-               checkpoint=last_ckpt.path if last_ckpt else None, best_val=best, process_s=rt.process_age_s(),
-               outside_steps_s={k: round(v, 3) for k, v in spent.items()})
-    if d.ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+            self.saver.wait()  # an error on the way out: still let a write in flight finish
+        self.pf.close()
+        self.emit.close()
+
+    def _done(self) -> None:
+        cfg = self.cfg
+        self.emit.event("done", run_id=self.run_id, step=cfg.max_steps, elapsed_s=time.perf_counter() - self.t0,
+                        checkpoint=self.last_ckpt.path if self.last_ckpt else None, best_val=self.best,
+                        process_s=rt.process_age_s(),
+                        outside_steps_s={k: round(v, 3) for k, v in self.spent.items()})
+        if self.d.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
+def train(ns: argparse.Namespace) -> int:
+    return Trainer(ns).run()
+
+
+def main(argv: list[str] | None = None, settings: dict | None = None) -> int:
+    """`settings`: config values that are no flags, for callers in Python (tests: {"dropout_rng": "hash"})."""
     ns = build_parser().parse_args(argv)
+    for k, v in (settings or {}).items():
+        setattr(ns, k, v)
     try:
         return train(ns)
     except (ValueError, FileNotFoundError) as e:
@@ -269,10 +326,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    # everything is written, fsynced and closed by now, so leave without the interpreter's teardown: on
-    # CUDA it took 3.2 s after the `done` event of a seed run (the CUDA context, Inductor's compile
-    # workers), and under torchrun c10d/gloo threads could abort it after a clean run ("terminate called
-    # without an active exception", SIGABRT; pytorch#179291)
+    # everything is written, fsynced and closed by now, so leave without the interpreter's teardown: on CUDA it
+    # waits on the CUDA context and Inductor's compile workers, and under torchrun c10d/gloo threads could abort
+    # it after a clean run ("terminate called without an active exception", SIGABRT)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,5 +1,5 @@
 """The hash dropout (model.dropout): the rate it promises, fresh masks per call, seeded, its gradient,
-and the GPT built with it (the CLI flag, the checkpoint config)."""
+and the GPT built with it (auto resolved per device, the checkpoint config)."""
 import pytest
 import torch
 
@@ -60,7 +60,7 @@ def test_hash_dropout_compiled_keeps_its_promises():
 
 
 def test_gpt_with_hash_dropout_trains_and_says_so():
-    with pytest.raises(ValueError, match="--dropout-rng"):
+    with pytest.raises(ValueError, match="dropout_rng philox: expected auto, torch or hash"):
         GPTConfig(dropout_rng="philox").validate()
     for cuda, want in ((True, "hash"), (False, "torch")):  # auto, the default, is made concrete per device
         c = GPTConfig()

@@ -55,8 +55,9 @@ def metrics_rows(home, run_id: str) -> tuple[dict, dict]:
     return train, val
 
 
-def run_trainer(home, *args: str) -> tuple[int, list[dict], str]:
-    """`python -m model.train` in-process: (exit code, JSON events, other stdout+stderr)."""
+def run_trainer(home, *args: str, settings: dict | None = None) -> tuple[int, list[dict], str]:
+    """`python -m model.train` in-process: (exit code, JSON events, other stdout+stderr); `settings`: config
+    values that are no flags (model.train.main)."""
     import contextlib
     import io
 
@@ -64,7 +65,7 @@ def run_trainer(home, *args: str) -> tuple[int, list[dict], str]:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["--home", str(home.root), *args])
+        code = main(["--home", str(home.root), *args], settings)
     events = [json.loads(x) for x in out.getvalue().splitlines() if x.startswith('{"event"')]
     text = "\n".join(x for x in out.getvalue().splitlines() if not x.startswith('{"event"')) + err.getvalue()
     return code, events, text
