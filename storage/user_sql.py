@@ -1,7 +1,5 @@
-"""User SQL (`langpwt sql`, the dashboard's SQL box): one read-only statement on a catalog snapshot, run in a
-child process with a time limit, a memory cap and a row cap. Trade-off: each query pays a process start and,
-after a commit, one catalog copy; in return a DuckDB abort or a runaway query ends only the child, and no
-query holds the catalog's lock longer than that copy."""
+"""User SQL (`langpwt sql`, the dashboard's SQL box): one read-only statement on a catalog snapshot, in a child process.
+Each query pays a process start (and, after a commit, a catalog copy); a DuckDB abort or runaway ends only the child."""
 from __future__ import annotations
 
 import json

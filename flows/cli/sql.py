@@ -1,6 +1,5 @@
 """CLI for reading the catalog: `langpwt status` (per-shard table) and `langpwt sql` (read-only queries).
-Both only read, so neither takes the home's pipeline lock; `sql` runs through the guard the dashboard's SQL box
-uses (a child process with limits, on a catalog snapshot), so a hostile or runaway query ends only that child."""
+Neither takes the pipeline lock; `sql` runs the dashboard's guard (a child process per query, on a snapshot)."""
 from __future__ import annotations
 
 import argparse
