@@ -170,8 +170,6 @@ def _copy(src, dst: Path) -> None:
             src.seek(off)
             out.seek(off)
             shutil.copyfileobj(src, out)
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def _copy_locked(home: Home, tmp: Path) -> str:
@@ -218,6 +216,8 @@ def snapshot(home: Home) -> Path:
         final = folder / _copy_locked(home, tmp / "catalog.duckdb")
         if (tmp / "catalog.duckdb.wal").exists():  # fold the WAL in: read-only opens then replay nothing
             duckdb.connect(str(tmp / "catalog.duckdb")).execute("CHECKPOINT").close()
+        with open(tmp / "catalog.duckdb", "rb+") as f:  # after the lock: the writer never waits on the disk
+            os.fsync(f.fileno())
         with contextlib.suppress(OSError):  # OSError: another process published this state first
             os.replace(tmp, final)
             fsync_dir(folder)
