@@ -67,7 +67,7 @@ def _checkpoints(root: str, version: tuple) -> pa.Table:
 def _tokenizer(path: str, mtime: int):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(path)  # ~0.2 s for a 49k vocabulary: once per server, not per view
+    return Tokenizer.from_file(path)  # parsing a large vocabulary is not free: once per server, not per view
 
 
 @st.cache_data(ttl=3600, max_entries=8, show_spinner=False)

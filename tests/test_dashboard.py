@@ -288,7 +288,7 @@ def test_dashboard_reads_while_pipeline_writes(dash_home, prefect_api, tmp_path,
     src = tmp_path / "src"
     src.mkdir()
     # the sample's two files, eight times over (own ids and texts, so nothing dedups): a run of a few
-    # seconds, long enough to be watched live whatever this machine's speed (the plain sample took < 1 s)
+    # seconds, long enough to be watched live whatever this machine's speed (the plain sample is too quick)
     for f in sorted(SAMPLE.glob("*.parquet")):
         df = pl.read_parquet(f)
         pl.concat([df.with_columns(id=pl.col("id") + f"-{c}", text=pl.lit(f"Part {c}: ") + pl.col("text"))
