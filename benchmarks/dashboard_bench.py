@@ -79,11 +79,20 @@ def train_tokenizer(home: Home) -> None:
     tok.save(str(home.tokenizer))
 
 
+def locked_copy(home: Home) -> None:
+    with tempfile.TemporaryDirectory(dir=home.root) as d:
+        catalog._copy_locked(home, Path(d) / "catalog.duckdb")
+
+
 PAGES = {
     "Pipeline": lambda h: queries.pipeline(h),
     "Token stats": lambda h: queries.token_stats(h),
     "Token stats: SQL box (GROUP BY dump)": lambda h: queries.run_sql(
         h, "SELECT dump, sum(n_tokens) AS tokens FROM documents WHERE kept GROUP BY dump"),
+    # the catalog's mtime changes as a commit would: the guard copies it once, under a read lock
+    "SQL box, first query after a commit (catalog copy)": lambda h: (os.utime(h.catalog), queries.run_sql(
+        h, "SELECT dump, sum(n_tokens) AS tokens FROM documents WHERE kept GROUP BY dump")),
+    "Catalog copy under the read lock (the most a writer waits on user SQL)": lambda h: locked_copy(h),
     "Training": lambda h: (queries.runs(h), queries.training(h, ["seed-a", "seed-b"])),
     "Checkpoints": lambda h: queries.checkpoints(h),
     "Playground (checkpoint list)": lambda h: queries.checkpoints(h),

@@ -12,6 +12,7 @@ import streamlit as st
 from dashboards import queries
 from storage.catalog import CatalogMissing
 from storage.paths import Home
+from storage.user_sql import one_line
 
 TTL_S = 60
 REFRESH_S = 2.0  # how often a page re-reads the catalog while a pipeline or a training run is going
@@ -67,7 +68,7 @@ def _checkpoints(root: str, version: tuple) -> pa.Table:
 def _tokenizer(path: str, mtime: int):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(path)  # ~0.2 s for a 49k vocabulary: once per server, not per view
+    return Tokenizer.from_file(path)  # parsing a large vocabulary is not free: once per server, not per view
 
 
 @st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
@@ -117,7 +118,7 @@ def need_catalog(h: Home) -> queries.HomeState | None:
     try:
         state = home_state(h)
     except (CatalogMissing, duckdb.Error) as e:
-        st.warning(f"Cannot read the catalog: {str(e).splitlines()[0]}")
+        st.warning(f"Cannot read the catalog: {one_line(str(e))}")
         return None
     if not state.catalog:
         st.info(f"No catalog in **{h.root}** yet. Run the data pipeline first:")
@@ -146,7 +147,7 @@ def need_runs(h: Home) -> queries.HomeState | None:
 
 def show_error(e: Exception) -> None:
     """A one-line error for catalog trouble (e.g. a writer holding the file for too long)."""
-    st.warning(f"Cannot read the catalog right now: {str(e).splitlines()[0]}")
+    st.warning(f"Cannot read the catalog right now: {one_line(str(e))}")
 
 
 _NULLABLE_INTS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),

@@ -1,5 +1,5 @@
 """Pipeline page: source files and shards with status, tokens, documents kept/dropped, throughput.
-Re-reads the catalog every 2 s only while it shows a run; idle, it costs nothing."""
+Re-reads the catalog on a timer only while it shows a run; idle, it costs nothing."""
 from __future__ import annotations
 
 import duckdb

@@ -1,5 +1,5 @@
 """Token stats page: tokens by dump and int_score, document lengths, top tokens, and a SQL box.
-Charts draw DuckDB aggregates (hundreds of rows); the SQL box is read-only and capped in rows and time."""
+Charts draw DuckDB aggregates (hundreds of rows); the SQL box pays a process start per query (`langpwt sql`'s guard)."""
 from __future__ import annotations
 
 import altair as alt
@@ -76,8 +76,9 @@ def sql_chart(tbl: pa.Table) -> None:
 
 def sql_box() -> None:
     st.subheader("SQL over the catalog")
-    st.caption("Read-only DuckDB SQL, one statement, at most "
-               f"{queries.SQL_MAX_ROWS:,} rows and {queries.SQL_TIMEOUT_S:.0f} s. Tables: source_files, "
+    st.caption(f"Read-only DuckDB SQL, one statement, at most {queries.SQL_MAX_ROWS:,} rows, "
+               f"{queries.SQL_TIMEOUT_S:.0f} s and {queries.SQL_MEMORY_MB:,} MB; for more, use `langpwt sql` "
+               "with --max-rows, --timeout, --memory-mb. Tables: source_files, "
                "shards, documents, token_counts, tokenizers, pipeline_runs, runs, metrics, checkpoints, samples.")
     with st.form("sql"):
         text = st.text_area("Query", EXAMPLE_SQL, height=120, key="sql_text")

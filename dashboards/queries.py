@@ -1,27 +1,22 @@
 """Every catalog query the dashboard runs, as plain functions over a Home (no Streamlit: tested alone).
-A page's queries share one short read-only connection returning small aggregates; a writer waits < 1 s."""
+Fixed queries: one short read-only connection per page (small aggregates); user SQL: storage.user_sql's guard."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 
-from storage import catalog
+from storage import catalog, user_sql
 from storage.paths import Home
+from storage.user_sql import SqlRefused, SqlResult, check_read_only  # noqa: F401  (the SQL box's API)
 
 Views = dict[str, pa.Table]
-SQL_MAX_ROWS = 10_000
-SQL_TIMEOUT_S = 10.0  # a runaway query must not keep the pipeline's writer waiting for long
-ALLOWED_SQL = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-
-
-class SqlRefused(ValueError):
-    """A statement that would write, or more than one statement."""
+SQL_MAX_ROWS = user_sql.DEFAULT_MAX_ROWS
+SQL_TIMEOUT_S = user_sql.DEFAULT_TIMEOUT_S
+SQL_MEMORY_MB = user_sql.DEFAULT_MEMORY_MB
 
 
 @dataclass(frozen=True)
@@ -137,8 +132,8 @@ SELECT f.position AS shard_id, f.file, f.status, f.size_bytes, f.sha256, f.datas
 FROM source_files f ORDER BY f.position, f.file"""
 
 # The pipeline sets drop_reason exactly when it drops a document, so grouping on that one column
-# gives kept and dropped by reason; one key per scan: on 10M rows, single-key GROUP BYs and
-# sum(bool::INT) measured 2-5x faster than composite keys and FILTER clauses (benchmarks/RESULTS.md)
+# gives kept and dropped by reason; one key per scan: single-key GROUP BYs and sum(bool::INT) beat
+# composite keys and FILTER clauses on large catalogs (benchmarks/RESULTS.md)
 OUTCOMES_SQL = """
 SELECT coalesce(drop_reason, 'kept') AS outcome, count(*) AS documents, sum(n_chars)::BIGINT AS chars
 FROM documents GROUP BY drop_reason ORDER BY drop_reason IS NULL DESC, documents DESC"""
@@ -202,7 +197,7 @@ def token_stats(home: Home, top_n: int = 40, bins: int = 40) -> Views:
         "_lengths": LENGTHS_SQL,
         "by_dump": """SELECT dump, count(*) AS documents, sum(n_tokens)::BIGINT AS tokens FROM documents
                       WHERE kept GROUP BY dump ORDER BY dump""",
-        # n_tokens is set only for kept documents, so sum(n_tokens) needs no CASE (measured 3x slower)
+        # n_tokens is set only for kept documents, so sum(n_tokens) needs no CASE (a CASE per row costs a scan)
         "by_int_score": """SELECT int_score, kept AS documents_kept, documents - kept AS documents_dropped, tokens
                            FROM (SELECT int_score, count(*) AS documents, sum(kept::INT)::BIGINT AS kept,
                                         coalesce(sum(n_tokens), 0)::BIGINT AS tokens
@@ -230,54 +225,11 @@ def decode_tokens(tokenizer, ids: list[int]) -> list[tuple[str, str]]:
 
 # ---- SQL box -------------------------------------------------------------------------------------
 
-def check_read_only(sql: str) -> None:
-    """Refuse anything but one SELECT-like statement (the connection is read-only besides)."""
-    try:
-        stmts = duckdb.extract_statements(sql)
-    except duckdb.Error:
-        return  # a syntax error: let the query itself report DuckDB's message
-    if not stmts:
-        raise SqlRefused("empty query")
-    if len(stmts) > 1:
-        raise SqlRefused(f"one statement at a time (got {len(stmts)})")
-    if stmts[0].type not in ALLOWED_SQL:
-        kind = str(stmts[0].type).rsplit(".", 1)[-1]
-        raise SqlRefused(f"refused: {kind} would change the catalog or the files; only read-only "
-                         "queries (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) run here")
-
-
-@dataclass
-class SqlResult:
-    table: pa.Table
-    truncated: bool
-    seconds: float
-
-
 def run_sql(home: Home, sql: str, max_rows: int = SQL_MAX_ROWS, timeout_s: float = SQL_TIMEOUT_S) -> SqlResult:
-    """A user's query: read-only, no file or network access, at most `max_rows` rows and `timeout_s`.
-    Raises SqlRefused, catalog.CatalogMissing or duckdb.Error (whose message is shown as is)."""
-    check_read_only(sql)
-    t0 = time.perf_counter()
-    with catalog.reader(home, sandboxed=True) as con:
-        con.execute("SET enable_progress_bar = false")  # it would print to the server's terminal
-        timer = threading.Timer(timeout_s, con.interrupt)
-        timer.start()
-        try:
-            batches, n = [], 0
-            # stop reading once past the cap: a million-row SELECT costs no more than the cap
-            rel = con.sql(sql)
-            for batch in rel.to_arrow_reader(min(max_rows + 1, 100_000)) if rel is not None else []:
-                batches.append(batch)
-                n += batch.num_rows
-                if n > max_rows:
-                    break
-            tbl = pa.Table.from_batches(batches) if batches else rel.to_arrow_table()
-        except duckdb.InterruptException as e:
-            raise duckdb.InterruptException(f"stopped after {timeout_s:.0f} s: {e}") from None
-        finally:
-            timer.cancel()
-    truncated = tbl.num_rows > max_rows
-    return SqlResult(tbl.slice(0, max_rows) if truncated else tbl, truncated, time.perf_counter() - t0)
+    """A user's query through the guard `langpwt sql` uses: its own process, on a catalog snapshot,
+    at most `max_rows` rows, `timeout_s` and the default memory cap. Raises SqlRefused,
+    catalog.CatalogMissing or duckdb.Error (whose message is shown as is)."""
+    return user_sql.run(home, sql, user_sql.Limits(timeout_s=timeout_s, max_rows=max_rows))
 
 
 # ---- Training, checkpoints, samples --------------------------------------------------------------

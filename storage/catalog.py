@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,11 +16,15 @@ from typing import Iterator, Sequence
 import duckdb
 import pyarrow as pa
 
+from storage.atomic import fsync_dir, tmp_path_for
 from storage.paths import Home
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 WRITE_TIMEOUT_S = 300.0  # the writer must never fail because a reader was in the way
 READ_TIMEOUT_S = 30.0
+SANDBOX = {"enable_external_access": "false"}  # no file, network or extension access from SQL
+SNAPSHOT_GRACE_S = 60.0  # an unused snapshot is kept this long: a query may have just picked it
+UNFINISHED_GRACE_S = 3600.0  # a copy in progress (a dot folder) is left alone this long
 
 
 def utcnow() -> dt.datetime:
@@ -125,7 +131,7 @@ def reader(home: Home, timeout: float = READ_TIMEOUT_S, sandboxed: bool = False)
     transaction) reads as no catalog: CatalogMissing, which every reader already waits on or reports."""
     if not home.catalog.exists():
         raise CatalogMissing(f"{home.catalog}: no catalog yet; run `langpwt prepare` first")
-    config = {"enable_external_access": "false"} if sandboxed else None
+    config = SANDBOX if sandboxed else None
     with _PROCESS_LOCK:
         con = _open(home.catalog, True, timeout, config)
         try:
@@ -136,6 +142,89 @@ def reader(home: Home, timeout: float = READ_TIMEOUT_S, sandboxed: bool = False)
             raise
         finally:
             con.close()
+
+
+def _stat_key(home: Home) -> str:
+    """Changes with every commit: DuckDB rewrites the file or its WAL."""
+    parts = []
+    for p in (home.catalog, Path(f"{home.catalog}.wal")):
+        try:
+            st = p.stat()
+            parts += [st.st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            parts += [0, 0]
+    return "-".join(map(str, parts))
+
+
+def _copy(src, dst: Path) -> None:
+    """Copy an open file to `dst`; copy_file_range lets the filesystem share blocks where it can."""
+    with open(dst, "wb") as out:
+        size, off = os.fstat(src.fileno()).st_size, 0
+        try:
+            while off < size:
+                n = os.copy_file_range(src.fileno(), out.fileno(), size - off, off)
+                if n == 0:
+                    break
+                off += n
+        except OSError:  # a filesystem or kernel without it
+            src.seek(off)
+            out.seek(off)
+            shutil.copyfileobj(src, out)
+
+
+def _copy_locked(home: Home, tmp: Path) -> str:
+    """Copy the catalog (and its WAL) to `tmp` under a read lock; returns the state's key."""
+    wal = Path(f"{home.catalog}.wal")
+    # DuckDB's file lock is a POSIX record lock, which this process drops when it closes *any* descriptor
+    # of the file: `src` is opened before the reader and closed after it, so the lock covers the whole copy
+    with open(home.catalog, "rb") as src:
+        with reader(home) as con:
+            if con.execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0] == 0:
+                raise CatalogMissing(f"{home.catalog}: empty catalog; run `langpwt prepare` first")
+            key = _stat_key(home)
+            _copy(src, tmp)
+            if wal.exists():
+                with open(wal, "rb") as w:
+                    _copy(w, Path(f"{tmp}.wal"))
+    return key
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    now = time.time()
+    for p in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            grace = UNFINISHED_GRACE_S if p.name.startswith(".") else SNAPSHOT_GRACE_S
+            if p != keep and now - p.stat().st_mtime > grace:
+                shutil.rmtree(p)
+
+
+def snapshot(home: Home) -> Path:
+    """A private copy of the catalog for long reads (user SQL), taken under a read lock held only for the
+    copy and reused while the catalog is unchanged: a query that runs for minutes never makes a writer
+    wait. One folder per catalog state in HOME/cache/catalog-snapshots, published by an atomic rename;
+    the file keeps the name catalog.duckdb, so queries name the database as on the catalog itself."""
+    if not home.catalog.exists():
+        raise CatalogMissing(f"{home.catalog}: no catalog yet; run `langpwt prepare` first")
+    folder = home.root / "cache" / "catalog-snapshots"
+    final = folder / _stat_key(home)
+    if final.exists():
+        os.utime(final)  # in use: not pruned for a while
+        return final / "catalog.duckdb"
+    tmp = tmp_path_for(final)
+    tmp.mkdir(parents=True)
+    try:
+        final = folder / _copy_locked(home, tmp / "catalog.duckdb")
+        if (tmp / "catalog.duckdb.wal").exists():  # fold the WAL in: read-only opens then replay nothing
+            duckdb.connect(str(tmp / "catalog.duckdb")).execute("CHECKPOINT").close()
+        with open(tmp / "catalog.duckdb", "rb+") as f:  # after the lock: the writer never waits on the disk
+            os.fsync(f.fileno())
+        with contextlib.suppress(OSError):  # OSError: another process published this state first
+            os.replace(tmp, final)
+            fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(folder, final)
+    return final / "catalog.duckdb"
 
 
 def query(home: Home, sql: str, params: Sequence | None = None, sandboxed: bool = False) -> pa.Table:

@@ -51,7 +51,7 @@ def test_readers_during_writes(prefect_api, src, tmp_path):
         while writer.poll() is None:  # `langpwt sql`, as a user would type it, again and again
             p = subprocess.run([sys.executable, "-m", "flows.cli", "sql", "SELECT count(*) FROM documents",
                                 "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True)
-            if p.returncode == 0:
+            if p.returncode == 0 and isinstance(json.loads(p.stdout), list):  # `--format json`: one array
                 sql_ok += 1
             elif "no catalog yet" not in p.stderr:
                 sql_fail += 1
