@@ -9,7 +9,7 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt import GPT
-from storage import checkpoints as ckpts
+from model import checkpoint as ckpts
 from storage.paths import Home
 
 

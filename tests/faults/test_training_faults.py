@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from storage import checkpoints as ckpts
+from model import checkpoint as ckpts
 from tests.conftest import ROOT
 from tests.faults import ledger
 from tests.faults.test_disk_full import mount_tmpfs, umount
