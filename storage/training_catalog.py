@@ -132,6 +132,14 @@ def _last_per_step(path: Path) -> tuple[dict[int, dict], dict[int, float]]:
     return train, val
 
 
+def _missing_metrics(home: Home, run_id: str, train: dict[int, dict], val: dict[int, float]) -> list[dict]:
+    rows = catalog.query_rows(home, "SELECT step, val_loss FROM metrics WHERE run_id = ?", [run_id])
+    steps, vals = {r[0] for r in rows}, {r[0] for r in rows if r[1] is not None}
+    missing = [r for s, r in train.items() if s not in steps]
+    return missing + [{"step": s, "val_loss": v} for s, v in val.items()
+                      if s not in vals and (s in steps or s in train)]
+
+
 def _reconcile_run(home: Home, run: Path, known_runs: set[str]) -> dict[str, int]:
     from storage import checkpoints as ckpts
 
@@ -140,26 +148,23 @@ def _reconcile_run(home: Home, run: Path, known_runs: set[str]) -> dict[str, int
     train, val = _last_per_step(run / "metrics.jsonl")
     if not infos and not train:
         return added  # a run that never trained (refused at start): no row for work not done
-    if run_id not in known_runs and (infos or train):
-        cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    if run_id not in known_runs:
+        cfg = json.loads((run / "config.json").read_text()).get("train", {}) if (run / "config.json").is_file() else {}
         with catalog.writer(home) as con:
             con.execute("INSERT INTO runs (run_id, preset, config, status, started_at, error) "
                         "VALUES (?, ?, ?, 'interrupted', ?, ?)",
-                        [run_id, cfg.get("train", {}).get("preset"), json.dumps(cfg.get("train", {}), sort_keys=True),
-                         utcnow(), "rebuilt from the run folder: its flow ended before recording it"])
+                        [run_id, cfg.get("preset"), json.dumps(cfg, sort_keys=True), utcnow(),
+                         "rebuilt from the run folder: its flow ended before recording it"])
         added["runs"] = 1
     have = {r[0] for r in catalog.query_rows(home, "SELECT step FROM checkpoints WHERE run_id = ?", [run_id])}
     for info in infos:
         if info.step not in have:
             add_checkpoint(home, run_id, info.to_dict(), None, [])
             added["checkpoints"] += 1
-    rows = catalog.query_rows(home, "SELECT step, val_loss FROM metrics WHERE run_id = ?", [run_id])
-    steps, vals = {r[0] for r in rows}, {r[0] for r in rows if r[1] is not None}
-    missing = [r for s, r in train.items() if s not in steps]
-    missing += [{"step": s, "val_loss": v} for s, v in val.items() if s not in vals and (s in steps or s in train)]
+    missing = _missing_metrics(home, run_id, train, val)
     if missing:
         upsert_metrics(home, run_id, missing)
-        added["metrics"] += sum(1 for r in missing if "train_loss" in r)
+        added["metrics"] = sum(1 for r in missing if "train_loss" in r)
     return added
 
 
