@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import GPTConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from storage import checkpoints as ckpts  # noqa: E402
+from model import checkpoint as ckpts  # noqa: E402
 
 
 def seed_state(device: str) -> tuple[GPT, torch.optim.Optimizer]:

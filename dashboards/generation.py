@@ -3,44 +3,24 @@ Built on model.generate; torch is imported only here (the other pages start fast
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
-EOT = "<|endoftext|>"
+if TYPE_CHECKING:
+    from model.generate import Loaded
+
 MD_SPECIAL = set("\\`*_{}[]()#+-.!|>~<$&")
 
 
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-    eot: int | None
-    config: dict
-    device: str
+def load(step_dir: Path, tokenizer_path: Path, device: str = "auto"):
+    """The checkpoint's model in eval mode and the tokenizer it was trained with (model.generate.load_trained):
+    its run's copy, or `tokenizer_path` (the home's) when the sha256 matches."""
+    from model.generate import load_trained
+
+    return load_trained(Path(step_dir), Path(tokenizer_path), device)
 
 
-def load(step_dir: Path, tokenizer_path: Path, device: str = "auto") -> Loaded:
-    """The checkpoint's model in eval mode and the tokenizer it was trained with (checked by sha256)."""
-    import torch
-
-    from model.generate import load_model
-    from model.runtime import load_tokenizer
-
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    model, cfg = load_model(Path(step_dir), dev)
-    tok, sha, vocab = load_tokenizer(tokenizer_path)
-    if vocab != model.config.vocab_size:
-        raise ValueError(f"{tokenizer_path}: vocab size {vocab} differs from {model.config.vocab_size} "
-                         f"of checkpoint {step_dir}")
-    want = cfg.get("tokenizer_sha256")
-    if want and want != sha:
-        raise ValueError(f"{tokenizer_path}: sha256 {sha[:12]} differs from the tokenizer checkpoint "
-                         f"{step_dir} was trained with ({want[:12]})")
-    return Loaded(model, tok, tok.token_to_id(EOT), cfg, dev)
-
-
-def stream(m: Loaded, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+def stream(m: "Loaded", prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
            top_k: int | None = 50, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
     """Yield the continuation of `prompt` piece by piece; stops at <|endoftext|> or the length."""
     from model.generate import TextStream, sample
@@ -68,7 +48,7 @@ def markdown_literal(pieces: Iterator[str]) -> Iterator[str]:
         yield "".join("\\" + ch if ch in MD_SPECIAL else ("  \n" if ch == "\n" else ch) for ch in piece)
 
 
-def describe(m: Loaded) -> str:
+def describe(m: "Loaded") -> str:
     model = m.config.get("train", {}).get("model", {})
     n_params = sum(p.numel() for p in m.model.parameters())
     return (f"{n_params / 1e6:.2f}M parameters · {model.get('n_layer')} layers × {model.get('n_embd')} wide · "

@@ -10,8 +10,7 @@ import streamlit as st
 
 from dashboards import common, prefect_info
 from storage.catalog import CatalogMissing
-
-MARKER = "COMPLETE"  # storage.checkpoints.MARKER; importing that module would pull in torch
+from storage.checkpoints import MARKER
 
 st.title("Checkpoints")
 h = common.home()

@@ -9,14 +9,14 @@ import streamlit as st
 
 from dashboards import common, generation
 from storage.catalog import CatalogMissing
+from storage.checkpoints import MARKER
 
-MARKER = "COMPLETE"  # storage.checkpoints.MARKER (that module imports torch)
 st.title("Playground")
 h = common.home()
 
 
 @st.cache_resource(max_entries=2, show_spinner="loading the checkpoint…")
-def _model(step_dir: str, sha256: str, tokenizer: str) -> generation.Loaded:
+def _model(step_dir: str, sha256: str, tokenizer: str):
     return generation.load(Path(step_dir), Path(tokenizer))
 
 

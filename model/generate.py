@@ -3,7 +3,9 @@ When the cache fills the block, the last half block is re-encoded: a little reco
 a sliding cache, which learned absolute positions would not allow anyway."""
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -92,10 +94,40 @@ class TextStream:
 
 def load_model(step_dir, device: str = "cpu") -> tuple[GPT, dict]:
     """The model of a checkpoint's safetensors export, in eval mode, and the checkpoint's config."""
+    from model.checkpoint import load_weights
     from model.config import TrainConfig
-    from storage.checkpoints import load_weights
 
     cfg, sd = load_weights(step_dir, device)
     model = GPT(TrainConfig.from_dict(cfg["train"]).model).to(device)
     model.load_state_dict(sd)
     return model.eval(), cfg
+
+
+EOT = "<|endoftext|>"
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    tokenizer: Any
+    eot: int | None
+    config: dict
+    device: str
+    tokenizer_path: Path
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_trained(step_dir: Path, home_tokenizer: Path, device: str = "auto") -> Loaded:
+    """A checkpoint's model and the tokenizer it was trained with (vocab and sha256 checked): what the CLI's
+    `generate` and the dashboard's playground sample from."""
+    from model.checkpoint import checkpoint_tokenizer
+
+    dev = pick_device(device)
+    model, cfg = load_model(Path(step_dir), dev)
+    tok, _, _, path = checkpoint_tokenizer(Path(step_dir), cfg, home_tokenizer)
+    return Loaded(model, tok, tok.token_to_id(EOT), cfg, dev, path)

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 from model import args as cli_args
+from model import checkpoint as ckpts
+from model.checkpoint import load_tokenizer  # noqa: F401 (the trainer calls it as rt.load_tokenizer)
 from model.config import TrainConfig, preset
-from storage import checkpoints as ckpts
 from storage.atomic import atomic_write_text
 from storage.paths import Home
-from storage.shards import file_sha256
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
@@ -62,39 +62,19 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def load_tokenizer(path: Path):
-    """(tokenizer, sha256 of its file, vocab size)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer; run `langpwt prepare` first")
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    return tok, file_sha256(path), tok.get_vocab_size()
-
-
 def resolve_config(ns, home: Home, tok_vocab: int, tok_sha: str, tok_path: Path) -> tuple[TrainConfig, str, Path | None]:
     """(config, run id, checkpoint to resume from): preset < checkpoint < explicit flags."""
     ov = cli_args.overrides(ns)
     if ns.resume:
-        runs = [home.run_dir(ns.run_id)] if ns.run_id else ckpts.runs_newest_first(home)
-        info = ckpts.latest(runs[0] / ckpts.CKPT_DIR) if runs else None
-        if info is None:
-            where = runs[0] if runs else home.runs
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {where}")
-        saved = json.loads((Path(info.path) / "config.json").read_text())
+        info = ckpts.find_resume(home, ns.run_id)
+        saved = ckpts.load_config(info.path)
+        ckpts.check_tokenizer(tok_path, tok_sha, tok_vocab, saved, Path(info.path))
         cfg = TrainConfig.from_dict(saved["train"])
-        if cfg.model.vocab_size != tok_vocab:
-            raise ValueError(f"{tok_path}: vocab size {tok_vocab} differs from {cfg.model.vocab_size} "
-                             f"of checkpoint {info.path}")
-        if saved.get("tokenizer_sha256") != tok_sha:
-            raise ValueError(f"{tok_path}: sha256 {tok_sha[:12]} differs from the tokenizer checkpoint "
-                             f"{info.path} was trained with ({str(saved.get('tokenizer_sha256'))[:12]})")
         for k in ARCH_KEYS:
             if k in ov and ov[k] != getattr(cfg.model, k):
                 raise ValueError(f"--{k.replace('_', '-')} {ov[k]}: a resumed run keeps its model "
                                  f"({k}={getattr(cfg.model, k)})")
-        return cfg.override(ov), runs[0].name, Path(info.path)
+        return cfg.override(ov), ckpts.run_of(info.path).name, Path(info.path)
     if "vocab_size" in ov and ov["vocab_size"] != tok_vocab:
         raise ValueError(f"--vocab-size {ov['vocab_size']}: tokenizer {tok_path} has {tok_vocab}")
     cfg = preset(ns.preset or "seed", tok_vocab).override(ov)
@@ -120,9 +100,9 @@ def accum_steps(cfg: TrainConfig, world: int) -> int:
 
 def use_compile_cache(folder: Path) -> dict[str, str]:
     """Inductor's and Triton's caches under `folder` unless the environment names others; set before the
-    first compile. A seed run's first step took 19.4 s with a cold cache and 2.5 s with a warm one (H200,
-    RESULTS.md); the defaults (/tmp, ~/.triton) do not survive a reboot or travel with the home. Inductor
-    writes its default folder into the environment on first use: that value counts as unset."""
+    first compile. A warm cache spares most of the first step's compile (RESULTS.md); the defaults (/tmp,
+    ~/.triton) do not survive a reboot or travel with the home. Inductor writes its default folder into the
+    environment on first use: that value counts as unset."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
         torch_default = os.path.abspath(default_cache_dir())
@@ -136,9 +116,8 @@ def use_compile_cache(folder: Path) -> dict[str, str]:
 
 def tune_inductor(dropout: float) -> None:
     """Inductor settings for the training graph, set before it compiles. With dropout, the "mix-order"
-    kernel that fuses LayerNorm's weight gradient into its per-row backward ran 5x slower than without
-    (382 vs 71 us per call on an H200); turned off, the step is 3.7 % faster at dropout 0.1 and ~1 %
-    slower at 0 (RESULTS.md), so it stays on there."""
+    kernel that fuses LayerNorm's weight gradient into its per-row backward is much slower than without;
+    turning it off wins with dropout and loses without (RESULTS.md), so it stays on at dropout 0."""
     import torch._inductor.config as ic
 
     if hasattr(ic.triton, "mix_order_reduction"):

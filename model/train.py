@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from model import args as cli_args
+from model import checkpoint as ckpts
 from model import runtime as rt
 from model.data import Prefetcher, TokenWindows, load_shard_list
 from model.gpt import GPT
@@ -20,7 +21,6 @@ from model.head import make_head_loss, resolve_grad_floor, resolve_head
 from model.optim import WarmupCosine, make_optimizer
 from model.sampler import BackgroundSampler
 from model.step import autocast_for, compile_step, prepare_step, train_step
-from storage import checkpoints as ckpts
 from storage.paths import Home
 
 EXIT_BAD_INPUT, EXIT_NAN, EXIT_OOM, EXIT_CKPT = 2, 3, 4, 5

@@ -117,3 +117,69 @@ class JsonlTail:
         end = data.rfind(b"\n") + 1
         self.offset += end
         return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+
+def _last_per_step(path: Path) -> tuple[dict[int, dict], dict[int, float]]:
+    """(train rows, val losses) of a run's metrics.jsonl by step, the last line of a step winning (a resumed
+    run redoes the steps after its checkpoint)."""
+    train: dict[int, dict] = {}
+    val: dict[int, float] = {}
+    for r in JsonlTail(path).read():
+        if "train_loss" in r:
+            train[r["step"]] = r
+        elif "val_loss" in r:
+            val[r["step"]] = r["val_loss"]
+    return train, val
+
+
+def _missing_metrics(home: Home, run_id: str, train: dict[int, dict], val: dict[int, float]) -> list[dict]:
+    rows = catalog.query_rows(home, "SELECT step, val_loss FROM metrics WHERE run_id = ?", [run_id])
+    steps, vals = {r[0] for r in rows}, {r[0] for r in rows if r[1] is not None}
+    missing = [r for s, r in train.items() if s not in steps]
+    return missing + [{"step": s, "val_loss": v} for s, v in val.items()
+                      if s not in vals and (s in steps or s in train)]
+
+
+def _reconcile_run(home: Home, run: Path, known_runs: set[str]) -> dict[str, int]:
+    from storage import checkpoints as ckpts
+
+    run_id, added = run.name, {"runs": 0, "checkpoints": 0, "metrics": 0}
+    infos = ckpts.list_complete(run / ckpts.CKPT_DIR)
+    train, val = _last_per_step(run / "metrics.jsonl")
+    if not infos and not train:
+        return added  # a run that never trained (refused at start): no row for work not done
+    if run_id not in known_runs:
+        cfg = json.loads((run / "config.json").read_text()).get("train", {}) if (run / "config.json").is_file() else {}
+        with catalog.writer(home) as con:
+            con.execute("INSERT INTO runs (run_id, preset, config, status, started_at, error) "
+                        "VALUES (?, ?, ?, 'interrupted', ?, ?)",
+                        [run_id, cfg.get("preset"), json.dumps(cfg, sort_keys=True), utcnow(),
+                         "rebuilt from the run folder: its flow ended before recording it"])
+        added["runs"] = 1
+    have = {r[0] for r in catalog.query_rows(home, "SELECT step FROM checkpoints WHERE run_id = ?", [run_id])}
+    for info in infos:
+        if info.step not in have:
+            add_checkpoint(home, run_id, info.to_dict(), None, [])
+            added["checkpoints"] += 1
+    missing = _missing_metrics(home, run_id, train, val)
+    if missing:
+        upsert_metrics(home, run_id, missing)
+        added["metrics"] = sum(1 for r in missing if "train_loss" in r)
+    return added
+
+
+def reconcile_runs(home: Home) -> dict[str, int]:
+    """Rows for what run folders hold and the catalog lacks: a run, its complete checkpoints, its metrics rows
+    (a flow killed, or cut off while the catalog was locked, leaves them only on disk). Idempotent: rows
+    already there are kept as they are; returns how many rows of each kind were added."""
+    total = {"runs": 0, "checkpoints": 0, "metrics": 0}
+    if not home.runs.is_dir():
+        return total
+    try:
+        known = {r[0] for r in catalog.query_rows(home, "SELECT run_id FROM runs")}
+    except catalog.CatalogMissing:
+        known = set()
+    for run in sorted(p for p in home.runs.iterdir() if p.is_dir()):
+        for k, v in _reconcile_run(home, run, known).items():
+            total[k] += v
+    return total

@@ -1,6 +1,6 @@
-"""Run the trainer in a child process (torchrun for several GPUs) and turn its output into logs,
-catalog rows and Prefect artifacts. A CUDA crash or OOM ends the child, never the worker; the cost
-is that progress arrives as text lines to parse rather than Python objects."""
+"""Run the trainer in a child process (torchrun for several GPUs) and turn its output into logs and catalog
+rows; plain functions (the flow adds Prefect's tasks and artifacts). A CUDA crash or OOM ends the child, never
+the worker; the cost is that progress arrives as text lines to parse rather than Python objects."""
 from __future__ import annotations
 
 import base64
@@ -8,20 +8,17 @@ import io
 import json
 import os
 import queue
-import re
+import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.runtime import flow_run
-
 from model.args import to_argv
+from model.config import TrainConfig, preset
 from storage import checkpoints as ckpts
 from storage import training_catalog as tc
 from storage.atomic import atomic_write_bytes, atomic_write_text
@@ -44,9 +41,57 @@ class TrainPlan:
     resume_step: int | None = None
     overrides: dict = field(default_factory=dict)
 
+GB = 1e9
 
-def artifact_key(run_id: str, what: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", f"train-{run_id}-{what}".lower()).strip("-")
+
+def estimate_bytes(cfg: TrainConfig) -> int:
+    """Memory one training process needs, roughly: fp32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter), the activations kept for the backward of one micro-batch, and the logits with their gradient
+    (micro_batch x block_size x padded vocab, fp32), which dominate for a large vocabulary."""
+    m = cfg.model
+    d, T, B = m.n_embd, m.block_size, cfg.micro_batch
+    params = m.n_layer * (12 * d * d + 13 * d) + m.padded_vocab * d + T * d + 2 * d
+    # per token and layer: about 20 saved d-wide tensors, plus the attention probabilities of the math path
+    activations = B * T * m.n_layer * (20 * d + m.n_head * T) * 4
+    logits = 2 * B * T * m.padded_vocab * 4
+    return 16 * params + activations + logits
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux): what a new process can take without swapping or the OOM killer."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cuda_visible(device: str) -> bool:
+    """Whether the trainer will run on CUDA (imports torch unless the device is cpu)."""
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_memory(cfg: TrainConfig, cuda: bool = False, available: int | None = None) -> None:
+    """Refuse, in one line naming the fix, a CPU run that cannot fit in memory (the kernel would kill it
+    midway). CUDA runs are left to the trainer, which reports an out-of-memory with the same fix."""
+    if cuda or cfg.device.startswith("cuda"):
+        return
+    free = available if available is not None else available_bytes()
+    need = estimate_bytes(cfg)
+    if free is None or need <= free:
+        return
+    rows = cfg.batch_tokens // cfg.model.block_size
+    fits = [mb for mb in range(min(cfg.micro_batch, rows), 0, -1)
+            if rows % mb == 0 and estimate_bytes(cfg.override({"micro_batch": mb})) <= free]
+    fix = f"--micro-batch {fits[0]} (gradient accumulation keeps --batch-tokens) or " if fits else ""
+    raise ValueError(f"--micro-batch {cfg.micro_batch}: the {cfg.preset} model needs about {need / GB:.1f} GB on "
+                     f"the CPU, {free / GB:.1f} GB available; try {fix}--preset tiny")
 
 
 def check_inputs(home: Home, resume: bool = False, run_id: str | None = None):
@@ -56,24 +101,49 @@ def check_inputs(home: Home, resume: bool = False, run_id: str | None = None):
     shards = tc.train_shards(home, file_sha256(home.tokenizer))
     if not shards["train"]:
         raise FileNotFoundError(f"{home.shards}: no train shards; run `langpwt prepare` first")
-    if not resume:
-        return shards, None
-    runs = [home.run_dir(run_id)] if run_id else ckpts.runs_newest_first(home)
-    last = ckpts.latest(runs[0] / ckpts.CKPT_DIR) if runs else None
-    if last is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {runs[0] if runs else home.runs}")
-    return shards, last
+    return shards, (ckpts.find_resume(home, run_id) if resume else None)
+
+
+def planned_config(home: Home, preset_name: str, overrides: dict, last: ckpts.CheckpointInfo | None) -> TrainConfig:
+    """The config the child will train with (preset or checkpoint, then the overrides), validated: bad values
+    are refused here in one line, before a child or a run folder exists."""
+    if last is not None:
+        saved = json.loads((Path(last.path) / "config.json").read_text())
+        return TrainConfig.from_dict(saved["train"]).override(overrides)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(home.tokenizer)).get_vocab_size()
+    return preset(preset_name or "seed", vocab).override(overrides)
+
+
+def keep_tokenizer(home: Home, run_id: str, last: ckpts.CheckpointInfo | None) -> None:
+    """The run's own copy of the tokenizer it trains with, so its checkpoints keep working after the home's
+    tokenizer is retrained. A resumed run keeps the copy it has; an older run without one gets the home's
+    only when that is the tokenizer its checkpoint names."""
+    dst = home.run_dir(run_id) / "tokenizer.json"
+    if dst.is_file():
+        return
+    data = home.tokenizer.read_bytes()
+    if last is not None:
+        want = json.loads((Path(last.path) / "config.json").read_text()).get("tokenizer_sha256")
+        if want and want != file_sha256(home.tokenizer):
+            return  # the trainer refuses this resume, naming both sha256s
+    atomic_write_bytes(dst, data)
 
 
 def plan_run(home: Home, preset: str, overrides: dict, resume: bool = False, run_id: str | None = None,
              nproc: int | None = None) -> TrainPlan:
-    """Check the inputs, pick the run id, write the shard list, build the child's command."""
+    """Check the inputs and the memory, pick the run id, write the shard list and the tokenizer copy, build the
+    child's command."""
     shards, last = check_inputs(home, resume, run_id)
+    cfg = planned_config(home, preset, overrides, last)
+    check_memory(cfg, cuda_visible(cfg.device))
     resume_step = None
     if last is not None:
-        run_id, resume_step = Path(last.path).parents[1].name, last.step
+        run_id, resume_step = ckpts.run_of(last.path).name, last.step
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     atomic_write_text(home.run_dir(run_id) / "shards.json", json.dumps(shards, indent=1))
+    keep_tokenizer(home, run_id, last)
     if nproc is None:
         nproc = 1
         if overrides.get("device") != "cpu":
@@ -88,6 +158,20 @@ def plan_run(home: Home, preset: str, overrides: dict, resume: bool = False, run
     else:
         cmd = [sys.executable, *child]
     return TrainPlan(str(home.root), run_id, preset, resume, nproc, cmd, resume_step, overrides)
+
+
+def exit_reason(code: int) -> str:
+    """What a non-zero exit of the trainer most likely means, with the fix when there is one."""
+    if code >= 0:
+        return f"trainer exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return (f"trainer killed by {name}: most likely out of memory (the kernel's OOM killer); "
+                "try a smaller --micro-batch (gradient accumulation keeps --batch-tokens) or --preset tiny")
+    return f"trainer killed by {name}"
 
 
 def run_child(cmd: list[str], on_event: Callable[[dict], None], on_line: Callable[[str], None]) -> int:
@@ -123,13 +207,18 @@ def run_child(cmd: list[str], on_event: Callable[[dict], None], on_line: Callabl
 
 
 class Recorder:
-    """Turns the child's events into catalog rows, artifacts and log lines."""
+    """Turns the child's events into catalog rows and log lines; `on_evals` (every evaluation so far) and
+    `on_checkpoint` (a checkpoint event) let the caller publish them elsewhere (the flow: Prefect artifacts)."""
 
-    def __init__(self, plan: TrainPlan, log, artifacts: bool = True):
-        self.plan, self.log, self.artifacts = plan, log, artifacts
+    def __init__(self, plan: TrainPlan, log, flow_run_id: str | None = None,
+                 on_evals: Callable[[list[dict]], None] | None = None,
+                 on_checkpoint: Callable[[dict], None] | None = None):
+        self.plan, self.log = plan, log
+        self.on_evals, self.on_checkpoint = on_evals, on_checkpoint
         self.home = Home.from_env(plan.home)
         self.run_dir = self.home.run_dir(plan.run_id)
-        self.flow_run_id = str(flow_run.id) if flow_run.id else None
+        self.flow_run_id = flow_run_id
+        self.started = False
         self.tail = tc.JsonlTail(self.run_dir / "metrics.jsonl")
         if plan.resume and self.tail.path.exists():  # earlier attempts' rows are in the catalog already
             self.tail.offset = self.tail.path.stat().st_size
@@ -147,6 +236,7 @@ class Recorder:
     def __call__(self, ev: dict) -> None:
         kind = ev.get("event")
         if kind == "start":
+            self.started = True
             self.device = f"{ev['device']} x{ev['world']}"
             tc.start_run(self.home, self.plan.run_id, self.plan.preset, ev["config"], self.device,
                          self.flow_run_id, self.plan.resume_step)
@@ -173,30 +263,27 @@ class Recorder:
             self.evals.append({k: row.get(k) for k in ("step", "train_loss", "val_loss", "lr", "grad_norm",
                                                         "tokens_per_s", "mfu", "tokens")} | {"sample": ev["text"]})
             self.log.info(f"eval step {ev['step']}: val loss {ev['val_loss']:.4f} | {ev['text'][:200]!r}")
-            if self.artifacts:
-                create_table_artifact(key=artifact_key(self.plan.run_id, "metrics"), table=self.evals,
-                                      description=f"run {self.plan.run_id}: metrics at each evaluation")
+            if self.on_evals:
+                self.on_evals(self.evals)
         elif kind == "checkpoint":
             self.ingest()
             tc.add_checkpoint(self.home, self.plan.run_id, ev, self.flow_run_id, ev.get("removed", []))
             self.log.info(f"checkpoint step {ev['step']}: {ev['path']} sha256 {ev['sha256'][:12]}")
-            if self.artifacts:
-                val = f"{ev['val_loss']:.4f}" if ev.get("val_loss") is not None else "—"
-                create_markdown_artifact(
-                    key=artifact_key(self.plan.run_id, f"checkpoint-{ev['step']:06d}"),
-                    description=f"checkpoint of run {self.plan.run_id} at step {ev['step']}",
-                    markdown=(f"### Checkpoint step {ev['step']}\n\n| step | val loss | path | sha256 | size |\n"
-                              f"|---|---|---|---|---|\n| {ev['step']} | {val} | [{ev['path']}](file://{ev['path']}) "
-                              f"| `{ev['sha256']}` | {ev['size_bytes'] / 1e6:.1f} MB |\n"))
+            if self.on_checkpoint:
+                self.on_checkpoint(ev)
         elif kind == "error":
             self.error = ev["message"]
             self.log.error(ev["message"])
 
     def finish(self, code: int) -> dict:
+        """The run's outcome; its catalog row is closed only if the trainer started it: a child that refused its
+        input (a resume with nothing to resume, a bad value) leaves an earlier attempt's status as it was."""
         self.ingest()
         if code and not self.error:
-            self.error = f"trainer exited with code {code}"
-        tc.finish_run(self.home, self.plan.run_id, "completed" if code == 0 else "failed", self.error, self.device)
+            self.error = exit_reason(code)
+        if self.started:
+            tc.finish_run(self.home, self.plan.run_id, "completed" if code == 0 else "failed", self.error,
+                          self.device)
         last = ckpts.latest(ckpts.checkpoint_root(self.home, self.plan.run_id))
         return dict(run_id=self.plan.run_id, exit_code=code, error=self.error,
                     checkpoint=last.path if last else None, evals=len(self.evals))
@@ -236,28 +323,3 @@ def report(home: Home, run_id: str) -> str:
     md = "\n".join(lines) + "\n"
     atomic_write_text(home.run_dir(run_id) / "report.md", md)
     return md
-
-
-@task(name="train-model")
-def train_task(plan: TrainPlan) -> dict:
-    log = get_run_logger()
-    log.info("command: " + " ".join(plan.command))
-    rec = Recorder(plan, log)
-    code = run_child(plan.command, rec, log.info)
-    return rec.finish(code)
-
-
-@task(name="train-report")
-def report_task(plan: TrainPlan) -> str:
-    md = report(Home.from_env(plan.home), plan.run_id)
-    create_markdown_artifact(key=artifact_key(plan.run_id, "report"), markdown=md,
-                             description=f"final report of run {plan.run_id}")
-    return str(Home.from_env(plan.home).run_dir(plan.run_id) / "report.md")
-
-
-@task(name="train-plan")
-def plan_task(home: str | None, preset: str, overrides: dict, resume: bool, run_id: str | None,
-              nproc: int | None) -> TrainPlan:
-    plan = plan_run(Home.from_env(home).ensure(), preset, overrides, resume, run_id, nproc)
-    get_run_logger().info(f"run {plan.run_id}: {plan.nproc} process(es), plan {asdict(plan)['overrides']}")
-    return plan

@@ -9,7 +9,7 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt import GPT
-from storage import checkpoints as ckpts
+from model import checkpoint as ckpts
 from storage.paths import Home
 
 
@@ -121,3 +121,35 @@ def test_background_saver_snapshot_ignores_later_steps(tmp_path, device):
     # the tied matrix is copied and saved once: model.pt holds one storage for wte and lm_head
     saved = ckpts.load_train_state(root / "step_000010")["model"]
     assert saved["lm_head.weight"].untyped_storage().data_ptr() == saved["transformer.wte.weight"].untyped_storage().data_ptr()
+
+
+def test_storage_checkpoints_imports_no_torch():
+    """The dashboards and the catalog list checkpoints through storage.checkpoints: it must not pull in torch."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = "import sys, storage.checkpoints; print(sorted(m for m in ('torch', 'safetensors') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_find_resume_is_the_newest_checkpoint_of_the_run(tmp_path):
+    """The one resume finder (the CLI's check, the plan and the trainer all ask it): a run id's newest checkpoint,
+    else the newest run's; a missing run or an empty home is a one-line FileNotFoundError."""
+    from storage import checkpoints as plain
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=100))
+    home = Home.from_env(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--resume: no complete checkpoint under .*runs$"):
+        plain.find_resume(home)
+    for run, steps in (("a", (10, 20)), ("b", (5,))):
+        for step in steps:
+            _save(ckpts.checkpoint_root(home, run), step, m, 1.0)
+    assert plain.find_resume(home).path == str(ckpts.checkpoint_root(home, "b") / "step_000005")  # written last
+    info = plain.find_resume(home, "a")
+    assert info.step == 20 and plain.run_of(info.path).name == "a"
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint under .*runs/nope"):
+        plain.find_resume(home, "nope")

@@ -226,7 +226,7 @@ def test_training_page_two_runs_side_by_side(dash_home, monkeypatch):
 
 @needs_training
 def test_checkpoints_page_links_prefect(dash_home, monkeypatch, prefect_api):
-    from tasks.train import artifact_key
+    from flows.train import artifact_key
 
     monkeypatch.setenv("PREFECT_UI_URL", "http://prefect.example:4200")
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)

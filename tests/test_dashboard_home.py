@@ -37,10 +37,9 @@ def _train(home: Home) -> None:
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     try:
         train(TrainParams(preset="tiny", home=str(home.root), run_id="tiny-fixture", max_steps=TRAIN_STEPS,
-                          device="cpu", overrides={"eval_every": 5, "ckpt_every": 5, "eval_batches": 1}))
+                          device="cpu", eval_every=5, ckpt_every=5, eval_batches=1))
         train(TrainParams(preset="tiny", home=str(home.root), run_id="tiny-fixture-b", max_steps=5,
-                          device="cpu", overrides={"eval_every": 5, "ckpt_every": 5, "eval_batches": 1,
-                                                   "lr": 1e-2}))
+                          device="cpu", eval_every=5, ckpt_every=5, eval_batches=1, lr=1e-2))
     finally:
         for k, v in saved.items():
             if v is None:

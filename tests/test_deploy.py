@@ -119,6 +119,11 @@ def test_deployments_declared(server):
 
     PrepareParams(**by["sample-10bt"].parameters["params"]), TrainParams(**by["seed"].parameters["params"])
     PrepareParams(**by["demo"].parameters["prepare"]), TrainParams(**by["demo"].parameters["train"])
+    # the run form shows the trainer's knobs one by one, each with its help line (no free-form overrides dict)
+    for dep in ("seed", "demo"):
+        props = by[dep].parameter_openapi_schema["definitions"]["TrainParams"]["properties"]
+        assert "overrides" not in props and {"lr", "micro_batch", "max_steps", "n_layer", "device"} <= set(props)
+        assert all(p.get("description") for p in props.values()), props
 
 
 def test_pipeline_demo_completes(server, tmp_path):

@@ -119,7 +119,7 @@ def cmd_demo(args) -> int:
     again = ckpts.latest(ckpts.checkpoint_root(home, "demo")) is not None  # a second `make demo` resumes
     try:
         out = train(TrainParams(preset="tiny", home=str(home.root), run_id="demo", resume=again, device="cpu"))
-    except TrainingFailed as e:
+    except (TrainingFailed, FileNotFoundError, ValueError) as e:  # a refused plan (memory, tokenizer) too
         return err(str(e))
     print(f"trained run demo: checkpoint {out['checkpoint']}, report {out['report']}")
     print("generated: ", end="")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from storage import checkpoints as ckpts
+from model import checkpoint as ckpts
 from tests.conftest import ROOT
 from tests.faults import ledger
 from tests.faults.test_disk_full import mount_tmpfs, umount
@@ -120,3 +120,18 @@ def test_disk_full_during_checkpoint_writes(train_home, tmp_path):
             runs.unlink()
             umount(mnt)
             old.rename(runs)
+
+
+def test_a_trainer_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_path):
+    """The kernel's OOM killer ends the child with SIGKILL and no message of its own: the flow's error says so
+    and names the fix, instead of a bare negative exit code."""
+    from tasks.train import exit_reason, run_child
+
+    lines: list[str] = []
+    code = run_child([sys.executable, "-c", "import os, signal; print('loading'); os.kill(os.getpid(), signal.SIGKILL)"],
+                     lambda ev: None, lines.append)
+    assert code == -signal.SIGKILL and lines == ["loading"]
+    why = exit_reason(code)
+    assert why.startswith("trainer killed by SIGKILL: most likely out of memory (the kernel's OOM killer); try ")
+    assert "--micro-batch" in why and "--preset tiny" in why
+    assert exit_reason(-signal.SIGTERM) == "trainer killed by SIGTERM" and exit_reason(3) == "trainer exited with code 3"
