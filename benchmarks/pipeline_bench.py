@@ -126,7 +126,7 @@ def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
     from tasks.scan import scan_file
     from tasks.stage import stage_file
     from tasks.tokenize import tokenize_file
-    from flows.record import RECORD_EVERY_S
+    from tasks.record import RECORD_EVERY_S
     from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer, ready_sha256
 
     shutil.rmtree(home_dir, ignore_errors=True)

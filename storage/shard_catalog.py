@@ -103,15 +103,17 @@ def record_failed(home: Home, shard_id: int, source_file: str, source_sha256: st
 
 
 def shard_states(home: Home) -> dict[int, dict]:
-    """shard_id -> {status, source_sha256, config_hash} (a shard is done only if both splits are)."""
+    """shard_id -> {status, source_sha256, config_hash, tokenizer_sha256} (a shard is done only if both
+    splits are)."""
     try:
         rows = catalog.query_rows(home, """
-            SELECT shard_id, min(status), max(status), any_value(source_sha256), any_value(config_hash)
+            SELECT shard_id, min(status), max(status), any_value(source_sha256), any_value(config_hash),
+                   any_value(tokenizer_sha256)
             FROM shards GROUP BY shard_id""")
     except catalog.CatalogMissing:
         return {}
-    return {r[0]: dict(status=r[1] if r[1] == r[2] else "partial", source_sha256=r[3], config_hash=r[4])
-            for r in rows}
+    return {r[0]: dict(status=r[1] if r[1] == r[2] else "partial", source_sha256=r[3], config_hash=r[4],
+                       tokenizer_sha256=r[5]) for r in rows}
 
 
 def mark_stale(home: Home, shard_ids: list[int]) -> None:
