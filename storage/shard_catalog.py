@@ -47,6 +47,27 @@ def record_shard(home: Home, shard_id: int, timing: dict | None = None) -> dict:
     return record_shards(home, [(shard_id, timing)])[0]
 
 
+def save_timing(home: Home, shard_id: int, config_hash: str, timing: dict) -> None:
+    """The shard's timing (started_at, finished_at, seconds, flow_run_id) for a later `rebuild`."""
+    from storage.atomic import atomic_write_text
+
+    atomic_write_text(home.shard_timing(shard_id), json.dumps(dict(timing, config_hash=config_hash), default=str))
+
+
+def load_timing(home: Home, shard_id: int, config_hash: str) -> dict | None:
+    """The timing saved for this build of the shard (same config_hash), else None."""
+    try:
+        t = json.loads(home.shard_timing(shard_id).read_text())
+    except (OSError, ValueError):
+        return None
+    if t.pop("config_hash", None) != config_hash:
+        return None
+    for k in ("started_at", "finished_at"):
+        if t.get(k):
+            t[k] = dt.datetime.fromisoformat(t[k])
+    return t
+
+
 def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer: dict | None = None) -> list[dict]:
     """`record_shard` for several (shard_id, timing) in one transaction: each DuckDB open and the
     checkpoint on close cost ~30-100 ms, and shards often finish together. Still one short unit of
@@ -60,6 +81,8 @@ def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer
         # sidecars name files relative to the shards folder, so a home can move and two homes compare equal
         rows = [dict(r, path=str(home.shards / r["path"]), **(timing or {})) for r in meta["rows"]]
         # ParquetFile.read skips the dataset machinery read_table imports on first use (~0.6 s)
+        if timing:
+            save_timing(home, shard_id, meta["config_hash"], timing)
         loaded.append((shard_id, meta, rows, pq.ParquetFile(home.shard_docs(shard_id)).read(),
                        pq.ParquetFile(home.shard_counts(shard_id)).read()))
     if loaded or tokenizer:
@@ -163,7 +186,8 @@ def last_source(home: Home) -> tuple[str, str | None] | None:
 
 
 def rebuild(home: Home) -> int:
-    """Rebuild the pipeline's catalog rows from the shards' own sidecars; returns the shards recorded.
+    """Rebuild the pipeline's catalog rows from the shards' own sidecars (and their saved timings);
+    returns the shards recorded.
 
     A catalog that no longer opens is moved aside (`catalog.duckdb.broken`), never deleted."""
     import duckdb
@@ -178,7 +202,9 @@ def rebuild(home: Home) -> int:
             home.catalog.with_name("catalog.duckdb.wal").unlink(missing_ok=True)
     n = 0
     for meta_path in sorted(home.shards.glob("shard_*.json")):
-        meta = record_shard(home, int(meta_path.name.split("_")[1].split(".")[0]))
+        sid = int(meta_path.name.split("_")[1].split(".")[0])
+        meta = json.loads(meta_path.read_text())
+        meta = record_shard(home, sid, load_timing(home, sid, meta["config_hash"]))
         record(home, [SourceFile(**meta["source"])], "verified")
         n += 1
     return n
