@@ -20,7 +20,7 @@ SHARD_COLUMNS = ["shard_id", "split", "source_file", "path", "n_docs", "n_tokens
 def _replace_shard_rows(con, shard_id: int, rows: list[dict]) -> None:
     con.execute("DELETE FROM shards WHERE shard_id = ?", [shard_id])
     # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports
-    # pandas (~0.25 s per process), and these are two rows
+    # pandas, and these are two rows
     con.executemany(f"INSERT INTO shards ({', '.join(SHARD_COLUMNS)}) VALUES ({', '.join('?' * len(SHARD_COLUMNS))})",
                     [[r.get(c) for c in SHARD_COLUMNS] for r in rows])
 
@@ -70,7 +70,7 @@ def load_timing(home: Home, shard_id: int, config_hash: str) -> dict | None:
 
 def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer: dict | None = None) -> list[dict]:
     """`record_shard` for several (shard_id, timing) in one transaction: each DuckDB open and the
-    checkpoint on close cost ~30-100 ms, and shards often finish together. Still one short unit of
+    checkpoint on close take a core the encoders want, and shards often finish together. Still one short unit of
     work, so readers get their turn between two calls. `tokenizer`: `record_tokenizer`'s arguments,
     its row written in the same transaction."""
     import pyarrow.parquet as pq
@@ -80,7 +80,7 @@ def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer
         meta = json.loads(home.shard_meta(shard_id).read_text())
         # sidecars name files relative to the shards folder, so a home can move and two homes compare equal
         rows = [dict(r, path=str(home.shards / r["path"]), **(timing or {})) for r in meta["rows"]]
-        # ParquetFile.read skips the dataset machinery read_table imports on first use (~0.6 s)
+        # ParquetFile.read skips the dataset machinery read_table imports on first use
         if timing:
             save_timing(home, shard_id, meta["config_hash"], timing)
         loaded.append((shard_id, meta, rows, pq.ParquetFile(home.shard_docs(shard_id)).read(),

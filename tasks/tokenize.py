@@ -58,7 +58,7 @@ class ShardCounts:
 
 def _bincount(ids: np.ndarray, minlength: int, chunk: int = 1 << 20) -> np.ndarray:
     """np.bincount in slices: it first casts its input to int64, which for a whole batch is a copy
-    twice the ids' size; an 8 MB slice stays in cache and runs about twice as fast."""
+    twice the ids' size; a slice of a million ids stays in cache."""
     out = np.zeros(minlength, dtype=np.int64)
     for i in range(0, ids.size, chunk):
         out += np.bincount(ids[i:i + chunk], minlength=minlength)

@@ -22,8 +22,8 @@ from tasks.params import DEFAULT_VOCAB
 from tasks.read import iter_batches
 
 EOT = "<|endoftext|>"
-# Text per encoder call: fastokens ran ~30 % faster on ~4 MB slices than on 30 MB batches
-# (working set in cache); the pipeline's read batches stay large for Polars' sake.
+# Text per encoder call: slices of a few MB keep fastokens' working set in cache; the pipeline's read
+# batches stay large for Polars' sake.
 ENCODE_CHARS = 4_000_000
 
 
@@ -104,7 +104,7 @@ class Encoder:
 
     @classmethod
     def preload(cls, path: str | Path, sha256: str) -> None:
-        """Start `cached` on a thread: loading takes 0.3-0.45 s, the longest fixed cost of a run, and the
+        """Start `cached` on a thread: loading is the longest fixed cost of a run, and the
         first reads and catalog writes can overlap it. A failure is left to the next `cached` call to raise."""
         if sha256 in _CACHE:
             return
@@ -194,8 +194,8 @@ def _load_fast(path: Path):
 def _split_model(text: str) -> tuple[str, str | None]:
     """(the object without its top-level "model", the model's JSON and what follows it), or (text, None).
 
-    The model (vocabulary and merges) is ~97 % of the file and needs no change: parsing and re-serialising
-    it in Python took ~0.09 s of the GIL per load. `tokenizers` writes it last; keys after it travel
+    The model (vocabulary and merges) is nearly all of the file and needs no change: parsing and
+    re-serialising it in Python would hold the GIL on every load. `tokenizers` writes it last; keys after it travel
     untouched in the tail. A file whose post_processor or added_tokens come after it takes the full parse."""
     at = text.find('"model":')
     if at < 0:
