@@ -111,95 +111,44 @@ def child_baseline(corpus: Path, tok_json: Path, out: Path) -> dict:
 
 
 def child_ours(corpus: Path, tok_json: Path, home_dir: Path) -> dict:
-    """flows/tokenize.py `tokenize` + run_tokenize without Prefect: the same plain functions in the same
-    order (tasks in a thread pool of 2), from listing the files to the pipeline_runs row. The tokenizer
-    file is given (`--tokenizer`), so no training; copying and loading it (one Encoder per process) is timed,
-    and, as in the flow, done before any read: each file is read once (scan + encode), then finished."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    """flows/tokenize.py `tokenize` without Prefect: the same scheduler (tasks/schedule.py) with its steps in a
+    thread pool of 2, from listing the files to the pipeline_runs row. The tokenizer file is given
+    (`--tokenizer`), so no training; copying and loading it (one Encoder per process) is timed, and, as in the
+    flow, done before any read: each file is read once (scan + encode), then finished."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    from flows.runtime import arrow_allocator
     from storage import shard_catalog, sources
-    from storage.atomic import remove_stale_temps
     from storage.paths import Home
-    from tasks.filter import FilterConfig
-    from tasks.finish import finish_file
-    from tasks.plan import check_reprocess, likely_built, plan_one
-    from tasks.scan import scan_file
-    from tasks.stage import stage_file
-    from tasks.tokenize import tokenize_file
-    from flows.record import RECORD_EVERY_S
-    from tasks.tokenizer import Encoder, TokenizerConfig, ensure_tokenizer, preload_tokenizer, ready_sha256
+    from tasks.finish import build_shard
+    from tasks.params import TokenizeParams
+    from tasks.schedule import Steps, TokenizeRun
+    from tasks.stage import scan_step
+    from tasks.tokenizer import home_vocab, preload_tokenizer, resolve_tokenizer
 
     shutil.rmtree(home_dir, ignore_errors=True)
-    home, fcfg, tcfg = Home(home_dir.resolve()).ensure(), FilterConfig(), TokenizerConfig()
+    arrow_allocator()                                                                    # the flow's start
+    home = Home(home_dir.resolve()).ensure()
+    params = TokenizeParams(source=str(corpus), tokenizer=str(tok_json), home=str(home.root))
+    fcfg = params.filter_config()
     t0, c0 = time.perf_counter(), _cpu()
     started = shard_catalog.utcnow()
     preload_tokenizer(home.tokenizer, str(tok_json))                                     # warm_tokenizer
     files = sources.list_local(corpus)                                                   # local_files
     shard_catalog.record_pipeline_run(home, "bench", "tokenize", {}, "running", started)
-    for folder in (home.shards, home.index, home.tokenizer_dir):
-        remove_stale_temps(folder)
-    check_reprocess(None, [f.position for f in files])
-    usable, building, res, queued, done, last, tok_row = [], {}, [], [], [], [time.monotonic()], {}
-
-    def record_finished(block: bool) -> None:                                       # ShardRecorder.flush
-        while True:
-            for f in [f for f in building if f.done()]:
-                building.pop(f)
-                done.append(f.result())
-            due = time.monotonic() - last[0] >= RECORD_EVERY_S
-            if (due or (block and not building)) and (done or tok_row):
-                if any(r.error for r in done):
-                    raise SystemExit(f"ours failed: {[r.error for r in done if r.error]}")
-                res.extend(done)
-                shard_catalog.record_shards(home, [(r.shard_id, r.timing) for r in done], tokenizer=tok_row or None)
-                done.clear()
-                tok_row.clear()
-                last[0] = time.monotonic()
-            if not (block and building):
-                return
-            next(as_completed(building))
-
     with ThreadPoolExecutor(int(os.environ.get("BENCH_WORKERS", "2"))) as ex:
-        states = shard_catalog.shard_states(home)
-        sha = ready_sha256(home.tokenizer, str(tok_json))
-        scans = [ex.submit(stage_file, home, f, fcfg, str(tok_json), sha)              # scan_task
-                 if likely_built(home, f, files[:i], fcfg, sha, states) else ex.submit(scan_file, home, f, fcfg)
-                 for i, f in enumerate(files)]
-        sources.record(home, files, "verified")
-        origin, sha = ensure_tokenizer(home.tokenizer, [], fcfg, tcfg, str(tok_json))  # tokenizer_task
-        vocab = Encoder.cached(home.tokenizer, sha).vocab_size
-
-        def build(j, staged: bool):                                                      # tokenize_task
-            enc = lambda: Encoder.cached(j.tokenizer_path, j.tokenizer_sha256)  # noqa: E731
-            return finish_file(home, j, enc) if staged else tokenize_file(home, j, enc())
-
-        recorded = False
-        for i, (f, sc) in enumerate(zip(files, scans)):
-            if sc.result().error:
-                raise SystemExit(f"scan failed: {sc.result().error}")
-            usable.append(f)
-            queued.append(f)
-            if i + 1 < len(files) and scans[i + 1].done():
-                continue  # planned together with the next file(s)
-            if not recorded:
-                tok_row.update(sha256=sha, path=str(home.tokenizer), vocab_size=vocab, origin=origin,
-                               config=tcfg.__dict__)
-                recorded = True
-            jobs = [plan_one(home, q, usable[:usable.index(q)], fcfg, str(home.tokenizer), sha, states)[1]
-                    for q in queued]
-            shard_catalog.mark_running(home, [(j.source.shard_id, j.source.file, j.source.sha256, j.config_hash)
-                                              for j in jobs if not scans[files.index(j.source)].result().staged], None)
-            for job in jobs:
-                if scans[files.index(job.source)].result().staged:  # finished at once, in this thread
-                    done.append(build(job, True))
-                else:
-                    building[ex.submit(build, job, False)] = job
-            queued = []
-            record_finished(block=False)
-        record_finished(block=True)
+        steps = Steps(scan=lambda src, tok: ex.submit(scan_step, home, src, fcfg, tok),
+                      train_tokenizer=lambda usable: resolve_tokenizer(
+                          home.tokenizer, usable, fcfg, params.tokenizer_config(home_vocab(home.tokenizer)),
+                          params.tokenizer),
+                      build=lambda job: ex.submit(build_shard, home, job, False),
+                      finish=lambda job: build_shard(home, job, True))
+        summary = TokenizeRun(home, params, files, steps, listed=True).run()
+    if summary["failed"]:
+        raise SystemExit(f"ours failed: {summary['failed']}")
     shard_catalog.record_pipeline_run(home, "bench", "tokenize", {}, "completed", started, {})
-    return dict(seconds=time.perf_counter() - t0, cpu_s=_cpu() - c0, tokens=sum(sum(r.tokens.values()) for r in res),
-                docs=sum(r.kept for r in res), dropped=sum(r.rows_in - r.kept for r in res), rss_mb=_rss_mb())
+    return dict(seconds=time.perf_counter() - t0, cpu_s=_cpu() - c0, tokens=summary["tokens"],
+                docs=summary["kept"], dropped=summary["docs_in"] - summary["kept"], rss_mb=_rss_mb())
 
 
 def child_bare(corpus: Path, tok_json: Path) -> dict:
@@ -302,7 +251,7 @@ def med(xs):
     return statistics.median(xs)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="16 MB corpus, 1M SQL rows: a smoke test, not a result")
@@ -314,7 +263,11 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="with --pairs: also time read + encode alone (no filter, shards or catalog) in each pair")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = _args()
     if a.child:
         role, args = a.child[0], a.child[1:]
         fn = dict(baseline=child_baseline, ours=child_ours, bare=child_bare, floor=child_floor)
@@ -335,9 +288,18 @@ def main() -> None:
     tok = train_once(corpus)
     print(f"tiktoken ids == Encoder ids on {verify_ids(corpus, tok, a.verify_docs):,} documents", flush=True)
 
-    roles = ["baseline", "ours", "bare"]
+    rows = _repeats(a, corpus, tok)
+    pair_ratios, floor_ratios = _pairs(a, corpus, tok)
+    _report(rows, pair_ratios, floor_ratios, corpus, big, tok, sql_rows, t0)
+
+
+ROLES = ["baseline", "ours", "bare"]
+HOMES = {"baseline": OUT / "nano_shards", "ours": OUT / "home_ours"}
+
+
+def _repeats(a, corpus: Path, tok: Path) -> dict[str, list[dict]]:
+    roles, homes = ROLES, HOMES
     rows: dict[str, list[dict]] = {k: [] for k in roles + ["flow"]}
-    homes = {"baseline": OUT / "nano_shards", "ours": OUT / "home_ours"}
     for r in range(a.repeats):
         print(f"repeat {r + 1}/{a.repeats}  load: {os.getloadavg()[0]:.2f}", flush=True)
         # the order rotates so that no method always runs first (or right after another filled the page cache)
@@ -350,7 +312,11 @@ def main() -> None:
             res = run_flow(corpus, tok, OUT / "home_flow")
             rows["flow"].append(res)
             print(f"  flow     {res['seconds']:6.2f} s wall ({res['flow_body_s']:.2f} s inside the flow)", flush=True)
+    return rows
 
+
+def _pairs(a, corpus: Path, tok: Path) -> tuple[list[float], list[float]]:
+    homes = HOMES
     pair_ratios, floor_ratios = [], []
     for i in range(a.pairs):  # this VM drifts over minutes; adjacent runs share its state, so pair them
         order = ("ours", "bare") if i % 2 == 0 else ("bare", "ours")
@@ -363,7 +329,12 @@ def main() -> None:
             extra = f"; read + encode alone {got['floor']['seconds']:.2f} s, {floor_ratios[-1]:.0f} % of bare"
         print(f"  pair {i + 1}/{a.pairs}: ours {got['ours']['seconds']:.2f} s, bare {got['bare']['seconds']:.2f} s, "
               f"ours / bare {pair_ratios[-1]:.0f} %{extra}", flush=True)
+    return pair_ratios, floor_ratios
 
+
+def _report(rows: dict, pair_ratios: list, floor_ratios: list, corpus: Path, big: Path, tok: Path, sql_rows: int,
+            t0: float) -> None:
+    roles = ROLES
     ntok = {k: {v["tokens"] for v in rows[k]} for k in rows if rows[k]}
     same = len(set().union(*ntok.values())) == 1
     print(f"token counts {'identical' if same else 'DIFFER'} across methods: {ntok}")

@@ -9,34 +9,20 @@ import sys
 from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field
 
-from flows.runtime import tasks_on
-from flows.tokenize import Incoming, TokenizeParams, local_files, run_tokenize, warm_tokenizer
+from flows.download import plan_download_task, submit_downloads
+from flows.runtime import arrow_allocator, tasks_on
+from flows.tokenize import local_files, run_tokenize, warm_tokenizer
 from storage import shard_catalog
+from storage.hub import HubError
 from storage.lock import exclusive
 from storage.paths import Home
-from flows.download import plan_download_task, submit_downloads
-from storage.hub import HubError
 from storage.sources import SourceFile
-from tasks.download import DownloadParams, record_fetch
+from tasks.download import record_fetch
+from tasks.params import PrepareParams, check_home
+from tasks.schedule import Incoming
 
-
-class PrepareParams(TokenizeParams):
-    """`tokenize`'s parameters; without `source`, those of the Hub download too."""
-    dataset: str = "HuggingFaceFW/fineweb-edu"
-    subset: str = Field("sample-10BT", description="sample-10BT|sample-100BT|sample-350BT|CC-MAIN-YYYY-WW")
-    revision: str = "main"
-    include: str | None = None
-    max_files: int | None = Field(None, ge=1)
-    download_workers: int = Field(4, ge=1, le=64)
-    min_free_bytes: int = Field(1 << 30, ge=0)
-    retries: int = Field(8, ge=0)
-
-    def download_params(self) -> DownloadParams:
-        return DownloadParams(dataset=self.dataset, subset=self.subset, revision=self.revision,
-                              include=self.include, max_files=self.max_files, workers=self.download_workers,
-                              min_free_bytes=self.min_free_bytes, retries=self.retries, progress=False)
+__all__ = ["PrepareParams", "prepare"]
 
 
 def _files(home: Home, params: PrepareParams) -> tuple[list, bool, dict[str, str]]:
@@ -67,6 +53,8 @@ def _files(home: Home, params: PrepareParams) -> tuple[list, bool, dict[str, str
 @flow(name="prepare", task_runner=ThreadPoolTaskRunner(max_workers=6), log_prints=True)
 def prepare(params: PrepareParams) -> dict:
     """Download (unless `source` is given) and tokenize; returns the tokenize summary."""
+    arrow_allocator()
+    check_home(params, Home.from_env(params.home))  # before the home is made or locked
     home = Home.from_env(params.home).ensure()
     started = shard_catalog.utcnow()
     run_id = str(flow_run.id)

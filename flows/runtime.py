@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from tasks.params import ScaleOut
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,27 +27,23 @@ def project_dir() -> dict[str, str]:
     return {"directory": str(ROOT)}
 
 
-class ScaleOut(BaseModel):
-    """Where per-file tasks (scan, tokenize-shard) run; default: threads in the flow's process."""
-    dask_address: str | None = Field(
-        None,
-        description="scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (workers need this "
-                    "checkout and the same $LANGPWT_HOME path, e.g. a network filesystem)")
-    dask_local: int | None = Field(None, ge=1, le=256,
-                                   description="start a Dask LocalCluster with this many worker processes")
+def arrow_allocator() -> None:
+    """Arrow's memory pool for a pipeline process: jemalloc, unless ARROW_DEFAULT_MEMORY_POOL names one.
 
-    @field_validator("dask_address")
-    @classmethod
-    def _address(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", v):
-            raise ValueError(f"{v!r}: expected a Dask scheduler address such as tcp://10.0.0.5:8786")
-        return v
+    Arrow's default pool is mimalloc, whose arenas are committed eagerly on Linux as transparent huge pages:
+    every 2 MB region it touches is zeroed whole, a large share of a tokenize run's CPU (benchmarks/RESULTS.md).
+    jemalloc commits on demand and measured the same as mimalloc told to; unlike mimalloc's setting, which
+    is read once when libarrow loads, the pool can be chosen here, where a flow or a worker's task starts."""
+    import pyarrow as pa
 
-    @model_validator(mode="after")
-    def _one_cluster(self):
-        if self.dask_address and self.dask_local:
-            raise ValueError("give dask_address or dask_local, not both")
-        return self
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without it keeps its default
+        return
+    if pa.default_memory_pool().backend_name != pool.backend_name:
+        pa.set_memory_pool(pool)
 
 
 def dask_runner(opts: ScaleOut):

@@ -102,6 +102,11 @@ class Home:
         so remove_stale_temps clears what a killed run left and no reader ever lists it."""
         return self.shards / f".shard_{shard_id:06d}.staged.tmp"
 
+    def shard_timing(self, shard_id: int) -> Path:
+        """When the shard was built and in how many seconds: kept apart from the shard's own sidecars,
+        which must be byte-identical from run to run, so `rebuild-catalog` can restore them."""
+        return self.root / "timings" / f"shard_{shard_id:06d}.json"
+
     def index_file(self, shard_id: int) -> Path:
         return self.index / f"index_{shard_id:06d}.parquet"
 

@@ -20,7 +20,7 @@ SHARD_COLUMNS = ["shard_id", "split", "source_file", "path", "n_docs", "n_tokens
 def _replace_shard_rows(con, shard_id: int, rows: list[dict]) -> None:
     con.execute("DELETE FROM shards WHERE shard_id = ?", [shard_id])
     # bound parameters, not an Arrow table: pyarrow's first Python-object conversion imports
-    # pandas (~0.25 s per process), and these are two rows
+    # pandas, and these are two rows
     con.executemany(f"INSERT INTO shards ({', '.join(SHARD_COLUMNS)}) VALUES ({', '.join('?' * len(SHARD_COLUMNS))})",
                     [[r.get(c) for c in SHARD_COLUMNS] for r in rows])
 
@@ -47,9 +47,30 @@ def record_shard(home: Home, shard_id: int, timing: dict | None = None) -> dict:
     return record_shards(home, [(shard_id, timing)])[0]
 
 
+def save_timing(home: Home, shard_id: int, config_hash: str, timing: dict) -> None:
+    """The shard's timing (started_at, finished_at, seconds, flow_run_id) for a later `rebuild`."""
+    from storage.atomic import atomic_write_text
+
+    atomic_write_text(home.shard_timing(shard_id), json.dumps(dict(timing, config_hash=config_hash), default=str))
+
+
+def load_timing(home: Home, shard_id: int, config_hash: str) -> dict | None:
+    """The timing saved for this build of the shard (same config_hash), else None."""
+    try:
+        t = json.loads(home.shard_timing(shard_id).read_text())
+    except (OSError, ValueError):
+        return None
+    if t.pop("config_hash", None) != config_hash:
+        return None
+    for k in ("started_at", "finished_at"):
+        if t.get(k):
+            t[k] = dt.datetime.fromisoformat(t[k])
+    return t
+
+
 def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer: dict | None = None) -> list[dict]:
     """`record_shard` for several (shard_id, timing) in one transaction: each DuckDB open and the
-    checkpoint on close cost ~30-100 ms, and shards often finish together. Still one short unit of
+    checkpoint on close take a core the encoders want, and shards often finish together. Still one short unit of
     work, so readers get their turn between two calls. `tokenizer`: `record_tokenizer`'s arguments,
     its row written in the same transaction."""
     import pyarrow.parquet as pq
@@ -59,7 +80,9 @@ def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer
         meta = json.loads(home.shard_meta(shard_id).read_text())
         # sidecars name files relative to the shards folder, so a home can move and two homes compare equal
         rows = [dict(r, path=str(home.shards / r["path"]), **(timing or {})) for r in meta["rows"]]
-        # ParquetFile.read skips the dataset machinery read_table imports on first use (~0.6 s)
+        # ParquetFile.read skips the dataset machinery read_table imports on first use
+        if timing:
+            save_timing(home, shard_id, meta["config_hash"], timing)
         loaded.append((shard_id, meta, rows, pq.ParquetFile(home.shard_docs(shard_id)).read(),
                        pq.ParquetFile(home.shard_counts(shard_id)).read()))
     if loaded or tokenizer:
@@ -103,15 +126,17 @@ def record_failed(home: Home, shard_id: int, source_file: str, source_sha256: st
 
 
 def shard_states(home: Home) -> dict[int, dict]:
-    """shard_id -> {status, source_sha256, config_hash} (a shard is done only if both splits are)."""
+    """shard_id -> {status, source_sha256, config_hash, tokenizer_sha256} (a shard is done only if both
+    splits are)."""
     try:
         rows = catalog.query_rows(home, """
-            SELECT shard_id, min(status), max(status), any_value(source_sha256), any_value(config_hash)
+            SELECT shard_id, min(status), max(status), any_value(source_sha256), any_value(config_hash),
+                   any_value(tokenizer_sha256)
             FROM shards GROUP BY shard_id""")
     except catalog.CatalogMissing:
         return {}
-    return {r[0]: dict(status=r[1] if r[1] == r[2] else "partial", source_sha256=r[3], config_hash=r[4])
-            for r in rows}
+    return {r[0]: dict(status=r[1] if r[1] == r[2] else "partial", source_sha256=r[3], config_hash=r[4],
+                       tokenizer_sha256=r[5]) for r in rows}
 
 
 def mark_stale(home: Home, shard_ids: list[int]) -> None:
@@ -161,7 +186,8 @@ def last_source(home: Home) -> tuple[str, str | None] | None:
 
 
 def rebuild(home: Home) -> int:
-    """Rebuild the pipeline's catalog rows from the shards' own sidecars; returns the shards recorded.
+    """Rebuild the pipeline's catalog rows from the shards' own sidecars (and their saved timings);
+    returns the shards recorded.
 
     A catalog that no longer opens is moved aside (`catalog.duckdb.broken`), never deleted."""
     import duckdb
@@ -176,7 +202,9 @@ def rebuild(home: Home) -> int:
             home.catalog.with_name("catalog.duckdb.wal").unlink(missing_ok=True)
     n = 0
     for meta_path in sorted(home.shards.glob("shard_*.json")):
-        meta = record_shard(home, int(meta_path.name.split("_")[1].split(".")[0]))
+        sid = int(meta_path.name.split("_")[1].split(".")[0])
+        meta = json.loads(meta_path.read_text())
+        meta = record_shard(home, sid, load_timing(home, sid, meta["config_hash"]))
         record(home, [SourceFile(**meta["source"])], "verified")
         n += 1
     return n

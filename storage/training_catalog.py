@@ -21,17 +21,22 @@ METRIC_SCHEMA = pa.schema(list(zip(METRIC_COLUMNS, METRIC_TYPES)))
 
 
 def train_shards(home: Home, tokenizer_sha256: str | None = None) -> dict[str, list[str]]:
-    """Finished shards per split, from the catalog; a glob of HOME/shards when there is no catalog."""
+    """Finished shards per split, from the catalog; a glob of HOME/shards when there is no catalog.
+
+    Shards of another tokenizer than `tokenizer_sha256` (done, or stale since it replaced theirs) are
+    refused in one line rather than left out: a model must not train on a silently smaller set."""
     if not home.catalog.exists():
         return {s: [str(p) for p in sorted(home.shards.glob(f"shard_*.{s}.bin"))] for s in ("train", "val")}
-    rows = catalog.query_rows(home, "SELECT split, path, tokenizer_sha256 FROM shards WHERE status = 'done' "
-                                    "AND n_tokens > 0 ORDER BY shard_id, split")
-    if tokenizer_sha256 and rows and not any(r[2] == tokenizer_sha256 for r in rows):
-        raise ValueError(f"{home.catalog}: every finished shard was built with another tokenizer than "
-                         f"{home.tokenizer} ({tokenizer_sha256[:12]}); run `langpwt prepare` again")
+    rows = catalog.query_rows(home, "SELECT shard_id, split, path, tokenizer_sha256, status FROM shards "
+                                    "WHERE status IN ('done', 'stale') AND n_tokens > 0 ORDER BY shard_id, split")
+    other = sorted({r[0] for r in rows if tokenizer_sha256 and r[3] not in (None, tokenizer_sha256)})
+    if other:
+        ids = ", ".join(f"{i:06d}" for i in other[:5]) + (", ..." if len(other) > 5 else "")
+        raise ValueError(f"{home.catalog}: {len(other)} shard(s) ({ids}) were built with another tokenizer than "
+                         f"{home.tokenizer} ({tokenizer_sha256[:12]}); run `langpwt tokenize` to rebuild them")
     out: dict[str, list[str]] = {"train": [], "val": []}
-    for split, path, sha in rows:
-        if split in out and (not tokenizer_sha256 or sha in (None, tokenizer_sha256)):
+    for _, split, path, _, status in rows:
+        if split in out and status == "done":
             out[split].append(path)
     return out
 

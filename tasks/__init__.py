@@ -1,3 +1,2 @@
 """Data steps: one verb per module, each a plain function that Prefect tasks wrap thinly.
-Trade-off: `storage` is imported first so its allocator default is set before any step loads pyarrow."""
-import storage  # noqa: F401
+No Prefect here: the steps and the run's scheduler run and test without an orchestrator."""

@@ -72,9 +72,23 @@ def hash_columns() -> list[pl.Expr]:
     ]
 
 
+# The validation split, defined once for a subset: the documents of its FIRST file (position 0) whose id
+# hash falls in `val_fraction`, in file order, up to VAL_MAX_TOKENS tokens (the rest of them go to train);
+# every other file's documents all go to train. So `--max-files 2` and the full subset hold out the same
+# documents. VAL_RULE is part of every shard's config hash: changing the rule makes the shards stale.
+VAL_FILE = 0
+VAL_MAX_TOKENS = 10_000_000
+VAL_RULE = dict(file=VAL_FILE, max_tokens=VAL_MAX_TOKENS, hash_seed=SEED_SPLIT)
+
+
 def val_mask(ids: pl.Expr, fraction: float) -> pl.Expr:
     """Validation membership from a hash of the document id: stable whatever the file order."""
     return (ids.hash(seed=SEED_SPLIT) % 1_000_000) < int(round(fraction * 1_000_000))
+
+
+def val_candidates(ids: pl.Expr, fraction: float, position: int) -> pl.Expr:
+    """Documents that go to val while VAL_MAX_TOKENS allows: hash-selected ones of the subset's first file."""
+    return val_mask(ids, fraction) if position == VAL_FILE else pl.lit(False)
 
 
 def dedup_reasons(current: pl.DataFrame, earlier: pl.LazyFrame | None) -> pl.Series:

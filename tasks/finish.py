@@ -21,6 +21,13 @@ from tasks.tokenizer import Encoder
 COPY_TOKENS = 1 << 24  # tokens per copied piece: a 2 GB shard is never read into memory whole
 
 
+def build_shard(home: Home, job: ShardJob, staged: bool = False) -> ShardCounts:
+    """A shard from its staging folder (`staged`) or from its source file, with the job's encoder."""
+    def encoder() -> Encoder:
+        return Encoder.cached(job.tokenizer_path, job.tokenizer_sha256)
+    return finish_file(home, job, encoder) if staged else tokenize_file(home, job, encoder())
+
+
 def finish_file(home: Home, job: ShardJob, encoder: Callable[[], Encoder]) -> ShardCounts:
     """The shard `tokenize_file` would write for `job`, from its staging folder when that is complete
     and matches the job; else (a retry after a half-finished attempt, say) from the source file."""

@@ -8,14 +8,14 @@ import json
 from storage import shard_catalog
 from storage.paths import Home
 from storage.sources import SourceFile
-from tasks.filter import FilterConfig
+from tasks.filter import VAL_RULE, FilterConfig
 from tasks.tokenize import ShardJob
 
 FORMAT_VERSION = 1
 
 
 def config_hash(src: SourceFile, earlier: list[SourceFile], fcfg: FilterConfig, tok_sha: str) -> str:
-    d = dict(format=FORMAT_VERSION, filter=fcfg.digest(), tokenizer=tok_sha,
+    d = dict(format=FORMAT_VERSION, filter=fcfg.digest(), tokenizer=tok_sha, val=VAL_RULE,
              earlier=[(e.shard_id, e.sha256) for e in earlier] if fcfg.dedup else [])
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -37,8 +37,7 @@ def open_checked(path: str | Path) -> pq.ParquetFile:
         raise BadInput(f"{path}: empty file")
     try:
         # page CRCs, where the writer stored them, catch bytes flipped inside a data page. No
-        # pre-buffering: with it pyarrow kept every row group it had read (RSS grew ~0.5 GB per GB of
-        # text, 1.46 GB on a 1.9 GB-of-text file); without it memory stays flat and reading is faster
+        # pre-buffering: with it pyarrow keeps every row group it has read, so memory grows with the file
         pf = pq.ParquetFile(path, page_checksum_verification=True, pre_buffer=False)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
         raise BadInput(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None

@@ -13,12 +13,21 @@ from storage.paths import SPLITS, Home, shard_name
 from storage.shards import ShardWriter
 from storage.sources import SourceFile
 from tasks.filter import FilterConfig
-from tasks.read import iter_batches
+from tasks.read import BadInput, iter_batches
 from tasks.scan import ScanCounts, index_key, index_rows, scan_file, write_index
 from tasks.tokenize import COLUMNS, DOC_SCHEMA, encode_batch, token_counts_frame, write_parquet
 from tasks.tokenizer import Encoder
 
 MARKER = "staged.json"  # written last: a staging folder without it is incomplete and never used
+
+
+def scan_step(home: Home, src: SourceFile, cfg: FilterConfig, tok: tuple[str, str] | None = None) -> ScanCounts:
+    """A file's scan; with `tok` (tokenizer path, sha256) also its shard, staged until its dedup. An
+    unusable file comes back as its error, so the run records it and goes on with the others."""
+    try:
+        return stage_file(home, src, cfg, *tok) if tok else scan_file(home, src, cfg)
+    except BadInput as e:
+        return ScanCounts(src.shard_id, 0, 0, skipped=False, error=str(e))
 
 
 def stage_file(home: Home, src: SourceFile, cfg: FilterConfig, tokenizer_path: str, tok_sha: str) -> ScanCounts:

@@ -16,7 +16,7 @@ from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.paths import SPLITS, Home
 from storage.shards import ShardWriter, idx_path
 from storage.sources import SourceFile
-from tasks.filter import REASONS, FilterConfig, dedup_reasons, val_mask
+from tasks.filter import REASONS, VAL_MAX_TOKENS, VAL_RULE, FilterConfig, dedup_reasons, val_candidates
 from tasks.read import BadInput, iter_batches
 from tasks.scan import earlier_keys
 from tasks.tokenizer import Encoder
@@ -58,7 +58,7 @@ class ShardCounts:
 
 def _bincount(ids: np.ndarray, minlength: int, chunk: int = 1 << 20) -> np.ndarray:
     """np.bincount in slices: it first casts its input to int64, which for a whole batch is a copy
-    twice the ids' size; an 8 MB slice stays in cache and runs about twice as fast."""
+    twice the ids' size; a slice of a million ids stays in cache."""
     out = np.zeros(minlength, dtype=np.int64)
     for i in range(0, ids.size, chunk):
         out += np.bincount(ids[i:i + chunk], minlength=minlength)
@@ -121,21 +121,48 @@ def _failed(home: Home, res: ShardCounts, e: Exception, t0: float) -> ShardCount
 def encode_batch(df: pl.DataFrame, fcfg: FilterConfig, writers: dict, counts: dict, encoder: Encoder,
                  src: SourceFile) -> pl.DataFrame:
     """Encode the rows of `df` whose `drop_reason` is null into the split writers; their catalog rows.
-    Shared by the two-read path (here) and the one-read staged path (tasks/stage.py): same bytes."""
-    df = df.with_columns(val_mask(pl.col("id"), fcfg.val_fraction).alias("_val"))
+    Shared by the two-read path (here) and the one-read staged path (tasks/stage.py): same bytes.
+    Val takes the candidates (tasks/filter.py's rule) while its writer has room, in row order."""
+    df = df.with_columns(val_candidates(pl.col("id"), fcfg.val_fraction, src.position).alias("_val"))
     kept = df.filter(pl.col("drop_reason").is_null())
     ntok = np.zeros(kept.height, dtype=np.int64)
-    for split, sel in (("train", ~kept["_val"]), ("val", kept["_val"])):
-        texts = kept.filter(sel)["text"].to_list()
-        if not texts:
-            continue
+    is_val = kept["_val"].to_numpy().copy()
+    if is_val.any():
+        is_val = _write_val(kept, is_val, writers["val"], counts["val"], encoder, ntok)
+    texts = kept.filter(pl.Series(~is_val))["text"].to_list()
+    if texts:
         lens = []
-        for toks, starts in encoder.encode_docs(texts, writers[split].dtype):
-            writers[split].append(toks, starts)
-            counts[split] += _bincount(toks, encoder.vocab_size)
+        for toks, starts in encoder.encode_docs(texts, writers["train"].dtype):
+            writers["train"].append(toks, starts)
+            counts["train"] += _bincount(toks, encoder.vocab_size)
             lens.append(np.diff(starts, append=toks.size) - 1)  # minus the EOT
-        ntok[sel.to_numpy()] = np.concatenate(lens)
-    return _document_rows(df, kept, ntok, src, src.shard_id)
+        ntok[~is_val] = np.concatenate(lens)
+    full = np.zeros(df.height, dtype=bool)
+    full[np.flatnonzero(df["drop_reason"].is_null().to_numpy())] = is_val
+    return _document_rows(df.with_columns(pl.Series("_val", full)), kept, ntok, src, src.shard_id)
+
+
+def _write_val(kept: pl.DataFrame, cand: np.ndarray, writer, count: np.ndarray, encoder: Encoder,
+               ntok: np.ndarray) -> np.ndarray:
+    """Write the val candidates that fit in VAL_MAX_TOKENS, in order, stopping at the first that does not;
+    returns the val mask (the candidates after it go to train)."""
+    idx = np.flatnonzero(cand)
+    room, taken = VAL_MAX_TOKENS - writer.n_tokens, 0
+    if room > 0:
+        for toks, starts in encoder.encode_docs(kept["text"].gather(idx).to_list(), writer.dtype):
+            sizes = np.diff(starts, append=toks.size)  # with the EOT
+            fit = int(np.searchsorted(np.cumsum(sizes), room, side="right"))
+            end = toks.size if fit == sizes.size else int(starts[fit])
+            if fit:
+                writer.append(toks[:end], starts[:fit])
+                count += _bincount(toks[:end], count.size)
+                ntok[idx[taken:taken + fit]] = sizes[:fit] - 1
+            taken, room = taken + fit, room - end
+            if fit < sizes.size:
+                break
+    out = np.zeros_like(cand)
+    out[idx[:taken]] = True
+    return out
 
 
 def _document_rows(df: pl.DataFrame, kept: pl.DataFrame, ntok: np.ndarray, src: SourceFile, sid: int) -> pl.DataFrame:
@@ -186,7 +213,7 @@ def finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, sizes: dict,
     if write_sidecars:
         write_parquet(documents, home.shard_docs(sid))
         write_parquet(token_counts_frame(counts, sid), home.shard_counts(sid))
-    meta = dict(shard_id=sid, source=asdict(src), filter=job.filter.as_dict(),
+    meta = dict(shard_id=sid, source=asdict(src), filter=job.filter.as_dict(), val=VAL_RULE,
                 tokenizer_sha256=job.tokenizer_sha256, config_hash=job.config_hash,
                 earlier=list(job.earlier), rows=rows, rows_in=res.rows_in, kept=res.kept, dropped=res.dropped)
     atomic_write_text(home.shard_meta(sid), json.dumps(meta, indent=2, sort_keys=True))

@@ -1,6 +1,6 @@
 """Train a byte-level BPE on a bounded sample of filtered text, and load a fast encoder for it.
-fastokens reads the same tokenizer.json and gives identical ids ~20x faster; `tokenizers` stays as
-the fallback for vocabularies fastokens refuses (shared/NOTES.md)."""
+fastokens reads the same tokenizer.json and gives identical ids; it refuses vocabularies with very long
+tokens, so `tokenizers` stays as the fallback encoder (and the decoder)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,17 +18,18 @@ from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.shards import file_sha256
 from storage.sources import SourceFile
 from tasks.filter import FilterConfig, rule_reason
+from tasks.params import DEFAULT_VOCAB
 from tasks.read import iter_batches
 
 EOT = "<|endoftext|>"
-# Text per encoder call: fastokens ran ~30 % faster on ~4 MB slices than on 30 MB batches
-# (working set in cache); the pipeline's read batches stay large for Polars' sake.
+# Text per encoder call: slices of a few MB keep fastokens' working set in cache; the pipeline's read
+# batches stay large for Polars' sake.
 ENCODE_CHARS = 4_000_000
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int = 48_951  # the original LangPWT's, <|endoftext|> included
+    vocab_size: int = DEFAULT_VOCAB
     sample_bytes: int = 48 * 2**20  # RAM of the BPE trainer grows fast with its input
     max_doc_chars: int = 20_000
     min_frequency: int = 2
@@ -103,7 +104,7 @@ class Encoder:
 
     @classmethod
     def preload(cls, path: str | Path, sha256: str) -> None:
-        """Start `cached` on a thread: loading takes 0.3-0.45 s, the longest fixed cost of a run, and the
+        """Start `cached` on a thread: loading is the longest fixed cost of a run, and the
         first reads and catalog writes can overlap it. A failure is left to the next `cached` call to raise."""
         if sha256 in _CACHE:
             return
@@ -193,8 +194,8 @@ def _load_fast(path: Path):
 def _split_model(text: str) -> tuple[str, str | None]:
     """(the object without its top-level "model", the model's JSON and what follows it), or (text, None).
 
-    The model (vocabulary and merges) is ~97 % of the file and needs no change: parsing and re-serialising
-    it in Python took ~0.09 s of the GIL per load. `tokenizers` writes it last; keys after it travel
+    The model (vocabulary and merges) is nearly all of the file and needs no change: parsing and
+    re-serialising it in Python would hold the GIL on every load. `tokenizers` writes it last; keys after it travel
     untouched in the tail. A file whose post_processor or added_tokens come after it takes the full parse."""
     at = text.find('"model":')
     if at < 0:
@@ -264,13 +265,55 @@ def _run_file(home_tokenizer: Path, given: str | None) -> Path:
     return Path(given) if given else home_tokenizer
 
 
-def tokenizer_ready(home_tokenizer: Path, tcfg: TokenizerConfig, given: str | None = None,
-                    retrain: bool = False) -> bool:
-    """Whether `ensure_tokenizer` needs no training (a given file, or a reusable trained one), so the
-    flow can resolve it before any file is scanned."""
-    cfg_path = home_tokenizer.with_suffix(".config.json")
-    return bool(given) or (home_tokenizer.exists() and not retrain and cfg_path.exists()
-                           and json.loads(cfg_path.read_text()) == asdict(tcfg))
+def tokenizer_ready(home_tokenizer: Path, given: str | None = None, retrain: bool = False) -> bool:
+    """Whether `ensure_tokenizer` needs no training (a given file, or the home's own), so the flow can
+    resolve it before any file is scanned."""
+    return bool(given) or (home_tokenizer.exists() and not retrain)
+
+
+def home_vocab(home_tokenizer: Path) -> int | None:
+    """The vocabulary the home's tokenizer was trained for (its config), or None (none yet, or given)."""
+    try:
+        v = json.loads(home_tokenizer.with_suffix(".config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) else None
+
+
+def tokenizer_vocab(home_tokenizer: Path) -> int | None:
+    """The home tokenizer's vocabulary: as trained for, else as its file holds it; None without one."""
+    if not home_tokenizer.exists():
+        return None
+    if (v := home_vocab(home_tokenizer)) is not None:
+        return v
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(home_tokenizer)).get_vocab_size()
+    except Exception:  # not a tokenizer: the run reports it when it loads the file
+        return None
+
+
+def archive(home_tokenizer: Path) -> Path | None:
+    """Keep the home's tokenizer (and its config) under archive/<sha256>.json before it is replaced:
+    shards built with it stay decodable."""
+    if not home_tokenizer.exists():
+        return None
+    data = home_tokenizer.read_bytes()
+    out = home_tokenizer.parent / "archive" / f"{hashlib.sha256(data).hexdigest()}.json"
+    if not out.exists():
+        cfg = home_tokenizer.with_suffix(".config.json")
+        if cfg.exists():
+            atomic_write_bytes(out.with_suffix(".config.json"), cfg.read_bytes())
+        atomic_write_bytes(out, data)
+    return out
+
+
+def resolve_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig, tcfg: TokenizerConfig,
+                      given: str | None = None, retrain: bool = False) -> tuple[str, str, int]:
+    """(origin, sha256, vocab size) of the run's tokenizer (`ensure_tokenizer`), loaded once for this process."""
+    origin, sha = ensure_tokenizer(home_tokenizer, sources, fcfg, tcfg, given, retrain)
+    return origin, sha, Encoder.cached(home_tokenizer, sha).vocab_size
 
 
 def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: FilterConfig, tcfg: TokenizerConfig,
@@ -279,8 +322,8 @@ def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: Filt
 
     A given file is copied into the home so training and generation find it later, once it loads as a
     tokenizer with `<|endoftext|>` (the flow's preload has usually loaded it already: a JSON parse here
-    held the GIL for up to 0.5 s while the scans ran); an existing trained tokenizer is reused unless
-    its config differs or `retrain` is set."""
+    would hold the GIL while the scans run). The home's tokenizer is part of its identity: it is reused
+    unless `retrain` is set; a replaced one is archived first (`archive`)."""
     cfg_path = home_tokenizer.with_suffix(".config.json")
     if given:
         src = Path(given)
@@ -291,10 +334,11 @@ def ensure_tokenizer(home_tokenizer: Path, sources: list[SourceFile], fcfg: Filt
         except Exception as e:  # fastokens and tokenizers raise their own types for a file that is not one
             raise ValueError(f"--tokenizer {given}: not a readable tokenizer.json ({e})") from None
         if not home_tokenizer.exists() or home_tokenizer.read_bytes() != data:
+            archive(home_tokenizer)
             atomic_write_bytes(home_tokenizer, data)
             atomic_write_text(cfg_path, json.dumps({"given": str(src.resolve())}, indent=2))
         return f"given:{src.name}", sha
-    same_cfg = cfg_path.exists() and json.loads(cfg_path.read_text()) == asdict(tcfg)
-    if home_tokenizer.exists() and same_cfg and not retrain:
+    if home_tokenizer.exists() and not retrain:
         return "trained", file_sha256(home_tokenizer)
+    archive(home_tokenizer)
     return "trained", train_tokenizer(training_texts(sources, fcfg, tcfg), home_tokenizer, tcfg)

@@ -1,5 +1,5 @@
 """The flow's catalog writes are batched: rows at most every `every_s` while a run goes on, all at the end."""
-from flows.record import ShardRecorder
+from tasks.record import ShardRecorder
 from flows.tokenize import TokenizeParams, tokenize
 from storage import catalog
 from tasks.tokenize import ShardCounts

@@ -7,44 +7,40 @@ import sys
 from pathlib import Path
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
+DEMO_VOCAB = 8192  # the sample's 4 M characters cannot fill the full vocabulary
 
 
-def add_tokenize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", help="folder of parquet files laid out like the Hub subset")
-    p.add_argument("--manifest", help="sha256sum output or JSON (a saved Hub listing works) of --source's files: "
-                                      "a file that differs, is missing or is not listed is refused")
-    p.add_argument("--workers", type=int, default=2, help="source files read and encoded at once (default 2)")
-    p.add_argument("--tokenizer", help="use this tokenizer.json (e.g. GPT-2's) instead of training one")
-    p.add_argument("--vocab-size", type=int, default=48_951)
-    p.add_argument("--tokenizer-sample-mb", type=int, default=48)
-    p.add_argument("--retrain-tokenizer", action="store_true")
-    p.add_argument("--min-int-score", type=int, default=3)
-    p.add_argument("--min-language-score", type=float)
-    p.add_argument("--min-chars", type=int)
-    p.add_argument("--max-chars", type=int)
-    p.add_argument("--dumps", nargs="+", metavar="DUMP", help="keep only these crawls")
-    p.add_argument("--no-dedup", dest="dedup", action="store_false")
-    p.add_argument("--val-fraction", type=float, default=0.005)
-    p.add_argument("--reprocess", nargs="+", metavar="SHARD_ID", help="redo exactly these shards")
-    p.add_argument("--force", action="store_true", help="redo every shard and re-read every source file for its sha256 (keeps the tokenizer)")
-    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another run on this home")
-    d = p.add_mutually_exclusive_group()
-    d.add_argument("--dask-address", metavar="tcp://HOST:8786", help="run scans and shards on this Dask cluster")
-    d.add_argument("--dask-local", type=int, metavar="N", help="run them on a Dask LocalCluster of N processes")
+# flags whose name is not the field's, and values read their own way
+FLAGS = {"min_free_bytes": "--min-free"}
+METAVARS = {"reprocess": "SHARD_ID", "dumps": "DUMP", "dask_address": "tcp://HOST:8786", "dask_local": "N",
+            "min_free_bytes": "BYTES", "source": "DIR", "manifest": "FILE", "tokenizer": "FILE"}
 
 
-def tokenize_params(args: argparse.Namespace):
-    from flows.tokenize import TokenizeParams
+def _parsers() -> dict:
+    from flows.cli.download import _bytes
     from storage.paths import parse_shard_id
 
-    return TokenizeParams(
-        source=args.source, manifest=args.manifest, home=args.home, workers=args.workers, tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb,
-        retrain_tokenizer=args.retrain_tokenizer, min_int_score=args.min_int_score,
-        min_language_score=args.min_language_score, min_chars=args.min_chars, max_chars=args.max_chars,
-        dumps=args.dumps, dedup=args.dedup, val_fraction=args.val_fraction,
-        reprocess=[parse_shard_id(s) for s in args.reprocess] if args.reprocess else None,
-        force=args.force, wait=args.wait, dask_address=args.dask_address, dask_local=args.dask_local)
+    return {"reprocess": parse_shard_id, "min_free_bytes": _bytes}
+
+
+def add_tokenize_args(p: argparse.ArgumentParser, download: bool = False, exclude: set[str] = frozenset()) -> None:
+    """`tokenize`'s flags (with `download`, `prepare`'s: the Hub download's too), from the parameter models."""
+    from flows.cli.params import add_model_args
+    from tasks.params import PrepareParams, TokenizeParams
+
+    add_model_args(p, PrepareParams if download else TokenizeParams, exclude={"home", *exclude}, flags=FLAGS,
+                   parsers=_parsers(), metavars=METAVARS)
+
+
+def tokenize_params(args: argparse.Namespace, download: bool = False):
+    """The parameters the flags give (--home is the global flag); BadArgument names a flag that is wrong."""
+    from flows.cli.params import build
+    from tasks.params import BadArgument, PrepareParams, TokenizeParams
+
+    try:
+        return build(PrepareParams if download else TokenizeParams, args, FLAGS)
+    except ValueError as e:
+        raise BadArgument(str(e)) from None
 
 
 def err(msg: str) -> int:
@@ -65,25 +61,26 @@ def _report(summary: dict) -> int:
     return 1 if summary["failed"] else 0
 
 
-def run_flow(kind: str, args: argparse.Namespace) -> int:
+def run_flow(kind: str, args: argparse.Namespace, **extra) -> int:
+    """Check the arguments (exit 2, nothing written), then run the flow `kind` and report."""
     import duckdb
-    from pydantic import ValidationError
+
+    from storage.paths import Home
+    from tasks.params import BadArgument, check_home
 
     try:
-        params = tokenize_params(args)
+        params = tokenize_params(args, download=kind == "prepare")
+        if extra:
+            params = params.model_copy(update=extra)
+        check_home(params, Home.from_env(params.home))
+    except BadArgument as e:
+        return err(str(e))
+    try:
         if kind == "tokenize":
             from flows.tokenize import tokenize
             return _report(tokenize(params))
-        from flows.prepare import PrepareParams, prepare
-        extra = {}
-        if hasattr(args, "subset"):  # `demo` has no download flags
-            extra = dict(dataset=args.dataset, subset=args.subset, revision=args.revision, include=args.include,
-                         max_files=args.max_files, download_workers=args.download_workers,
-                         min_free_bytes=args.min_free, retries=args.retries)
-        return _report(prepare(PrepareParams(**params.model_dump(), **extra)))
-    except ValidationError as e:
-        first = e.errors()[0]
-        return err(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}")
+        from flows.prepare import prepare
+        return _report(prepare(params))
     except (ValueError, OSError, RuntimeError, duckdb.Error) as e:
         return err(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
@@ -103,17 +100,20 @@ def cmd_rebuild(args) -> int:
 
 def cmd_demo(args) -> int:
     """Prepare the bundled sample, train the `tiny` model on it (CPU) and generate from it."""
-    args.source = str(SAMPLE)
-    args.manifest = args.manifest or str(SAMPLE / "SHA256SUMS")  # the bundled files are verified before use
-    if args.vocab_size == 48_951:
-        args.vocab_size = 8192  # the sample's 4 M characters cannot fill the full vocabulary
-    rc = run_flow("prepare", args)
+    from storage.paths import Home
+    from tasks.tokenizer import tokenizer_vocab
+
+    extra = dict(source=str(SAMPLE),
+                 # the bundled files are verified before use
+                 manifest=getattr(args, "manifest", None) or str(SAMPLE / "SHA256SUMS"))
+    if getattr(args, "vocab_size", None) is None and tokenizer_vocab(Home.from_env().tokenizer) is None:
+        extra["vocab_size"] = DEMO_VOCAB
+    rc = run_flow("prepare", args, **extra)
     if rc:
         return rc
     from flows.cli.train import generate
     from flows.train import TrainingFailed, TrainParams, train
     from storage import checkpoints as ckpts
-    from storage.paths import Home
 
     home = Home.from_env()
     again = ckpts.latest(ckpts.checkpoint_root(home, "demo")) is not None  # a second `make demo` resumes
@@ -130,12 +130,7 @@ def cmd_demo(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("prepare", help="download (or take --source) and tokenize into shards")
-    add_tokenize_args(p)
-    try:
-        from flows.cli.download import add_download_args
-        add_download_args(p, workers_flag="--download-workers")
-    except ImportError:
-        pass
+    add_tokenize_args(p, download=True)
     p.set_defaults(handler=lambda a: run_flow("prepare", a))
     p = sub.add_parser("tokenize", help="tokenize local parquet files into shards")
     add_tokenize_args(p)
@@ -143,5 +138,5 @@ def register(sub) -> None:
     p = sub.add_parser("rebuild-catalog", help="rebuild the catalog's shard rows from the shards' sidecars")
     p.set_defaults(handler=cmd_rebuild)
     p = sub.add_parser("demo", help="the whole job on the bundled sample, offline")
-    add_tokenize_args(p)
+    add_tokenize_args(p, exclude={"source"})  # the bundled sample; a new home's vocabulary is DEMO_VOCAB
     p.set_defaults(handler=cmd_demo)

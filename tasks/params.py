@@ -1,0 +1,134 @@
+"""The parameters of `tokenize` and `prepare`, declared once: the CLI's flags and help are generated from them.
+Plain Pydantic, no Prefect: `langpwt prepare --help` and argument checks run without loading the orchestrator."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from storage.paths import Home
+
+DEFAULT_VOCAB = 48_951  # the original LangPWT's, <|endoftext|> included
+
+
+class BadArgument(ValueError):
+    """A parameter that cannot be used; the message names it and the reason (exit code 2)."""
+
+
+class ScaleOut(BaseModel):
+    """Where per-file tasks (scan, tokenize-shard) run; default: threads in the flow's process."""
+    dask_address: str | None = Field(
+        None,
+        description="run scans and shards on the Dask cluster of this scheduler, e.g. tcp://10.0.0.5:8786 "
+                    "(workers need this checkout and the same $LANGPWT_HOME path, e.g. a network filesystem)")
+    dask_local: int | None = Field(None, ge=1, le=256,
+                                   description="run them on a Dask LocalCluster of this many worker processes")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", v):
+            raise ValueError(f"{v!r}: expected a Dask scheduler address such as tcp://10.0.0.5:8786")
+        return v
+
+    @model_validator(mode="after")
+    def _one_cluster(self):
+        if self.dask_address and self.dask_local:
+            raise ValueError("give dask_address or dask_local, not both")
+        return self
+
+
+class TokenizeParams(ScaleOut):
+    """Parameters of `tokenize` (and the tokenize half of `prepare`)."""
+    source: str | None = Field(None, description="folder of parquet files laid out like the Hub subset "
+                                                 "(default: this home's downloads, else its last run's source)")
+    manifest: str | None = Field(None, description="sha256sum output or JSON (a saved Hub listing works) of "
+                                                   "--source's files: a file that differs, is missing or is not "
+                                                   "listed is recorded failed and never tokenized")
+    home: str | None = Field(None, description="state folder; default $LANGPWT_HOME or ./.langpwt")
+    workers: int = Field(2, ge=1, le=256, description="source files read and encoded at once (threads of this "
+                                                      "process; on Dask, the cluster's workers decide)")
+    tokenizer: str | None = Field(None, description="use this tokenizer.json (e.g. GPT-2's) instead of the "
+                                                    "home's or a trained one")
+    vocab_size: int | None = Field(None, ge=258, le=2**31 - 1,
+                                   description=f"vocabulary of a trained tokenizer (default: the home's, or "
+                                               f"{DEFAULT_VOCAB:,} for a new home); one that disagrees with the "
+                                               f"home's tokenizer is refused unless --retrain-tokenizer")
+    tokenizer_sample_mb: int = Field(48, ge=1, description="MB of filtered text a tokenizer is trained on")
+    retrain_tokenizer: bool = Field(False, description="train a new tokenizer even if the home has one (the old "
+                                                       "one is archived by sha256, its shards turn stale)")
+    min_int_score: int | None = Field(3, description="drop documents whose int_score is below this")
+    min_language_score: float | None = Field(None, description="drop documents whose language_score is below this")
+    min_chars: int | None = Field(None, ge=0, description="drop documents shorter than this many characters")
+    max_chars: int | None = Field(None, ge=1, description="drop documents longer than this many characters")
+    dumps: list[str] | None = Field(None, description="keep only these crawls (e.g. CC-MAIN-2024-10)")
+    dedup: bool = Field(True, description="drop exact duplicates (same id or same text) across all files")
+    val_fraction: float = Field(0.005, ge=0.0, lt=1.0,
+                                description="share of the first file's documents (by a hash of their id) "
+                                            "held out for validation")
+    reprocess: list[int] | None = Field(None, description="redo exactly these shards (ids like 3 or shard_000003)")
+    force: bool = Field(False, description="redo every shard and re-read every source file for its sha256 "
+                                           "(keeps the tokenizer)")
+    wait: float = Field(0.0, ge=0, description="seconds to wait for another run on the same home")
+
+    # the step modules are imported where used: they load Polars and NumPy, which a flag check does not need
+    def filter_config(self):
+        from tasks.filter import FilterConfig
+
+        return FilterConfig(self.min_int_score, self.min_language_score, self.min_chars, self.max_chars,
+                            tuple(self.dumps) if self.dumps else None, self.dedup, self.val_fraction)
+
+    def tokenizer_config(self, home_vocab: int | None = None):
+        """The config a trained tokenizer gets: the vocabulary given, else the home's, else the default."""
+        from tasks.tokenizer import TokenizerConfig
+
+        vocab = self.vocab_size or home_vocab or DEFAULT_VOCAB
+        return TokenizerConfig(vocab_size=vocab, sample_bytes=self.tokenizer_sample_mb * 2**20)
+
+
+class PrepareParams(TokenizeParams):
+    """`tokenize`'s parameters; without `source`, those of the Hub download too."""
+    dataset: str = Field("HuggingFaceFW/fineweb-edu", description="Hub dataset repo")
+    subset: str = Field("sample-10BT", description="sample-10BT, sample-100BT, sample-350BT or a crawl like "
+                                                   "CC-MAIN-2024-10")
+    revision: str = Field("main", description="branch, tag or commit; pinned to one commit for every file")
+    include: str | None = Field(None, description="only repo paths matching this glob, within the subset")
+    max_files: int | None = Field(None, ge=1, description="the first N files of the subset")
+    download_workers: int = Field(4, ge=1, le=64, description="files downloaded concurrently")
+    min_free_bytes: int = Field(1 << 30, ge=0, description="disk space to leave free after the download "
+                                                           "(bytes, or 500M, 20G)")
+    retries: int = Field(8, ge=0, description="download attempts per file without progress")
+
+    def download_params(self):
+        """These fields as tasks.download's DownloadParams (imported here: it loads the Hub client)."""
+        from tasks.download import DownloadParams
+
+        return DownloadParams(dataset=self.dataset, subset=self.subset, revision=self.revision,
+                              include=self.include, max_files=self.max_files, workers=self.download_workers,
+                              min_free_bytes=self.min_free_bytes, retries=self.retries, progress=False)
+
+
+def check_paths(params: TokenizeParams) -> None:
+    """The given files and folders exist, checked before a home, catalog or row is made (BadArgument)."""
+    if params.source is not None and not Path(params.source).expanduser().is_dir():
+        raise BadArgument(f"--source {params.source}: not a directory")
+    if params.manifest is not None and not Path(params.manifest).expanduser().is_file():
+        raise BadArgument(f"--manifest {params.manifest}: not a file")
+    if params.tokenizer is not None and not Path(params.tokenizer).expanduser().is_file():
+        raise BadArgument(f"--tokenizer {params.tokenizer}: not a file")
+
+
+def check_home(params: TokenizeParams, home: Home) -> None:
+    """`check_paths`, and an explicit --vocab-size against the home's tokenizer: a disagreement is refused
+    (BadArgument) before anything is written, unless the tokenizer is given or retrained."""
+    check_paths(params)
+    if params.vocab_size is None or params.retrain_tokenizer or params.tokenizer:
+        return
+    from tasks.tokenizer import tokenizer_vocab
+
+    have = tokenizer_vocab(home.tokenizer)
+    if have is not None and have != params.vocab_size:
+        raise BadArgument(f"--vocab-size {params.vocab_size:,}: this home's tokenizer has {have:,} "
+                          f"({home.tokenizer}); leave the flag out to reuse it, or add --retrain-tokenizer "
+                          f"(its shards are then rebuilt)")
