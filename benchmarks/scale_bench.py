@@ -200,7 +200,7 @@ def plot(points: list[dict], out: Path) -> None:
         x = [p["files"] for p in ps]
         ax1.plot(x, [1e9 * p["wall_s"] / p["tokens"] for p in ps], "o-", label=mode)
         ax2.plot(x, [p["peak_rss_mb"] / 1024 for p in ps], "o-", label=mode)
-    ax1.set(xlabel="source files (~690k documents each)", ylabel="wall ns per token", title="prepare: time per token")
+    ax1.set(xlabel="source files", ylabel="wall ns per token", title="prepare: time per token")
     ax2.set(xlabel="source files", ylabel="GiB", title="peak RSS of the process tree")
     for ax in (ax1, ax2):
         ax.set_ylim(bottom=0)
