@@ -114,7 +114,7 @@ def measure_point(a, files: list[Path], n: int, dask: int | None, reprocess: boo
     print(f"== {n} files, {mode}: prepare ...", flush=True)
     r = sm.timed(_prepare(home, src, a, dask), env, log=work / f"prepare_{n:02d}_{mode}.log")
     p = dict(files=n, mode=mode, input_bytes=sm.input_bytes(files[:n]), rc=r["rc"], wall_s=r["wall_s"],
-             peak_rss_mb=r["peak_rss_mb"], **_built(r["out"]))
+             peak_rss_mb=r["peak_rss_mb"], peak_server_rss_mb=r["peak_server_rss_mb"], **_built(r["out"]))
     if r["rc"] or "tokens" not in p:
         print(r["out"][-3000:])
         return dict(p, failed=True)
@@ -142,10 +142,10 @@ def _plan(files: list[Path], points: list[int], work: Path) -> None:
     free = shutil.disk_usage(work).free
     biggest = sm.input_bytes(files[:max(points)])
     per = sm.input_bytes(files) / len(files)
-    # a home holds uint16 tokens (~0.75 x the snappy parquet) plus the catalog, index and sidecars
-    room = int(free / (1.0 * per))
+    # a home holds uint16 tokens (~0.75 x the snappy parquet) plus the catalog, index and sidecars: ~0.85 x
+    room = int(free / (0.9 * per))
     print(f"disk: {free / 1e9:.1f} GB free in {work}; input {per / 1e9:.2f} GB per file (kept); the largest point "
-          f"needs ~{biggest / 1e9:.1f} GB for its home: the disk allows a point of ~{room} files")
+          f"needs ~{0.9 * biggest / 1e9:.1f} GB for its home: the disk allows a point of ~{room} files")
 
 
 def cmd_run(a) -> int:
@@ -182,7 +182,7 @@ def _row(p: dict) -> str:
     rp_txt = (f"{rp['built']} built, {'only its files' if rp['others_untouched'] and rp['same_bytes'] else 'FAIL'}"
               if rp else "")
     return (f"| {p['files']} | {p['mode']} | {p['docs_in']:,} | {p['tokens'] / 1e6:,.0f} M | {p['wall_s']:,.0f} | "
-            f"{p['tokens_per_s'] / 1e6:.2f} M | {p['peak_rss_mb'] / 1024:.2f} | {p['input_bytes'] / 1e9:.2f} | "
+            f"{p['tokens_per_s'] / 1e6:.2f} M | {p['peak_rss_mb'] / 1024:.2f} ({p.get('peak_server_rss_mb', 0) / 1024:.2f}) | {p['input_bytes'] / 1e9:.2f} | "
             f"{d['total'] / 1e9:.2f} | {d.get('catalog', 0) / 1e6:.0f} | {pages:.2f} | {p['status_s']:.1f} | "
             f"{p['sql_s']:.1f} | {p['loader'].get('windows_per_s', '?')} | "
             f"{p['rerun']['wall_s']:.0f} s, {p['rerun'].get('built')} built | {rp_txt} | "
@@ -216,7 +216,7 @@ def report(results: Path, plot_to: Path) -> int:
     points = [p for p in points if not p.get("failed")]
     if not points:
         return err(f"no measured points in {results}")
-    print("| files | mode | documents | tokens | wall s | tokens/s | peak RSS GiB | input GB | home GB | catalog MB | "
+    print("| files | mode | documents | tokens | wall s | tokens/s | peak RSS GiB (Prefect server) | input GB | home GB | catalog MB | "
           "slowest page s | status s | sql s | loader windows/s | rerun | reprocess 1 shard | each doc once |")
     print("|" + "---|" * 17)
     for p in sorted(points, key=lambda p: (p["mode"], p["files"])):

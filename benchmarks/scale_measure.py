@@ -36,8 +36,9 @@ def child_env(prefect_home: Path) -> dict:
 
 # ---------------------------------------------------------------- memory of a process tree
 
-def _tree_rss(root: int) -> int:
-    """Sum of RSS over `root` and all its descendants, from /proc (shared pages count once per process)."""
+def _tree_rss(root: int) -> tuple[int, int]:
+    """Sum of RSS over `root` and all its descendants, from /proc (shared pages count once per process),
+    and the part of it that is the temporary Prefect server (uvicorn) the CLI starts."""
     parent: dict[int, int] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -54,25 +55,31 @@ def _tree_rss(root: int) -> int:
         p = todo.pop()
         tree.add(p)
         todo += kids.get(p, [])
-    total = 0
+    total = server = 0
     for p in tree:
         try:
             with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
+                rss = int(f.read().split()[1]) * PAGE
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                is_server = b"uvicorn" in f.read()
         except (OSError, IndexError, ValueError):
             continue
-    return total
+        total += rss
+        server += rss if is_server else 0
+    return total, server
 
 
 def timed(cmd: list[str], env: dict, log: Path | None = None) -> dict:
-    """Run `cmd`; wall seconds, exit code, peak RSS of its process tree (sampled every 0.2 s), output."""
-    peak, done = [0], threading.Event()
+    """Run `cmd`; wall seconds, exit code, peak RSS of its process tree (sampled every 0.2 s) and of the
+    Prefect server within it, output."""
+    peak, done = [0, 0], threading.Event()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            total, server = _tree_rss(proc.pid)
+            peak[:] = max(peak[0], total), max(peak[1], server)
             done.wait(0.2)
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -82,7 +89,8 @@ def timed(cmd: list[str], env: dict, log: Path | None = None) -> dict:
     th.join()
     if log:
         log.write_text(out)
-    return dict(rc=proc.returncode, wall_s=round(wall, 3), peak_rss_mb=round(peak[0] / 2**20, 1), out=out)
+    return dict(rc=proc.returncode, wall_s=round(wall, 3), peak_rss_mb=round(peak[0] / 2**20, 1),
+                peak_server_rss_mb=round(peak[1] / 2**20, 1), out=out)
 
 
 def cli(home: Path, *args: str) -> list[str]:
@@ -210,16 +218,17 @@ def exactly_once(home: Path, files: list[Path]) -> dict:
     h = Home.from_env(home)
     want = expected_kept(files)
     got = pl.from_arrow(catalog.query(h, "SELECT doc_id AS id FROM documents WHERE kept"))
-    n_docs = catalog.query_rows(h, "SELECT sum(n_docs) FROM shards WHERE status = 'done'")[0][0]
-    ws, gs = set(want["id"].to_list()), set(got["id"].to_list())
-    return dict(expected=want.height, kept=got.height, kept_distinct=len(gs), shard_docs=int(n_docs or 0),
-                missing=len(ws - gs), unexpected=len(gs - ws),
-                ok=ws == gs and got.height == len(gs) == want.height == n_docs)
+    n_docs = int(catalog.query_rows(h, "SELECT sum(n_docs) FROM shards WHERE status = 'done'")[0][0] or 0)
+    missing, unexpected = want.join(got, on="id", how="anti").height, got.join(want, on="id", how="anti").height
+    distinct = got["id"].n_unique()
+    return dict(expected=want.height, kept=got.height, kept_distinct=distinct, shard_docs=n_docs, missing=missing,
+                unexpected=unexpected,
+                ok=not missing and not unexpected and got.height == distinct == want.height == n_docs)
 
 
 def decoded_first_shard(home: Path, first: Path, env: dict) -> dict:
     """Shard 0 (train and val) decoded back to text equals the first file's kept texts, as a multiset."""
-    code = f"""import json
+    code = f"""import hashlib, json
 from collections import Counter
 from pathlib import Path
 import polars as pl, pyarrow.parquet as pq
@@ -227,11 +236,12 @@ from storage.shards import open_shard
 from tasks.tokenizer import Encoder
 home = Path({str(home)!r})
 enc = Encoder(home / "tokenizer" / "tokenizer.json")
+digest = lambda t: hashlib.blake2b(t.encode(), digest_size=16).digest()  # memory: 16 B a document
 got = Counter()
 for p in sorted((home / "shards").glob("shard_000000.*.bin")):
     s = open_shard(p)
-    got.update(enc.decode(s.doc(k)) for k in range(s.n_docs))
+    got.update(digest(enc.decode(s.doc(k))) for k in range(s.n_docs))
 d = pl.from_arrow(pq.read_table({str(first)!r}, columns=["id", "text", "int_score"])).filter(pl.col("int_score") >= 3)
-want = Counter(d.filter(pl.col("id").is_first_distinct()).filter(pl.col("text").is_first_distinct())["text"])
+want = Counter(map(digest, d.filter(pl.col("id").is_first_distinct()).filter(pl.col("text").is_first_distinct())["text"]))
 print(json.dumps(dict(docs=sum(got.values()), ok=got == want)))"""
     return _py(code, env)
