@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 import threading
 import time
 import uuid
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import constants
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
@@ -23,6 +22,7 @@ from storage.hub import Hub, HubError, HubFile, check_space, part_path, subset_p
 from storage.paths import Home
 from storage.shards import file_sha256
 from storage.sources import SourceFile
+from tasks.params import HubSubset
 
 _CATALOG = threading.Lock()  # DuckDB allows one writer: threads of one process take turns here
 
@@ -31,50 +31,17 @@ class DownloadError(HubError):
     """Some files failed; the message lists each with its reason."""
 
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_bytes(text) -> int:
-    """A byte count: an int, or text such as 0, 500M or 20G (powers of 1000)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
-    if not m:
-        raise ValueError(f"{text!r}: expected bytes such as 0, 500M or 20G")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-class DownloadParams(BaseModel):
-    """Parameters of `langpwt download` and of the download half of `prepare`."""
+class DownloadParams(HubSubset):
+    """Parameters of `langpwt download`; the subset's fields are shared with `prepare` (tasks.params.HubSubset)."""
     model_config = ConfigDict(extra="forbid")
-    dataset: str = Field("HuggingFaceFW/fineweb-edu", description="Hub dataset repo")
-    subset: str = Field("sample-10BT", description="sample-10BT, sample-100BT, sample-350BT or a crawl like "
-                                                   "CC-MAIN-2024-10")
-    revision: str = Field("main", description="branch, tag or commit; resolved to one commit for every file")
-    include: str | None = Field(None, description="only repo paths matching this glob, within the subset")
-    max_files: int | None = Field(None, ge=1, description="only the first N files of the subset")
     workers: int = Field(4, ge=1, le=64, description="files downloaded concurrently")
     endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT") or constants.ENDPOINT,
                           description="Hub URL; from HF_ENDPOINT, else huggingface.co")
     token: SecretStr | None = Field(None, exclude=True, description="Hub token; default: HF_TOKEN or the stored "
                                                                      "login")
-    min_free_bytes: int = Field("1G", ge=0, validate_default=True,
-                                description="disk space to leave free after the download, in bytes (500M, 20G)")
-    retries: int = Field(8, ge=0, description="attempts per file without progress, on 429/5xx/timeouts")
     backoff_s: float = Field(1.0, ge=0, description="first wait between attempts, doubled each time (jittered)")
     timeout_s: float = Field(30.0, gt=0, description="seconds without a byte before an attempt is cut")
     progress: bool = Field(True, description="a live progress bar on a terminal")
-
-    @field_validator("min_free_bytes", mode="before")
-    @classmethod
-    def _bytes(cls, v):
-        return parse_bytes(v)
-
-    @field_validator("subset")
-    @classmethod
-    def _known_subset(cls, v: str) -> str:
-        subset_pattern(v)
-        return v
 
     def hub(self) -> Hub:
         return Hub(self.dataset, self.endpoint, self.token.get_secret_value() if self.token else None,

@@ -87,26 +87,55 @@ class TokenizeParams(ScaleOut):
         return TokenizerConfig(vocab_size=vocab, sample_bytes=self.tokenizer_sample_mb * 2**20)
 
 
-class PrepareParams(TokenizeParams):
-    """`tokenize`'s parameters; without `source`, those of the Hub download too."""
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_bytes(text) -> int:
+    """A byte count: an int, or text such as 0, 500M or 20G (powers of 1000)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"{text!r}: expected bytes such as 0, 500M or 20G")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+class HubSubset(BaseModel):
+    """Which Hub files to fetch and how carefully: shared by `download` and `prepare`, declared here once."""
     dataset: str = Field("HuggingFaceFW/fineweb-edu", description="Hub dataset repo")
     subset: str = Field("sample-10BT", description="sample-10BT, sample-100BT, sample-350BT or a crawl like "
                                                    "CC-MAIN-2024-10")
-    revision: str = Field("main", description="branch, tag or commit; pinned to one commit for every file")
+    revision: str = Field("main", description="branch, tag or commit; resolved to one commit for every file")
     include: str | None = Field(None, description="only repo paths matching this glob, within the subset")
-    max_files: int | None = Field(None, ge=1, description="the first N files of the subset")
+    max_files: int | None = Field(None, ge=1, description="only the first N files of the subset")
+    min_free_bytes: int = Field("1G", ge=0, validate_default=True,
+                                description="disk space to leave free after the download, in bytes (500M, 20G)")
+    retries: int = Field(8, ge=0, description="attempts per file without progress, on 429/5xx/timeouts")
+
+    @field_validator("min_free_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v):
+        return parse_bytes(v)
+
+    @field_validator("subset")
+    @classmethod
+    def _known_subset(cls, v: str) -> str:
+        from storage.hub import subset_pattern  # the Hub client's module: loaded only when a subset is given
+
+        subset_pattern(v)
+        return v
+
+
+class PrepareParams(TokenizeParams, HubSubset):
+    """`tokenize`'s parameters; without `source`, those of the Hub download too."""
     download_workers: int = Field(4, ge=1, le=64, description="files downloaded concurrently")
-    min_free_bytes: int = Field(1 << 30, ge=0, description="disk space to leave free after the download "
-                                                           "(bytes, or 500M, 20G)")
-    retries: int = Field(8, ge=0, description="download attempts per file without progress")
 
     def download_params(self):
-        """These fields as tasks.download's DownloadParams (imported here: it loads the Hub client)."""
+        """The download half as tasks.download's DownloadParams (imported here: it loads the Hub client)."""
         from tasks.download import DownloadParams
 
-        return DownloadParams(dataset=self.dataset, subset=self.subset, revision=self.revision,
-                              include=self.include, max_files=self.max_files, workers=self.download_workers,
-                              min_free_bytes=self.min_free_bytes, retries=self.retries, progress=False)
+        return DownloadParams(**self.model_dump(include=set(HubSubset.model_fields)), workers=self.download_workers,
+                              progress=False)
 
 
 def check_paths(params: TokenizeParams) -> None:

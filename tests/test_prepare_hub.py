@@ -63,7 +63,7 @@ def test_a_file_that_lands_during_a_scan_is_scanned_at_once(prefect_api, tmp_pat
     Here scan 0 waits (up to 30 s) for scan 1 to begin: the flow must start it without waiting for scan 0."""
     import threading
 
-    import flows.tokenize as ft
+    import tasks.stage as ft
     from flows.prepare import PrepareParams, prepare
     from tasks.tokenizer import TokenizerConfig, train_tokenizer
     from tests.conftest import sample_rows

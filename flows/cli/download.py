@@ -13,7 +13,7 @@ NOT_FLAGS = {"endpoint", "token", "backoff_s", "timeout_s"}
 
 
 def _bytes(text: str) -> int:
-    from tasks.download import parse_bytes
+    from tasks.params import parse_bytes
 
     try:
         return parse_bytes(text)
