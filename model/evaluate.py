@@ -171,6 +171,20 @@ def check_checkpoint(step_dir: Path, tokenizer: Path) -> dict:
     return cfg
 
 
+def find_checkpoint(spec: str, home) -> Path:
+    """`latest`, a run id, a run folder or a step folder -> a complete step folder; a step folder without its
+    marker is named as incomplete rather than searched."""
+    from storage.checkpoints import resolve
+
+    p = Path(spec)
+    if p.name.startswith("step_") and p.is_dir():
+        return p
+    try:
+        return resolve(spec, home)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+
+
 def load_for_eval(step_dir: Path, tokenizer: Path, device: str = "auto") -> Loaded:
     from model.generate import load_model
     from model.runtime import load_tokenizer
@@ -180,3 +194,28 @@ def load_for_eval(step_dir: Path, tokenizer: Path, device: str = "auto") -> Load
     model, _ = load_model(step_dir, dev)
     tok, sha, _ = load_tokenizer(tokenizer)
     return Loaded(model, tok, Path(step_dir), cfg.get("run_id"), cfg.get("step"), sha, dev)
+
+
+def val_paths(home, tokenizer_sha256: str) -> list[Path]:
+    """The val shards training validates on (the catalog's finished ones of this tokenizer), in shard order."""
+    from storage.training_catalog import train_shards
+
+    return [Path(p) for p in train_shards(home, tokenizer_sha256)["val"]]
+
+
+def result(loaded: Loaded, task: str, split_id: str, split_size: int, seconds: float, metrics: list[dict],
+           **detail) -> dict:
+    """One evaluation's outcome as every consumer takes it (catalog rows, artifact, --json)."""
+    return {"task": task, "run_id": loaded.run_id, "step": loaded.step, "checkpoint": str(loaded.step_dir),
+            "device": loaded.device, "seconds": seconds, "split_id": split_id, "split_size": split_size,
+            "metrics": metrics, **detail}
+
+
+def run_bpb(loaded: Loaded, paths: list[Path], batch_size: int = 16) -> dict:
+    """val_bpb (and the mean val loss in nats of the same targets) over the whole split in `paths`."""
+    n, sha = split_identity(paths)
+    r = val_bpb(loaded.model, loaded.tok, paths, batch_size)
+    return result(loaded, "bpb", sha, n, r["seconds"],
+                  [{"metric": "val_bpb", "value": r["bpb"], "stderr": None, "n": r["n_tokens"]},
+                   {"metric": "val_loss", "value": r["loss"], "stderr": None, "n": r["n_tokens"]}],
+                  n_bytes=r["n_bytes"], n_windows=r["n_windows"])

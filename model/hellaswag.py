@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,3 +87,18 @@ def score(model, tok, items: list, batch_items: int = 8) -> dict:
     a, an = float(np.mean(acc)), float(np.mean(acc_norm))
     return {"acc": a, "acc_stderr": stderr(a, n), "acc_norm": an, "acc_norm_stderr": stderr(an, n), "n": n,
             "seconds": time.perf_counter() - t0}
+
+
+def run_hellaswag(loaded, data: Path, limit: int | None = None, batch_items: int = 8) -> dict:
+    """HellaSwag on the checkpoint in `loaded` (model.evaluate.Loaded): the whole file is read and checked, its
+    first `limit` items scored; the data's identity is the file's sha256 and item count."""
+    from model.evaluate import result
+    from storage.shards import file_sha256
+    from tasks.hellaswag import read_items
+
+    items = read_items(data)
+    r = score(loaded.model, loaded.tok, items[:limit], batch_items)
+    return result(loaded, "hellaswag", file_sha256(data), len(items), r["seconds"],
+                  [{"metric": "acc", "value": r["acc"], "stderr": r["acc_stderr"], "n": r["n"]},
+                   {"metric": "acc_norm", "value": r["acc_norm"], "stderr": r["acc_norm_stderr"], "n": r["n"]}],
+                  data=str(data))
