@@ -26,7 +26,8 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
 
 def requests(tok, item, block_size: int) -> list[tuple[list[int], list[int]]]:
     """(model input, continuation tokens it predicts) per ending: context + continuation cut from the left to
-    block_size + 1 tokens, the last dropped (it is only a target), as the harness feeds a causal model."""
+    block_size + 1 tokens, the last dropped (it is only a target), as the harness feeds a causal model. An ending
+    longer than the block has its last block_size tokens scored, a case the harness fails on."""
     out = []
     for ending in item.endings:
         ctx, cont = encode_pair(tok, item.context, " " + ending)

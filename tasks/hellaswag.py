@@ -32,8 +32,8 @@ class Item:
 
 
 def preprocess(text: str) -> str:
-    """The harness's cleanup: WikiHow's " [title]" becomes ". ", other bracketed text goes, double spaces are
-    halved once (not collapsed repeatedly: the harness's exact rule)."""
+    """The harness's cleanup: WikiHow's " [title]" becomes ". ", other bracketed text goes, then one pass turns
+    each pair of spaces into one (three spaces leave two: the harness's exact rule)."""
     text = text.strip()
     text = text.replace(" [title]", ". ")
     text = re.sub("\\[.*?\\]", "", text)

@@ -38,7 +38,6 @@ def eval_home(_trained, tmp_path, monkeypatch):
     """A private copy of the trained home (catalog paths rewritten), as LANGPWT_HOME."""
     home = _copy_home(_trained, tmp_path / "home")
     monkeypatch.setenv("LANGPWT_HOME", str(home.root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers must load the export from disk alone
     return home
 
 

@@ -3,6 +3,9 @@ Checked on a briefly trained tiny model and on random weights with a padded voca
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -60,9 +63,16 @@ def test_export_round_trip_trained(eval_home, tmp_path, capsys):
     assert tok.decode(ref.encode(text).ids) == text
     assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.eos_token_id == hf.config.eos_token_id
 
+    # offline, in a process of its own (huggingface_hub reads HF_HUB_OFFLINE once, at import)
+    code = ("import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+            "print(type(M.from_pretrained(sys.argv[1])).__name__, T.from_pretrained(sys.argv[1]).vocab_size)")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty_hf_home")))
+    assert p.returncode == 0 and p.stdout.split() == ["GPT2LMHeadModel", "1024"], p.stderr
+
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_export_padded_vocab_random_weights(tmp_path, monkeypatch, bias):
+def test_export_padded_vocab_random_weights(tmp_path, bias):
     """vocab 1000 sits in 1024 padded rows: the export keeps 1000, and without biases writes zeros."""
     from model.config import TrainConfig, preset
     from model.gpt import GPT
@@ -72,7 +82,6 @@ def test_export_padded_vocab_random_weights(tmp_path, monkeypatch, bias):
     from tasks.tokenizer import TokenizerConfig, train_tokenizer
     from tests.hellaswag_fixture import sample_texts
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok_path = tmp_path / "tokenizer.json"
     sha = train_tokenizer(iter(sample_texts()[:300]), tok_path, TokenizerConfig(vocab_size=1000))
     cfg: TrainConfig = preset("tiny", 1000).override({"n_embd": 32, "block_size": 32, "bias": bias})
