@@ -40,20 +40,20 @@ def requests(tok, item, block_size: int) -> list[tuple[list[int], list[int]]]:
 
 @torch.no_grad()
 def loglikelihoods(model, reqs: list[tuple[list[int], list[int]]], device: torch.device) -> list[float]:
-    """Summed log-probability of each request's continuation tokens (float32 log-softmax, float64 sums);
-    only the continuation's rows are normalised, not the padded batch."""
+    """Summed log-probability of each request's continuation tokens (float32 log-softmax, float64 sums). Only the
+    continuation rows go through the output layer: it is most of the model's cost, and the context rows are unused."""
     width = max(len(inp) for inp, _ in reqs)
     x = torch.zeros((len(reqs), width), dtype=torch.long)
     for r, (inp, _) in enumerate(reqs):
         x[r, :len(inp)] = torch.tensor(inp)
     with autocast(device):
-        logits = model.logits(model.hidden(x.to(device)))
-    out = []
-    for r, (inp, cont) in enumerate(reqs):
-        logp = torch.log_softmax(logits[r, len(inp) - len(cont):len(inp)].float(), dim=-1)
-        target = torch.tensor(cont, device=device)[:, None]
-        out.append(float(logp.gather(1, target).double().sum()))
-    return out
+        h = model.hidden(x.to(device))
+        rows = torch.cat([h[r, len(inp) - len(cont):len(inp)] for r, (inp, cont) in enumerate(reqs)])
+        logits = model.logits(rows)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor([t for _, cont in reqs for t in cont], device=device)
+    picked = logp.gather(1, target[:, None])[:, 0].double()
+    return [float(part.sum()) for part in picked.split([len(cont) for _, cont in reqs])]
 
 
 def stderr(p: float, n: int) -> float | None:
