@@ -42,6 +42,14 @@ def evals(home: Home, run_id: str | None = None) -> pa.Table:
     return catalog.query(home, f"SELECT * FROM evals {where} ORDER BY run_id, step, task, metric", params)
 
 
+def newest(home: Home, task: str | None = None) -> pa.Table:
+    """The newest value of each (run, step, task, metric) over every data identity and n: one row per point a
+    chart of evaluations over training steps draws."""
+    where, params = ("WHERE task = ?", [task]) if task else ("", [])
+    return catalog.query(home, f"SELECT * FROM evals {where} QUALIFY row_number() OVER (PARTITION BY run_id, step, "
+                               f"task, metric ORDER BY created_at DESC) = 1 ORDER BY run_id, step, task, metric", params)
+
+
 def table_rows(result: dict) -> list[dict]:
     """An evaluation as the rows of its Prefect table artifact."""
     return [{"metric": m["metric"], "value": round(m["value"], 6),

@@ -76,7 +76,7 @@ async def _artifact(key: str):
     return found[-1] if found else None
 
 
-def test_evaluate_flow_records_rows_and_artifacts(eval_home, tmp_path, prefect_api):
+def test_evaluate_flow_records_rows_and_artifacts(eval_home, tmp_path, prefect_api, capsys):
     data = write_jsonl(tmp_path / "hs.jsonl", make_rows(sample_texts(), 20, seed=3))
     out = evaluate(EvaluateParams(tasks="bpb,hellaswag", hellaswag_data=str(data), limit=12, device="cpu"))
     assert [r["task"] for r in out["results"]] == ["bpb", "hellaswag"]
@@ -92,9 +92,16 @@ def test_evaluate_flow_records_rows_and_artifacts(eval_home, tmp_path, prefect_a
         assert art is not None and art.type == "table"
         table = json.loads(art.data) if isinstance(art.data, str) else art.data
         assert [r["metric"] for r in table] == [m["metric"] for m in res["metrics"]]
-    # the same evaluation again replaces its rows
-    evaluate(EvaluateParams(tasks=["hellaswag"], hellaswag_data=str(data), limit=12, device="cpu"))
+    # the same evaluation again replaces its rows; another n adds rows, and `newest` keeps one per metric
+    assert main(["evaluate", "--tasks", "hellaswag", "--hellaswag-data", str(data), "--limit", "12", "--json",
+                 "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["results"][0]["metrics"] == hs["metrics"] and again["step"] == 30
     assert len(eval_catalog.evals(eval_home, "ev")) == 4
+    evaluate(EvaluateParams(tasks=["hellaswag"], hellaswag_data=str(data), limit=5, device="cpu"))
+    assert len(eval_catalog.evals(eval_home, "ev")) == 6
+    newest = {r["metric"]: r["n"] for r in eval_catalog.newest(eval_home).to_pylist()}
+    assert newest == {"acc": 5, "acc_norm": 5, "val_bpb": rows["val_bpb"]["n"], "val_loss": rows["val_loss"]["n"]}
 
 
 def tok_sha(home) -> str:
