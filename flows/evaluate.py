@@ -1,8 +1,8 @@
 """Flow `evaluate`: a checkpoint's val bits per byte and HellaSwag accuracy, recorded in the catalog's `evals` table
 with a table artifact per evaluation. Run: `langpwt evaluate --checkpoint latest --tasks bpb,hellaswag` or
 `python -m flows.evaluate --checkpoint latest --tasks bpb --device cpu`.
-Trade-off: each evaluation task loads the checkpoint itself (a second on the seed model) so no model object crosses
-a task boundary, where Prefect would try to hash or persist it."""
+Trade-off: each evaluation task loads the checkpoint itself, a repeated read, so that no model object crosses a
+task boundary, where Prefect would try to hash or persist it."""
 from __future__ import annotations
 
 import json
@@ -46,7 +46,7 @@ class EvaluateParams(BaseModel):
             raise ValueError(f"unknown task {unknown[0]!r}" if unknown else "no task given")
         return list(dict.fromkeys(names))
 
-    def home_(self) -> Home:
+    def home_dir(self) -> Home:
         return Home.from_env(self.home)
 
 
@@ -64,7 +64,7 @@ def check_inputs(params: EvaluateParams) -> Target:
     from model.evaluate import check_checkpoint, find_checkpoint
     from tasks.hellaswag import read_items
 
-    home = params.home_()
+    home = params.home_dir()
     step_dir = find_checkpoint(params.checkpoint, home)
     cfg = check_checkpoint(step_dir, home.tokenizer)
     if "hellaswag" in params.tasks and params.hellaswag_data:
@@ -86,14 +86,14 @@ def bpb_task(target: Target, params: EvaluateParams) -> dict:
     from model.evaluate import load_for_eval, run_bpb, val_paths
 
     loaded = load_for_eval(Path(target.step_dir), Path(target.tokenizer), params.device)
-    return run_bpb(loaded, val_paths(params.home_(), loaded.tokenizer_sha256), params.batch_size)
+    return run_bpb(loaded, val_paths(params.home_dir(), loaded.tokenizer_sha256), params.batch_size)
 
 
 @task(name="eval-hellaswag-data", cache_policy=NONE)
 def hellaswag_data_task(params: EvaluateParams) -> str:
     from tasks.hellaswag import fetch
 
-    return params.hellaswag_data or str(fetch(params.home_()))
+    return params.hellaswag_data or str(fetch(params.home_dir()))
 
 
 @task(name="eval-hellaswag", cache_policy=NONE)
@@ -110,7 +110,7 @@ def record_task(params: EvaluateParams, result: dict) -> None:
     """Catalog rows and the table artifact of one finished evaluation."""
     from storage import eval_catalog
 
-    eval_catalog.record(params.home_(), result)
+    eval_catalog.record(params.home_dir(), result)
     create_table_artifact(key=artifact_key(result), table=eval_catalog.table_rows(result),
                           description=f"{result['task']} of {result['checkpoint']} on {result['device']} "
                                       f"({result['split_size']:,} in the data, sha256 {result['split_id'][:12]})")

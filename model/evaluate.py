@@ -95,13 +95,16 @@ def window_ce(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
-def val_bpb(model, tok, paths: list[Path], batch_size: int = 16, max_windows: int | None = None) -> dict:
+def val_bpb(model, tok, paths: list[Path], batch_size: int = 16, max_windows: int | None = None,
+            byte_table: np.ndarray | None = None) -> dict:
     """val_bpb = sum of CE (nats) / ln 2 / sum of UTF-8 bytes of the targets, <|endoftext|> targets left out
-    of both; `max_windows` cuts the split short (a periodic estimate during training, not the number)."""
+    of both; `max_windows` cuts the split short (a periodic estimate during training, not the number);
+    `byte_table`: token_bytes(tok), for a caller that evaluates often."""
     if not paths:
         raise EvalError("val split: no val shards; run `langpwt prepare` first")
     device = next(model.parameters()).device
-    eot, tb = tok.token_to_id(EOT), torch.from_numpy(token_bytes(tok)).to(device)
+    eot = tok.token_to_id(EOT)
+    tb = torch.from_numpy(token_bytes(tok) if byte_table is None else byte_table).to(device)
     stream = Stream(paths)
     spans = windows(stream.size, model.config.block_size)[:max_windows]
     nats = torch.zeros((), dtype=torch.float64, device=device)
