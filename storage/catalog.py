@@ -65,6 +65,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     size_bytes BIGINT, created_at TIMESTAMP, flow_run_id VARCHAR);
 CREATE TABLE IF NOT EXISTS samples (
     run_id VARCHAR, step INTEGER, prompt VARCHAR, text VARCHAR);
+CREATE TABLE IF NOT EXISTS evals (
+    run_id VARCHAR, step INTEGER, task VARCHAR, metric VARCHAR, value DOUBLE, stderr DOUBLE, n BIGINT,
+    split_id VARCHAR, split_size BIGINT, checkpoint VARCHAR, device VARCHAR, seconds DOUBLE,
+    created_at TIMESTAMP);
 """
 
 

@@ -84,6 +84,15 @@ class Home:
         """sha256 of local `--source` files by their stat (storage/hash_cache.py)."""
         return self.root / "cache" / "source_sha256.json"
 
+    @property
+    def eval_dir(self) -> Path:
+        """Benchmark data fetched for evaluations (model/evaluate.py, tasks/hellaswag.py)."""
+        return self.root / "eval"
+
+    @property
+    def hellaswag_dir(self) -> Path:
+        return self.eval_dir / "hellaswag"
+
     def shard(self, shard_id: int, split: str) -> Path:
         return self.shards / shard_name(shard_id, split)
 

@@ -15,6 +15,7 @@ COMMANDS = {
     "flows.cli.train": ["train", "generate"],
     "flows.cli.dashboard": ["dashboard"],
     "flows.cli.server": ["server"],
+    "flows.cli.evaluate": ["export", "evaluate"],
 }
 
 
@@ -26,7 +27,7 @@ def _defaults_env() -> None:
 
 
 # commands that run Prefect flows (or show them): they report to the home's `langpwt server up`
-FLOW_COMMANDS = {"prepare", "tokenize", "download", "train", "demo", "dashboard"}
+FLOW_COMMANDS = {"prepare", "tokenize", "download", "train", "demo", "dashboard", "evaluate"}
 
 
 def _use_local_server() -> None:
