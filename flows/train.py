@@ -9,14 +9,14 @@ import sys
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from model.args import flag_fields
 from storage import training_catalog as tc
 from storage.paths import Home
-from tasks.train import Recorder, TrainPlan, plan_run, report, run_child
+from tasks.train import Recorder, TrainPlan, export_run, plan_run, report, run_child
 
 
 class _TrainBase(BaseModel):
@@ -97,6 +97,18 @@ def report_task(plan: TrainPlan) -> str:
     return str(Home.from_env(plan.home).run_dir(plan.run_id) / "report.md")
 
 
+@task(name="train-export")
+def export_task(plan: TrainPlan) -> str | None:
+    """The run's best checkpoint as a Hugging Face folder, linked as an artifact."""
+    out = export_run(Home.from_env(plan.home), plan.run_id)
+    if out is None:
+        return None
+    create_link_artifact(key=artifact_key(plan.run_id, "hf"), link=out.resolve().as_uri(),
+                         link_text=f"{plan.run_id}: Hugging Face GPT-2 folder",
+                         description=f"run {plan.run_id}'s best checkpoint for transformers, lm-evaluation-harness, vLLM")
+    return str(out)
+
+
 @task(name="train-reconcile")
 def reconcile_task(home: str | None) -> dict:
     """Catalog rows for whatever a killed or waiting flow left only on disk (runs, checkpoints, metrics)."""
@@ -117,6 +129,7 @@ def train(params: TrainParams) -> dict:
     reconcile_task(params.home)
     if result["exit_code"]:
         raise TrainingFailed(f"run {plan.run_id}: {result['error']}")
+    result["hf"] = export_task(plan)
     return result
 
 

@@ -126,6 +126,15 @@ def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     return loss
 
 
+@torch.no_grad()
+def token_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Each target's cross-entropy in nats (float32, flat), through the logits and CE kernel the fused head uses:
+    evaluation needs the per-target values (to leave some targets out) without a float32 copy of the logits."""
+    dtype = torch.bfloat16 if h.is_cuda else h.dtype
+    logits = h.reshape(-1, h.size(-1)).to(dtype) @ weight.to(dtype).t()
+    return ce_grad_inplace(logits, targets.reshape(-1), vocab_size, 1.0)
+
+
 def matmul_f32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b as `dtype`; bf16 operands on CUDA are written out straight from cuBLAS's fp32 accumulator
     (`mm` with out_dtype), which skips rounding to bf16 and a cast pass over the whole result."""

@@ -229,14 +229,15 @@ class Emitter:
                 self.metrics.write("".join(json.dumps(r) + "\n" for r in rows))
                 self.metrics.flush()
 
-    def eval_row(self, step: int, val_loss: float, prompt: str, text: str) -> None:
-        """The val loss as a metrics row, the sample in samples.jsonl, both in the `eval` event."""
-        self.rows([{"step": step, "val_loss": val_loss}])
+    def eval_row(self, step: int, val_loss: float, prompt: str, text: str, val_bpb: float | None = None) -> None:
+        """The val loss and bpb (of the sampled windows) as a metrics row, the sample in samples.jsonl, both in
+        the `eval` event."""
+        self.rows([{"step": step, "val_loss": val_loss, "val_bpb": val_bpb}])
         if self.active:
             with self.lock:
                 self.samples.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
                 self.samples.flush()
-        self.event("eval", step=step, val_loss=val_loss, prompt=prompt, text=text)
+        self.event("eval", step=step, val_loss=val_loss, val_bpb=val_bpb, prompt=prompt, text=text)
 
     def fail(self, kind: str, message: str) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)

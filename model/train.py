@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from model import checkpoint as ckpts
 from model import runtime as rt
 from model.data import Prefetcher, TokenWindows, load_shard_list
 from model.gpt import GPT
-from model.head import make_head_loss, resolve_grad_floor, resolve_head
+from model.head import resolve_grad_floor, resolve_head, token_ce
 from model.optim import WarmupCosine, make_optimizer
 from model.sampler import BackgroundSampler
 from model.step import autocast_for, compile_step, prepare_step, train_step
@@ -44,17 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate(model: GPT, val: torch.Tensor, micro: int, device, autocast) -> float:
+def eval_bytes(tok, device) -> tuple[torch.Tensor | None, int | None]:
+    """(UTF-8 bytes of each token id on `device`, the id of <|endoftext|>) for bpb; no table for a tokenizer whose
+    pieces are not byte-level BPE (its bytes per token are unknown)."""
+    from model.evaluate import EvalError, token_bytes
+
+    try:
+        table = torch.from_numpy(token_bytes(tok)).to(device)
+    except EvalError:
+        table = None
+    return table, tok.token_to_id("<|endoftext|>")
+
+
+def evaluate(model: GPT, val: torch.Tensor, micro: int, device, autocast,
+             byte_table: torch.Tensor | None = None, eot: int | None = None) -> tuple[float, float | None]:
+    """(mean val loss in nats per target, val bpb) of the fixed sampled windows, in one pass: the bpb leaves
+    <|endoftext|> targets out of both sums, as the whole-split number does (model.evaluate.val_bpb); None
+    without a byte table (a tokenizer that is not byte-level BPE)."""
     was = model.training
     model.eval()
-    total, n = 0.0, 0
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    kept_nats, kept_bytes, n = torch.zeros_like(nats), torch.zeros((), dtype=torch.int64, device=device), 0
     with torch.no_grad(), autocast():
         for i in range(0, val.size(0), micro):
             b = val[i:i + micro].to(device)
-            total += float(model(b[:, :-1], b[:, 1:])) * b.size(0)
-            n += b.size(0)
+            y = b[:, 1:].reshape(-1)
+            ce = token_ce(model.hidden(b[:, :-1]), model.lm_head.weight, y, model.config.vocab_size).double()
+            nats += ce.sum()
+            n += y.numel()
+            if byte_table is not None:
+                keep = y != eot
+                kept_nats += (ce * keep).sum()
+                kept_bytes += (byte_table[y] * keep).sum()
     model.train(was)
-    return total / max(n, 1)
+    bpb = float(kept_nats) / math.log(2) / int(kept_bytes) if byte_table is not None and int(kept_bytes) else None
+    return float(nats) / max(n, 1), bpb
 
 
 class Trainer:
@@ -99,6 +124,7 @@ class Trainer:
         self.train_w = TokenWindows(self.shards["train"], T, cfg.model.vocab_size, "train")
         val_w = TokenWindows(self.shards["val"], T, cfg.model.vocab_size, "val")
         self.val = torch.from_numpy(val_w.fixed(cfg.eval_batches * self.micro))
+        self.byte_table, self.eot = eval_bytes(self.tok, self.device)
         self.startup["data"] = rt.process_age_s()
 
     def _build_model(self) -> None:
@@ -126,7 +152,6 @@ class Trainer:
     def _ready_model(self) -> None:
         cfg, raw, d = self.cfg, self.raw, self.d
         self.train_head = prepare_step(raw, self.head, self.grad_floor, self.device)  # compile guards on its identity
-        self.eval_head = make_head_loss("fused" if self.is_cuda else "plain")
         self.startup["head"] = rt.process_age_s()  # on CUDA: Triton and Dynamo imported
         self.caches = rt.use_compile_cache(self.home.compile_cache) if self.is_cuda else {}  # Triton runs uncompiled too
         self.model, self.scope = compile_step(raw, cfg, self.device)
@@ -195,6 +220,8 @@ class Trainer:
             return EXIT_OOM
         finally:
             self._close()
+        if self.d.rank == 0:
+            self._final_eval()
         self._done()
         return 0
 
@@ -259,17 +286,15 @@ class Trainer:
 
     # ---- on-eval / on-checkpoint --------------------------------------------------------------------------
     def _on_eval(self, step: int, t_out: float) -> float:
-        """The validation loss (with the eval head), then the text sample drawn from these weights meanwhile."""
+        """The validation loss and bpb of the sampled windows, then the text sample drawn from these weights."""
         cfg, raw = self.cfg, self.raw
         self.sampler.wait()  # the previous sample's event first: evals reach the parent in order
-        raw.head_loss = self.eval_head
-        val_loss = evaluate(raw, self.val, self.micro, self.device, self.autocast)
-        raw.head_loss = self.train_head
+        val_loss, val_bpb = evaluate(raw, self.val, self.micro, self.device, self.autocast, self.byte_table, self.eot)
         self.best = val_loss if self.best is None else min(self.best, val_loss)
         t_eval = time.perf_counter()
         self.spent["eval"] += t_eval - t_out
         self.sampler.submit(raw, cfg.seed + step,
-                            lambda text, s=step, v=val_loss: self.emit.eval_row(s, v, cfg.sample_prompt, text))
+                            lambda text, s=step, v=val_loss, b=val_bpb: self.emit.eval_row(s, v, cfg.sample_prompt, text, b))
         self.spent["sample"] += time.perf_counter() - t_eval  # on CUDA: the weights' copy, the thread's start
         return val_loss
 
@@ -295,6 +320,23 @@ class Trainer:
             self.saver.wait()  # an error on the way out: still let a write in flight finish
         self.pf.close()
         self.emit.close()
+
+    def _final_eval(self) -> None:
+        """The whole val split's bpb with the final weights (model.evaluate.val_bpb): the run's number that
+        compares across tokenizers and homes, recorded with the split's identity."""
+        if self.byte_table is None or not self.shards["val"]:
+            return
+        from model.evaluate import split_identity, val_bpb
+
+        t0 = time.perf_counter()
+        paths = [Path(p) for p in self.shards["val"]]
+        r = val_bpb(self.raw, self.tok, paths, batch_size=self.micro, byte_table=self.byte_table.cpu().numpy())
+        n, sha = split_identity(paths)
+        self.spent["final_eval"] = time.perf_counter() - t0
+        self.emit.event("final_eval", step=self.cfg.max_steps, val_bpb=r["bpb"], val_loss=r["loss"],
+                        n_tokens=r["n_tokens"], n_bytes=r["n_bytes"], n_windows=r["n_windows"], split_id=sha,
+                        split_size=n, seconds=self.spent["final_eval"], device=rt.device_name(self.device),
+                        checkpoint=self.last_ckpt.path if self.last_ckpt else None)
 
     def _done(self) -> None:
         cfg = self.cfg

@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     run_id VARCHAR, step INTEGER, train_loss DOUBLE, val_loss DOUBLE, lr DOUBLE,
     grad_norm DOUBLE, tokens_per_s DOUBLE, mfu DOUBLE, memory_gb DOUBLE, tokens BIGINT,
     elapsed_s DOUBLE);
+-- val_bpb: of the periodic eval's sampled windows (the whole split's is in evals); added after the table
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS val_bpb DOUBLE;
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id VARCHAR, step INTEGER, path VARCHAR, val_loss DOUBLE, sha256 VARCHAR,
     size_bytes BIGINT, created_at TIMESTAMP, flow_run_id VARCHAR);

@@ -14,8 +14,8 @@ from storage.catalog import utcnow
 from storage.paths import Home
 
 METRIC_COLUMNS = ["run_id", "step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                  "memory_gb", "tokens", "elapsed_s"]
-METRIC_TYPES = [pa.string(), pa.int32()] + [pa.float64()] * 7 + [pa.int64(), pa.float64()]
+                  "memory_gb", "tokens", "elapsed_s", "val_bpb"]
+METRIC_TYPES = [pa.string(), pa.int32()] + [pa.float64()] * 7 + [pa.int64(), pa.float64(), pa.float64()]
 METRIC_SCHEMA = pa.schema(list(zip(METRIC_COLUMNS, METRIC_TYPES)))
 
 
@@ -64,22 +64,23 @@ def finish_run(home: Home, run_id: str, status: str, error: str | None = None, d
 
 
 def upsert_metrics(home: Home, run_id: str, rows: list[dict]) -> int:
-    """Step rows replace earlier ones of the same step (a resumed run redoes steps); val-loss rows
-    update their step. One transaction for the whole batch."""
+    """Step rows replace earlier ones of the same step (a resumed run redoes steps); eval rows (val loss and
+    bpb) update their step. One transaction for the whole batch."""
     train = [dict({c: r.get(c) for c in METRIC_COLUMNS}, run_id=run_id) for r in rows if "train_loss" in r]
-    vals = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r and "train_loss" not in r}
+    vals = {r["step"]: (r["val_loss"], r.get("val_bpb")) for r in rows if "val_loss" in r and "train_loss" not in r}
     for r in train:
-        r["val_loss"] = vals.pop(r["step"], r.get("val_loss"))
+        r["val_loss"], r["val_bpb"] = vals.pop(r["step"], (r.get("val_loss"), r.get("val_bpb")))
     tr = pa.Table.from_pylist(train, schema=METRIC_SCHEMA)  # noqa: F841 (read by DuckDB)
     va = pa.table({"step": pa.array(list(vals), pa.int32()),  # noqa: F841
-                   "val_loss": pa.array(list(vals.values()), pa.float64())})
+                   "val_loss": pa.array([v[0] for v in vals.values()], pa.float64()),
+                   "val_bpb": pa.array([v[1] for v in vals.values()], pa.float64())})
     with catalog.writer(home) as con:
         if train:
             con.execute("DELETE FROM metrics WHERE run_id = ? AND step IN (SELECT step FROM tr)", [run_id])
             con.execute("INSERT INTO metrics BY NAME SELECT * FROM tr")
         if vals:
-            con.execute("UPDATE metrics SET val_loss = va.val_loss FROM va WHERE metrics.run_id = ? "
-                        "AND metrics.step = va.step", [run_id])
+            con.execute("UPDATE metrics SET val_loss = va.val_loss, val_bpb = va.val_bpb FROM va "
+                        "WHERE metrics.run_id = ? AND metrics.step = va.step", [run_id])
     return len(train)
 
 
@@ -124,25 +125,24 @@ class JsonlTail:
         return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
 
 
-def _last_per_step(path: Path) -> tuple[dict[int, dict], dict[int, float]]:
-    """(train rows, val losses) of a run's metrics.jsonl by step, the last line of a step winning (a resumed
+def _last_per_step(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    """(train rows, eval rows) of a run's metrics.jsonl by step, the last line of a step winning (a resumed
     run redoes the steps after its checkpoint)."""
     train: dict[int, dict] = {}
-    val: dict[int, float] = {}
+    val: dict[int, dict] = {}
     for r in JsonlTail(path).read():
         if "train_loss" in r:
             train[r["step"]] = r
         elif "val_loss" in r:
-            val[r["step"]] = r["val_loss"]
+            val[r["step"]] = r
     return train, val
 
 
-def _missing_metrics(home: Home, run_id: str, train: dict[int, dict], val: dict[int, float]) -> list[dict]:
+def _missing_metrics(home: Home, run_id: str, train: dict[int, dict], val: dict[int, dict]) -> list[dict]:
     rows = catalog.query_rows(home, "SELECT step, val_loss FROM metrics WHERE run_id = ?", [run_id])
     steps, vals = {r[0] for r in rows}, {r[0] for r in rows if r[1] is not None}
     missing = [r for s, r in train.items() if s not in steps]
-    return missing + [{"step": s, "val_loss": v} for s, v in val.items()
-                      if s not in vals and (s in steps or s in train)]
+    return missing + [v for s, v in val.items() if s not in vals and (s in steps or s in train)]
 
 
 def _reconcile_run(home: Home, run: Path, known_runs: set[str]) -> dict[str, int]:

@@ -20,6 +20,7 @@ from typing import Callable
 from model.args import to_argv
 from model.config import TrainConfig, preset
 from storage import checkpoints as ckpts
+from storage import eval_catalog
 from storage import training_catalog as tc
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.paths import Home
@@ -206,6 +207,16 @@ def run_child(cmd: list[str], on_event: Callable[[dict], None], on_line: Callabl
                 proc.kill()
 
 
+def final_eval_result(run_id: str, ev: dict) -> dict:
+    """The trainer's end-of-run bpb as an evaluation result (the shape storage.eval_catalog records)."""
+    n = ev["n_tokens"]
+    return {"task": "bpb", "run_id": run_id, "step": ev["step"], "checkpoint": ev.get("checkpoint"),
+            "device": ev.get("device"), "seconds": ev.get("seconds"), "split_id": ev["split_id"],
+            "split_size": ev["split_size"],
+            "metrics": [{"metric": "val_bpb", "value": ev["val_bpb"], "stderr": None, "n": n},
+                        {"metric": "val_loss", "value": ev["val_loss"], "stderr": None, "n": n}]}
+
+
 class Recorder:
     """Turns the child's events into catalog rows and log lines; `on_evals` (every evaluation so far) and
     `on_checkpoint` (a checkpoint event) let the caller publish them elsewhere (the flow: Prefect artifacts)."""
@@ -260,9 +271,10 @@ class Recorder:
             tc.add_samples(self.home, self.plan.run_id, [ev])
             row = next((r for r in reversed(tc.metrics(self.home, self.plan.run_id).to_pylist())
                         if r["step"] == ev["step"]), {})
-            self.evals.append({k: row.get(k) for k in ("step", "train_loss", "val_loss", "lr", "grad_norm",
+            self.evals.append({k: row.get(k) for k in ("step", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm",
                                                         "tokens_per_s", "mfu", "tokens")} | {"sample": ev["text"]})
-            self.log.info(f"eval step {ev['step']}: val loss {ev['val_loss']:.4f} | {ev['text'][:200]!r}")
+            bpb = f" (bpb {ev['val_bpb']:.4f}, sampled windows)" if ev.get("val_bpb") is not None else ""
+            self.log.info(f"eval step {ev['step']}: val loss {ev['val_loss']:.4f}{bpb} | {ev['text'][:200]!r}")
             if self.on_evals:
                 self.on_evals(self.evals)
         elif kind == "checkpoint":
@@ -271,6 +283,10 @@ class Recorder:
             self.log.info(f"checkpoint step {ev['step']}: {ev['path']} sha256 {ev['sha256'][:12]}")
             if self.on_checkpoint:
                 self.on_checkpoint(ev)
+        elif kind == "final_eval":
+            eval_catalog.record(self.home, final_eval_result(self.plan.run_id, ev))
+            self.log.info(f"val bpb {ev['val_bpb']:.4f} over the whole val split ({ev['split_size']:,} tokens, "
+                          f"split {ev['split_id'][:12]})")
         elif kind == "error":
             self.error = ev["message"]
             self.log.error(ev["message"])
@@ -289,6 +305,26 @@ class Recorder:
                     checkpoint=last.path if last else None, evals=len(self.evals))
 
 
+def export_run(home: Home, run_id: str) -> Path | None:
+    """The run's best checkpoint (lowest val loss; else its newest) as a Hugging Face GPT-2 folder in
+    runs/RUN/hf/, replacing an earlier export; None for a run without a checkpoint."""
+    from storage.hf_export import export_hf
+
+    root = ckpts.checkpoint_root(home, run_id)
+    chosen = ckpts.best(root) or ckpts.latest(root)
+    if chosen is None:
+        return None
+    out = home.run_dir(run_id) / "hf"
+    export_hf(Path(chosen.path), home.tokenizer, out, force=True)
+    return out
+
+
+def _whole_split_bpb(home: Home, run_id: str) -> dict | None:
+    """The run's newest whole-split val bpb (the trainer's last one, or a later `langpwt evaluate`)."""
+    rows = [r for r in eval_catalog.evals(home, run_id).to_pylist() if r["metric"] == "val_bpb"]
+    return max(rows, key=lambda r: (r["step"], r["created_at"])) if rows else None
+
+
 def report(home: Home, run_id: str) -> str:
     """Markdown summary with the loss curve embedded (also saved as loss_curve.png in the run folder)."""
     import matplotlib
@@ -298,12 +334,21 @@ def report(home: Home, run_id: str) -> str:
     rows = tc.metrics(home, run_id).to_pylist()
     train = [(r["step"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    bpb = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
     if train:
         ax.plot(*zip(*train), lw=0.8, label="train")
     if val:
         ax.plot(*zip(*val), "o-", label="val")
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(run_id), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_ylabel("loss (nats/token)"), ax.set_title(run_id), ax.legend(), ax.grid(alpha=0.3)
+    if bpb:
+        bx.plot(*zip(*bpb), "o-", color="C2", label="val bpb (sampled windows)")
+    whole = _whole_split_bpb(home, run_id)
+    if whole:
+        bx.plot([whole["step"]], [whole["value"]], "s", color="C3", label="val bpb (whole split)")
+    bx.set_xlabel("step"), bx.set_ylabel("bits per byte"), bx.grid(alpha=0.3)
+    if bpb or whole:
+        bx.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -312,11 +357,13 @@ def report(home: Home, run_id: str) -> str:
     tps = sorted(r["tokens_per_s"] for r in rows if r["tokens_per_s"])
     best = min((v for _, v in val), default=None)
     cks = ckpts.list_complete(ckpts.checkpoint_root(home, run_id))
-    lines = [f"# Training run `{run_id}`", "", "| steps | tokens | last train loss | best val loss | median tokens/s |",
-             "|---|---|---|---|---|",
+    whole_txt = f"{whole['value']:.4f} (step {whole['step']}, split {whole['split_id'][:12]})" if whole else "—"
+    lines = [f"# Training run `{run_id}`", "",
+             "| steps | tokens | last train loss | best val loss | val bpb, whole split | median tokens/s |",
+             "|---|---|---|---|---|---|",
              f"| {rows[-1]['step'] if rows else 0} | {rows[-1]['tokens'] if rows else 0:,} | "
              f"{train[-1][1] if train else float('nan'):.4f} | {best if best is not None else float('nan'):.4f} | "
-             f"{tps[len(tps) // 2] if tps else 0:,.0f} |", "",
+             f"{whole_txt} | {tps[len(tps) // 2] if tps else 0:,.0f} |", "",
              f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})", "",
              "| checkpoint | val loss | sha256 |", "|---|---|---|"]
     lines += [f"| `{c.path}` | {c.val_loss if c.val_loss is not None else '—'} | `{c.sha256[:16]}` |" for c in cks]

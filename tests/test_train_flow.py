@@ -35,6 +35,14 @@ def test_train_flow_registers_artifacts_and_rows(train_home):
                                        "FROM metrics WHERE run_id = 'flow' ORDER BY step")
     assert [r[0] for r in m] == list(range(1, 13)) and all(r[1] and r[3] and r[4] and r[5] for r in m)
     assert [r[0] for r in m if r[2] is not None] == [6, 12]
+    # each periodic eval also gives the bpb of its sampled windows; the run ends with the whole split's
+    bpb = catalog.query_rows(train_home, "SELECT step, val_bpb FROM metrics WHERE run_id = 'flow' AND val_bpb "
+                                         "IS NOT NULL ORDER BY step")
+    assert [r[0] for r in bpb] == [6, 12] and all(0 < r[1] < 20 for r in bpb)
+    ev = catalog.query_rows(train_home, "SELECT step, task, metric, value, n, split_id, split_size FROM evals "
+                                        "WHERE run_id = 'flow' ORDER BY metric")
+    assert [(r[0], r[1], r[2]) for r in ev] == [(12, "bpb", "val_bpb"), (12, "bpb", "val_loss")]
+    assert len(ev[0][5]) == 64 and ev[0][6] > ev[0][4] > 0 and 0 < ev[0][3] < 20
     ck = catalog.query_rows(train_home, "SELECT step, sha256, size_bytes FROM checkpoints WHERE run_id = 'flow' "
                                         "ORDER BY step")
     assert [c[0] for c in ck] == [6, 12] and all(len(c[1]) == 64 and c[2] > 0 for c in ck)
@@ -51,6 +59,12 @@ def test_train_flow_registers_artifacts_and_rows(train_home):
     report = arts[artifact_key("flow", "report")].data
     assert "data:image/png;base64," in report and "step_000012" in report
     assert (train_home.run_dir("flow") / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "val bpb, whole split" in report and ev[0][5][:12] in report
+    # the best checkpoint, exported for the Hugging Face ecosystem and linked
+    hf = train_home.run_dir("flow") / "hf"
+    assert out["hf"] == str(hf) and json.loads((hf / "config.json").read_text())["model_type"] == "gpt2"
+    assert (hf / "model.safetensors").is_file() and (hf / "tokenizer.json").is_file()
+    assert f"({hf.resolve().as_uri()})" in arts[artifact_key("flow", "hf")].data
 
 
 def test_train_flow_failures(train_home):
