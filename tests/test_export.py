@@ -77,7 +77,7 @@ def test_export_padded_vocab_random_weights(tmp_path, bias):
     from model.config import TrainConfig, preset
     from model.gpt import GPT
     from model.runtime import ckpt_config
-    from storage import checkpoints
+    from model import checkpoint as checkpoints
     from storage.hf_export import export_hf
     from tasks.tokenizer import TokenizerConfig, train_tokenizer
     from tests.hellaswag_fixture import sample_texts
