@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from model.evaluate import Loaded, load_for_eval, pick_device
+from model.evaluate import load_for_eval
+from model.generate import EOT, Loaded, pick_device
 from model.hellaswag import score
 from tasks.hellaswag import read_items
 from tests.hellaswag_fixture import make_rows, sample_texts, write_jsonl
@@ -31,7 +32,7 @@ def random_model(preset_name: str, tokenizer: Path, device: str) -> Loaded:
     tok, sha, _ = load_tokenizer(tokenizer)
     torch.manual_seed(0)
     model = GPT(preset(preset_name, TokenizerConfig().vocab_size).model).to(device).eval()
-    return Loaded(model, tok, Path("random"), None, None, sha, device)
+    return Loaded(model, tok, tok.token_to_id(EOT), {"tokenizer_sha256": sha}, device, tokenizer, Path("random"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,19 +50,19 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     device = pick_device(a.device)
     if a.checkpoint:
-        from model.evaluate import find_checkpoint
+        from storage.checkpoints import resolve
         from storage.paths import Home
 
         home = Home.from_env(a.home)
-        loaded = load_for_eval(find_checkpoint(a.checkpoint, home), home.tokenizer, device)
+        loaded = load_for_eval(resolve(a.checkpoint, home), home.tokenizer, device)
     else:
         loaded = random_model(a.preset, work / "tokenizer.json", device)
     items = read_items(write_jsonl(work / "items.jsonl", make_rows(sample_texts(), a.items, seed=0)))
-    score(loaded.model, loaded.tok, items[: max(1, a.batch_items)], a.batch_items)  # warm-up: allocator, kernels
+    score(loaded.model, loaded.tokenizer, items[: max(1, a.batch_items)], a.batch_items)  # warm-up: allocator, kernels
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    r = score(loaded.model, loaded.tok, items, a.batch_items)
+    r = score(loaded.model, loaded.tokenizer, items, a.batch_items)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -61,11 +61,14 @@ class Target:
 
 def check_inputs(params: EvaluateParams) -> Target:
     """Everything that can be refused before any model runs; one-line errors (EvalError, HellaSwagError)."""
-    from model.evaluate import check_checkpoint, find_checkpoint
+    from model.evaluate import check_checkpoint
+    from model.generate import pick_device
+    from storage.checkpoints import resolve
     from tasks.hellaswag import read_items
 
+    pick_device(params.device)
     home = params.home_dir()
-    step_dir = find_checkpoint(params.checkpoint, home)
+    step_dir = resolve(params.checkpoint, home)
     cfg = check_checkpoint(step_dir, home.tokenizer)
     if "hellaswag" in params.tasks and params.hellaswag_data:
         read_items(params.hellaswag_data)

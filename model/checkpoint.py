@@ -14,11 +14,10 @@ import torch
 
 from storage.atomic import atomic_replace_dir, atomic_write_text, remove_stale_temps, tmp_path_for
 from storage.checkpoints import (  # noqa: F401 (re-exported: the trainer names one checkpoint module)
-    CKPT_DIR, MARKER, WEIGHTS, CheckpointInfo, CheckpointWriteError, best, checkpoint_root, find_resume,
-    latest, list_complete, prune, read_info, resolve, run_of, runs_newest_first, step_dir_name)
+    CKPT_DIR, MARKER, TOKENIZER, WEIGHTS, CheckpointInfo, CheckpointWriteError, TokenizerMismatch, best,
+    check_tokenizer_sha, checkpoint_root, find_resume, latest, list_complete, prune, read_config, read_info,
+    require_complete, resolve, run_of, runs_newest_first, step_dir_name, trained_tokenizer)
 from storage.shards import file_sha256
-
-TOKENIZER = "tokenizer.json"  # the run's own copy, next to its config.json
 
 
 def export_weights(path: Path, state_dict: dict, config: dict) -> str:
@@ -160,9 +159,7 @@ class BackgroundSaver:
 
 
 def load_train_state(step_dir: Path, map_location="cpu") -> dict:
-    step_dir = Path(step_dir)
-    if read_info(step_dir) is None:
-        raise FileNotFoundError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
+    step_dir = require_complete(step_dir)
     return {
         "model": torch.load(step_dir / "model.pt", map_location=map_location, weights_only=True),
         "optimizer": torch.load(step_dir / "optimizer.pt", map_location=map_location, weights_only=True),
@@ -175,12 +172,10 @@ def load_weights(step_dir: Path, device="cpu") -> tuple[dict, dict]:
     """(config, state_dict) from the safetensors export, the tied lm_head restored."""
     from safetensors.torch import load_file
 
-    step_dir = Path(step_dir)
-    if read_info(step_dir) is None:
-        raise FileNotFoundError(f"{step_dir}: not a complete checkpoint (no {MARKER} marker)")
-    sd = load_file(str(step_dir / WEIGHTS), device=str(device))
+    cfg = read_config(step_dir)
+    sd = load_file(str(Path(step_dir) / WEIGHTS), device=str(device))
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    return json.loads((step_dir / "config.json").read_text()), sd
+    return cfg, sd
 
 
 def load_tokenizer(path: Path):
@@ -198,23 +193,14 @@ def check_tokenizer(path: Path, sha: str, vocab: int, config: dict, step_dir: Pa
     """One line if the tokenizer at `path` is not the one checkpoint `step_dir` (its `config`) was trained with."""
     want_vocab = config["train"]["model"]["vocab_size"]
     if vocab != want_vocab:
-        raise ValueError(f"{path}: vocab size {vocab} differs from {want_vocab} of checkpoint {step_dir}")
-    want = config.get("tokenizer_sha256")
-    if want and want != sha:
-        raise ValueError(f"{path}: sha256 {sha[:12]} differs from the tokenizer checkpoint {step_dir} "
-                         f"was trained with ({want[:12]})")
+        raise TokenizerMismatch(f"{path}: vocab size {vocab} differs from {want_vocab} of checkpoint {step_dir}")
+    check_tokenizer_sha(path, sha, config, step_dir)
 
 
 def checkpoint_tokenizer(step_dir: Path, config: dict, home_tokenizer: Path):
-    """(tokenizer, sha256, vocab, path) a checkpoint was trained with: its run's copy, so a retrained home
-    tokenizer does not break older runs; an older run without a copy falls back to `home_tokenizer`,
-    accepted only when its sha256 matches."""
-    own = run_of(step_dir) / TOKENIZER
-    path = own if own.is_file() else Path(home_tokenizer)
+    """(tokenizer, sha256, vocab, path) a checkpoint was trained with (storage.checkpoints.trained_tokenizer
+    picks the file), its vocabulary checked too."""
+    path, _ = trained_tokenizer(step_dir, config, home_tokenizer)
     tok, sha, vocab = load_tokenizer(path)
     check_tokenizer(path, sha, vocab, config, step_dir)
     return tok, sha, vocab, path
-
-
-def load_config(step_dir: Path) -> dict:
-    return json.loads((Path(step_dir) / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""Bits per byte over the whole val split, and the checkpoint loading every evaluation shares.
+"""Bits per byte over the whole val split, and the check every evaluation adds to loading a checkpoint.
 Every val token is predicted once (consecutive windows overlapping by one), so the number is deterministic and
 comparable across tokenizers; the price is that a window's first tokens see little context, unlike a sliding one."""
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.generate import Loaded
 from storage.shards import open_tokens
 
 EOT = "<|endoftext|>"
@@ -142,61 +142,30 @@ def _by_length(group: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     return list(out.values())
 
 
-@dataclass
-class Loaded:
-    """A checkpoint ready to evaluate: the model (eval mode), its tokenizer, where they came from."""
-    model: torch.nn.Module
-    tok: object
-    step_dir: Path
-    run_id: str | None
-    step: int | None
-    tokenizer_sha256: str
-    device: str
+def check_checkpoint(step_dir: Path, home_tokenizer: Path) -> dict:
+    """The config of complete checkpoint `step_dir`, once its tokenizer is known to be the home's: bpb reads the
+    home's val shards, so a checkpoint trained with another tokenizer is bad input here (EvalError, one line)."""
+    from storage.checkpoints import TokenizerMismatch, read_config, trained_tokenizer
+    from storage.shards import file_sha256
 
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: no CUDA device is visible")
-    return name
-
-
-def check_checkpoint(step_dir: Path, tokenizer: Path) -> dict:
-    """The checkpoint's config, after checking that it is complete and was trained with `tokenizer`."""
-    from storage.hf_export import ExportError, check_tokenizer, read_checkpoint_config
-
+    cfg = read_config(step_dir)
     try:
-        cfg = read_checkpoint_config(step_dir)
-        check_tokenizer(cfg, tokenizer, step_dir)
-    except ExportError as e:
+        path, sha = trained_tokenizer(step_dir, cfg, home_tokenizer)
+    except TokenizerMismatch as e:
         raise EvalError(str(e)) from None
+    home_sha = sha if Path(path) == Path(home_tokenizer) else file_sha256(home_tokenizer)
+    if home_sha != sha:
+        raise EvalError(f"{home_tokenizer}: sha256 {home_sha[:12]} differs from the tokenizer checkpoint {step_dir} "
+                        f"was trained with ({sha[:12]}); its val shards are of the home's tokenizer")
     return cfg
 
 
-def find_checkpoint(spec: str, home) -> Path:
-    """`latest`, a run id, a run folder or a step folder -> a complete step folder; a step folder without its
-    marker is named as incomplete rather than searched."""
-    from storage.checkpoints import resolve
+def load_for_eval(step_dir: Path, home_tokenizer: Path, device: str = "auto") -> Loaded:
+    """model.generate.load_trained, after check_checkpoint."""
+    from model.generate import load_trained
 
-    p = Path(spec)
-    if p.name.startswith("step_") and p.is_dir():
-        return p
-    try:
-        return resolve(spec, home)
-    except FileNotFoundError as e:
-        raise EvalError(str(e)) from None
-
-
-def load_for_eval(step_dir: Path, tokenizer: Path, device: str = "auto") -> Loaded:
-    from model.generate import load_model
-    from model.runtime import load_tokenizer
-
-    cfg = check_checkpoint(step_dir, tokenizer)
-    dev = pick_device(device)
-    model, _ = load_model(step_dir, dev)
-    tok, sha, _ = load_tokenizer(tokenizer)
-    return Loaded(model, tok, Path(step_dir), cfg.get("run_id"), cfg.get("step"), sha, dev)
+    check_checkpoint(step_dir, home_tokenizer)
+    return load_trained(Path(step_dir), home_tokenizer, device)
 
 
 def val_paths(home, tokenizer_sha256: str) -> list[Path]:
@@ -217,7 +186,7 @@ def result(loaded: Loaded, task: str, split_id: str, split_size: int, seconds: f
 def run_bpb(loaded: Loaded, paths: list[Path], batch_size: int = 16) -> dict:
     """val_bpb (and the mean val loss in nats of the same targets) over the whole split in `paths`."""
     n, sha = split_identity(paths)
-    r = val_bpb(loaded.model, loaded.tok, paths, batch_size)
+    r = val_bpb(loaded.model, loaded.tokenizer, paths, batch_size)
     return result(loaded, "bpb", sha, n, r["seconds"],
                   [{"metric": "val_bpb", "value": r["bpb"], "stderr": None, "n": r["n_tokens"]},
                    {"metric": "val_loss", "value": r["loss"], "stderr": None, "n": r["n_tokens"]}],

@@ -108,26 +108,44 @@ EOT = "<|endoftext|>"
 
 @dataclass
 class Loaded:
+    """A checkpoint ready to sample from or evaluate: the model (eval mode), the tokenizer it was trained with,
+    and where they came from."""
     model: GPT
     tokenizer: Any
     eot: int | None
     config: dict
     device: str
     tokenizer_path: Path
+    step_dir: Path
+
+    @property
+    def run_id(self) -> str | None:
+        return self.config.get("run_id")
+
+    @property
+    def step(self) -> int | None:
+        return self.config.get("step")
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        return self.config.get("tokenizer_sha256")
 
 
 def pick_device(device: str = "auto") -> str:
+    """auto: CUDA when visible, else CPU; a CUDA device asked for where none is visible is refused in one line."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible")
     return device
 
 
 def load_trained(step_dir: Path, home_tokenizer: Path, device: str = "auto") -> Loaded:
     """A checkpoint's model and the tokenizer it was trained with (vocab and sha256 checked): what the CLI's
-    `generate` and the dashboard's playground sample from."""
+    `generate`, the dashboard's playground and the evaluations run."""
     from model.checkpoint import checkpoint_tokenizer
 
     dev = pick_device(device)
     model, cfg = load_model(Path(step_dir), dev)
     tok, _, _, path = checkpoint_tokenizer(Path(step_dir), cfg, home_tokenizer)
-    return Loaded(model, tok, tok.token_to_id(EOT), cfg, dev, path)
+    return Loaded(model, tok, tok.token_to_id(EOT), cfg, dev, path, Path(step_dir))

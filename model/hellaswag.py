@@ -91,14 +91,14 @@ def score(model, tok, items: list, batch_items: int = 8) -> dict:
 
 
 def run_hellaswag(loaded, data: Path, limit: int | None = None, batch_items: int = 8) -> dict:
-    """HellaSwag on the checkpoint in `loaded` (model.evaluate.Loaded): the whole file is read and checked, its
+    """HellaSwag on the checkpoint in `loaded` (model.generate.Loaded): the whole file is read and checked, its
     first `limit` items scored; the data's identity is the file's sha256 and item count."""
     from model.evaluate import result
     from storage.shards import file_sha256
     from tasks.hellaswag import read_items
 
     items = read_items(data)
-    r = score(loaded.model, loaded.tok, items[:limit], batch_items)
+    r = score(loaded.model, loaded.tokenizer, items[:limit], batch_items)
     return result(loaded, "hellaswag", file_sha256(data), len(items), r["seconds"],
                   [{"metric": "acc", "value": r["acc"], "stderr": r["acc_stderr"], "n": r["n"]},
                    {"metric": "acc_norm", "value": r["acc_norm"], "stderr": r["acc_norm_stderr"], "n": r["n"]}],

@@ -67,7 +67,7 @@ def resolve_config(ns, home: Home, tok_vocab: int, tok_sha: str, tok_path: Path)
     ov = cli_args.overrides(ns)
     if ns.resume:
         info = ckpts.find_resume(home, ns.run_id)
-        saved = ckpts.load_config(info.path)
+        saved = ckpts.read_config(info.path)
         ckpts.check_tokenizer(tok_path, tok_sha, tok_vocab, saved, Path(info.path))
         cfg = TrainConfig.from_dict(saved["train"])
         for k in ARCH_KEYS:

@@ -1,6 +1,7 @@
 """Checkpoint directories `step_NNNNNN/` on disk, without torch: the COMPLETE marker, listing, latest/best,
-pruning, and which checkpoint a name or a resume means. Writing and loading tensors live in model/checkpoint.py;
-the split costs a second module, so the dashboards and the catalog never import torch."""
+pruning, which checkpoint a name or a resume means, its config and the tokenizer it was trained with. Writing and
+loading tensors live in model/checkpoint.py; the split costs a second module, so the dashboards, the catalog and
+`langpwt export` never import torch."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.paths import Home, step_dir_name  # noqa: F401 (callers name step folders through this module)
+from storage.shards import file_sha256
 
 MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
 CKPT_DIR = "checkpoints"
+TOKENIZER = "tokenizer.json"  # the run's own copy, next to its checkpoints folder
 
 
 @dataclass
@@ -36,6 +39,10 @@ def checkpoint_root(home: Home, run_id: str) -> Path:
 
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written; nothing of it is left under its final name."""
+
+
+class TokenizerMismatch(ValueError):
+    """A tokenizer that is not the one a checkpoint was trained with: one line naming the file and both sha256s."""
 
 
 def run_of(step_dir: Path) -> Path:
@@ -96,8 +103,46 @@ def runs_newest_first(home: Home) -> list[Path]:
     return [r for _, r in sorted(found, reverse=True)]
 
 
+def require_complete(step_dir: Path) -> Path:
+    """`step_dir`, once it is a complete checkpoint folder; else a one-line FileNotFoundError."""
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint {step_dir}: no such checkpoint folder")
+    if not (step_dir / MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir}: incomplete checkpoint (no {MARKER} marker)")
+    return step_dir
+
+
+def read_config(step_dir: Path) -> dict:
+    """config.json of a complete checkpoint folder (the trainer's config, run id, step, tokenizer sha256)."""
+    return json.loads((require_complete(step_dir) / "config.json").read_text())
+
+
+def check_tokenizer_sha(path: Path, sha: str, config: dict, step_dir: Path) -> None:
+    """TokenizerMismatch unless `sha` (of the tokenizer file `path`) is the one checkpoint `step_dir` (its
+    `config`) names; a config that names none accepts any."""
+    want = config.get("tokenizer_sha256")
+    if want and want != sha:
+        raise TokenizerMismatch(f"{path}: sha256 {sha[:12]} differs from the tokenizer checkpoint {step_dir} "
+                                f"was trained with ({want[:12]})")
+
+
+def trained_tokenizer(step_dir: Path, config: dict, home_tokenizer: Path) -> tuple[Path, str]:
+    """(path, sha256) of the tokenizer checkpoint `step_dir` was trained with: its run's copy, so a retrained home
+    tokenizer does not break older runs; a run without a copy falls back to `home_tokenizer`, accepted only when
+    its sha256 matches."""
+    own = run_of(step_dir) / TOKENIZER
+    path = own if own.is_file() else Path(home_tokenizer)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer; run `langpwt prepare` first")
+    sha = file_sha256(path)
+    check_tokenizer_sha(path, sha, config, step_dir)
+    return path, sha
+
+
 def resolve(spec: str, home: Home) -> Path:
-    """`latest`, a run id, a run folder or a step folder -> a complete step folder."""
+    """`latest`, a run id, a run folder or a step folder -> a complete step folder; a step folder without its
+    marker is named as incomplete rather than searched."""
     if spec == "latest":
         runs = runs_newest_first(home)
         if not runs:
@@ -106,8 +151,8 @@ def resolve(spec: str, home: Home) -> Path:
     p = Path(spec)
     if not p.exists() and (home.runs / spec).is_dir():
         p = home.runs / spec
-    if (p / MARKER).is_file():
-        return p
+    if (p / MARKER).is_file() or (p.name.startswith("step_") and p.is_dir()):
+        return require_complete(p)
     for root in (p / CKPT_DIR, p):
         last = latest(root)
         if last is not None:

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from storage.atomic import atomic_replace_dir, tmp_path_for
-from storage.shards import file_sha256
+from storage.checkpoints import WEIGHTS, read_config, trained_tokenizer
 
-MARKER = "COMPLETE"          # storage.checkpoints' completion marker (that module imports torch)
-WEIGHTS = "model.safetensors"
 EOT = "<|endoftext|>"
 # our nn.Linear weights are (out, in); GPT-2's Conv1D keeps (in, out)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -27,16 +25,6 @@ class ExportError(ValueError):
     """One line naming the checkpoint, tokenizer or output folder and what is wrong with it."""
 
 
-def read_checkpoint_config(step_dir: Path) -> dict:
-    """The checkpoint's config.json, after checking that the folder is a complete checkpoint."""
-    step_dir = Path(step_dir)
-    if not step_dir.is_dir():
-        raise ExportError(f"--checkpoint {step_dir}: no such checkpoint folder")
-    if not (step_dir / MARKER).is_file():
-        raise ExportError(f"--checkpoint {step_dir}: incomplete checkpoint (no {MARKER} marker)")
-    return json.loads((step_dir / "config.json").read_text())
-
-
 def tokenizer_facts(path: Path) -> tuple[int, int]:
     """(vocabulary size, id of <|endoftext|>) of a `tokenizers` JSON file."""
     d = json.loads(Path(path).read_text())
@@ -45,16 +33,6 @@ def tokenizer_facts(path: Path) -> tuple[int, int]:
     if eot is None:
         raise ExportError(f"{path}: the tokenizer has no {EOT} token")
     return max(ids) + 1, eot
-
-
-def check_tokenizer(cfg: dict, tokenizer: Path, step_dir: Path) -> None:
-    """The tokenizer file is the one the checkpoint was trained with (by sha256)."""
-    if not Path(tokenizer).is_file():
-        raise ExportError(f"{tokenizer}: no tokenizer; run `langpwt prepare` first")
-    sha, want = file_sha256(tokenizer), cfg.get("tokenizer_sha256")
-    if sha != want:
-        raise ExportError(f"{tokenizer}: sha256 {sha[:12]} differs from the tokenizer checkpoint {step_dir} "
-                          f"was trained with ({str(want)[:12]})")
 
 
 def hf_state(sd: dict[str, np.ndarray], m: dict) -> dict[str, np.ndarray]:
@@ -115,15 +93,16 @@ def check_out(out: Path, force: bool) -> None:
         raise ExportError(f"--out {out}: exists and is not empty (add --force to replace it)")
 
 
-def export_hf(step_dir: Path, tokenizer: Path, out: Path, force: bool = False) -> dict:
-    """Write the Hugging Face folder `out` from a complete checkpoint folder, atomically (a temp folder renamed
-    into place); returns what was written. Refuses before writing anything: see ExportError."""
+def export_hf(step_dir: Path, home_tokenizer: Path, out: Path, force: bool = False) -> dict:
+    """Write the Hugging Face folder `out` from a complete checkpoint folder and the tokenizer it was trained with
+    (its run's copy, else `home_tokenizer` when the sha256 matches), atomically (a temp folder renamed into place);
+    returns what was written. Refuses before writing anything: ExportError, TokenizerMismatch, FileNotFoundError."""
     from safetensors.numpy import load_file, save
 
-    step_dir, tokenizer, out = Path(step_dir), Path(tokenizer), Path(out).absolute()
-    cfg = read_checkpoint_config(step_dir)
+    step_dir, out = Path(step_dir), Path(out).absolute()
+    cfg = read_config(step_dir)
     check_out(out, force)
-    check_tokenizer(cfg, tokenizer, step_dir)
+    tokenizer, _ = trained_tokenizer(step_dir, cfg, home_tokenizer)
     m = cfg["train"]["model"]
     vocab, eot = tokenizer_facts(tokenizer)
     if vocab != m["vocab_size"]:
@@ -145,6 +124,6 @@ def export_hf(step_dir: Path, tokenizer: Path, out: Path, force: bool = False) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "checkpoint": str(step_dir), "run_id": cfg.get("run_id"), "step": cfg.get("step"),
-            "files": sorted([WEIGHTS, "tokenizer.json", *files]), "weights_sha256": hashlib.sha256(data).hexdigest(),
+    return {"out": str(out), "checkpoint": str(step_dir), "tokenizer": str(tokenizer), "run_id": cfg.get("run_id"),
+            "step": cfg.get("step"), "files": sorted([WEIGHTS, "tokenizer.json", *files]), "weights_sha256": hashlib.sha256(data).hexdigest(),
             "size_bytes": sum(p.stat().st_size for p in out.iterdir())}

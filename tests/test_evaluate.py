@@ -31,13 +31,15 @@ def test_bpb_matches_hf_model(eval_home, tmp_path):
 
     loaded = load_for_eval(step_dir(eval_home), eval_home.tokenizer, "cpu")
     paths = val_paths(eval_home, loaded.tokenizer_sha256)
-    assert [p.name for p in paths] == sorted(p.name for p in eval_home.shards.glob("shard_*.val.bin"))
-    ours = val_bpb(loaded.model, loaded.tok, paths, batch_size=32)
+    from storage.shards import open_tokens
+
+    # every val shard with tokens (the sample's last source can leave an empty val file, which the catalog skips)
+    assert [p.name for p in paths] == sorted(p.name for p in eval_home.shards.glob("shard_*.val.bin")
+                                             if open_tokens(p).size)
+    ours = val_bpb(loaded.model, loaded.tokenizer, paths, batch_size=32)
 
     # the reference: HF's model on the same windows, bytes from decoding whole documents
     hf, hf_tok = export_reference(eval_home, tmp_path / "hf")
-    from storage.shards import open_tokens
-
     toks = torch.from_numpy(np.concatenate([np.asarray(open_tokens(p), dtype=np.int64) for p in paths]))
     eot = hf_tok.eos_token_id
     spans = [toks[a:a + 65] for a in range(0, toks.numel() - 1, 64)]
@@ -60,7 +62,7 @@ def test_bpb_matches_hf_model(eval_home, tmp_path):
     assert (ours["n_tokens"], ours["n_bytes"]) == (n_tok, n_bytes)
     assert ours["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
     assert ours["loss"] == pytest.approx(nats / n_tok, rel=1e-5)
-    few = [val_bpb(loaded.model, loaded.tok, paths, batch_size=b, max_windows=40)["bpb"] for b in (7, 40)]
+    few = [val_bpb(loaded.model, loaded.tokenizer, paths, batch_size=b, max_windows=40)["bpb"] for b in (7, 40)]
     assert few[0] == pytest.approx(few[1], rel=1e-6) and few[0] != ours["bpb"]
 
     n, sha = split_identity(paths)
@@ -135,7 +137,34 @@ def test_bad_input_refused_in_one_line(eval_home, tmp_path, capsys):
     (tmp_path / "x.csv").write_text("ctx_a,label\n")
     assert "expected a .jsonl or .parquet" in refused("--hellaswag-data", str(tmp_path / "x.csv"))
     assert "no complete checkpoint" in refused("--checkpoint", "nope")
+    if not torch.cuda.is_available():
+        assert "--device cuda: no CUDA device is visible" in refused("--device", "cuda", "--tasks", "bpb")
     tok = json.loads(eval_home.tokenizer.read_text())
     eval_home.tokenizer.write_text(json.dumps(tok, indent=2))
     err = refused("--tasks", "bpb")
     assert str(eval_home.tokenizer) in err and "differs from the tokenizer checkpoint" in err
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_tokenizer_than_the_homes(eval_home, capsys):
+    """The run keeps its tokenizer copy, so the checkpoint still loads after the home's tokenizer changes; but bpb
+    reads the home's val shards (of the new tokenizer): evaluate refuses in one line naming both sha256s."""
+    from model.evaluate import EvalError, load_for_eval
+    from model.generate import load_trained
+    from tasks.train import keep_tokenizer
+    from tests.eval_fixtures import RUN
+
+    keep_tokenizer(eval_home, RUN, None)
+    trained = tok_sha(eval_home)
+    tok = json.loads(eval_home.tokenizer.read_text())
+    eval_home.tokenizer.write_text(json.dumps(tok, indent=2))
+    home = tok_sha(eval_home)
+    loaded = load_trained(step_dir(eval_home), eval_home.tokenizer, "cpu")
+    assert loaded.tokenizer_path == eval_home.run_dir(RUN) / "tokenizer.json"
+    assert (loaded.run_id, loaded.step, loaded.tokenizer_sha256) == (RUN, 30, trained)
+    with pytest.raises(EvalError) as e:
+        load_for_eval(step_dir(eval_home), eval_home.tokenizer, "cpu")
+    assert "\n" not in str(e.value) and trained[:12] in str(e.value) and home[:12] in str(e.value)
+    assert main(["evaluate", "--device", "cpu", "--tasks", "bpb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and trained[:12] in err and home[:12] in err
+    assert _no_rows(eval_home)

@@ -77,7 +77,7 @@ def test_export_padded_vocab_random_weights(tmp_path, bias):
     from model.config import TrainConfig, preset
     from model.gpt import GPT
     from model.runtime import ckpt_config
-    from storage import checkpoints
+    from model import checkpoint as checkpoints
     from storage.hf_export import export_hf
     from tasks.tokenizer import TokenizerConfig, train_tokenizer
     from tests.hellaswag_fixture import sample_texts
@@ -131,4 +131,37 @@ def test_export_refusals(eval_home, tmp_path, capsys):
     tok = json.loads(eval_home.tokenizer.read_text())
     eval_home.tokenizer.write_text(json.dumps(tok, indent=2))  # same vocabulary, other bytes
     assert "differs from the tokenizer checkpoint" in refused("--out", str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
+
+
+def test_export_takes_the_runs_tokenizer_in_a_process_without_torch(eval_home, tmp_path, capsys):
+    """A run keeps its tokenizer copy: after the home's tokenizer is retrained (another vocabulary), the run still
+    exports with the tokenizer it was trained with, and `langpwt export` never imports torch. Without the copy, the
+    home's new tokenizer is refused in one line naming both sha256s."""
+    from storage.shards import file_sha256
+    from tasks.tokenizer import TokenizerConfig, train_tokenizer
+    from tasks.train import keep_tokenizer
+    from tests.conftest import ROOT
+    from tests.eval_fixtures import RUN
+    from tests.hellaswag_fixture import sample_texts
+
+    keep_tokenizer(eval_home, RUN, None)
+    copy = eval_home.run_dir(RUN) / "tokenizer.json"
+    trained_sha = file_sha256(copy)
+    new_sha = train_tokenizer(iter(sample_texts()[:300]), eval_home.tokenizer, TokenizerConfig(vocab_size=600))
+    assert new_sha != trained_sha == file_sha256(copy)
+
+    out = tmp_path / "hf"
+    code = ("import sys; from flows.cli import main; rc = main(['export', '--out', sys.argv[1]]); "
+            "print(rc, sorted(m for m in ('torch', 'safetensors.torch') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, LANGPWT_HOME=str(eval_home.root)))
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "0 []", p.stdout + p.stderr
+    assert (out / "tokenizer.json").read_bytes() == copy.read_bytes()
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1024
+
+    copy.unlink()
+    assert main(["export", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and trained_sha[:12] in err and new_sha[:12] in err and str(eval_home.tokenizer) in err
     assert not (tmp_path / "other").exists()

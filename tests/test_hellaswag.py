@@ -62,7 +62,7 @@ def test_scores_match_harness_procedure_on_hf(eval_home, tmp_path):
     acc, acc_norm, truncated = [], [], 0
     for item in items:
         ref = np.array(harness_reference(hf, hf_tok, item, block))
-        reqs = requests(loaded.tok, item, block)
+        reqs = requests(loaded.tokenizer, item, block)
         truncated += any(len(inp) == block for inp, _ in reqs)
         ours = np.array(loglikelihoods(loaded.model, reqs, torch.device("cpu")))
         assert np.allclose(ours, ref, atol=2e-4), (ours, ref)
@@ -70,12 +70,12 @@ def test_scores_match_harness_procedure_on_hf(eval_home, tmp_path):
         acc_norm.append(np.argmax(ref / np.array([len(e) for e in item.endings])) == item.label)
     assert truncated  # some items are longer than the block: cut from the left
     assert any(i.context != i.context.rstrip() for i in items)
-    got = score(loaded.model, loaded.tok, items, batch_items=5)
+    got = score(loaded.model, loaded.tokenizer, items, batch_items=5)
     assert got["n"] == 24 and got["acc"] == np.mean(acc) and got["acc_norm"] == np.mean(acc_norm)
     p = got["acc"]
     assert got["acc_stderr"] == pytest.approx(np.std(acc, ddof=1) / np.sqrt(24))
     assert got["acc_stderr"] == pytest.approx((p * (1 - p) / 23) ** 0.5)
-    assert score(loaded.model, loaded.tok, items, batch_items=1)["acc_norm"] == got["acc_norm"]
+    assert score(loaded.model, loaded.tokenizer, items, batch_items=1)["acc_norm"] == got["acc_norm"]
 
 
 def test_fetch_once_verified_and_resumed(home, tmp_path, monkeypatch, hf_isolated):

@@ -11,14 +11,14 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from model.evaluate import EvalError, find_checkpoint
+    from storage.checkpoints import TokenizerMismatch, resolve
     from storage.hf_export import ExportError, export_hf
     from storage.paths import Home
 
     home = Home.from_env(args.home)
     try:
-        out = export_hf(find_checkpoint(args.checkpoint, home), home.tokenizer, args.out, args.force)
-    except (EvalError, ExportError, FileNotFoundError) as e:
+        out = export_hf(resolve(args.checkpoint, home), home.tokenizer, args.out, args.force)
+    except (ExportError, TokenizerMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"exported {out['checkpoint']} -> {out['out']} ({out['size_bytes']:,} bytes; "
