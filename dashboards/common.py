@@ -64,6 +64,11 @@ def _checkpoints(root: str, version: tuple) -> pa.Table:
     return queries.checkpoints(Home(Path(root)))
 
 
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def _evaluations(root: str, version: tuple, run_id: str, step: int) -> pa.Table:
+    return queries.evaluations(Home(Path(root)), run_id, step)
+
+
 @st.cache_resource(max_entries=2, show_spinner=False)
 def _tokenizer(path: str, mtime: int):
     from tokenizers import Tokenizer
@@ -102,6 +107,10 @@ def training(h: Home, run_ids: list[str]) -> dict:
 
 def checkpoints(h: Home) -> pa.Table:
     return _checkpoints(*_key(h))
+
+
+def evaluations(h: Home, run_id: str, step: int) -> pa.Table:
+    return _evaluations(*_key(h), run_id, step)
 
 
 def decoded(h: Home, ids: list[int]) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Checkpoints page: step, val loss, size, sha256, and the Prefect flow run and artifacts behind each.
+"""Checkpoints page: step, val loss, size, sha256, each checkpoint's evaluations, its Prefect flow run and artifacts.
 The list is catalog-only (no torch); Prefect is asked about one checkpoint at a time, cached, with a timeout."""
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def details(row: dict) -> None:
                 f"- sha256 of model.safetensors: `{row['sha256']}`\n"
                 f"- size: {common.human_bytes(row['size_bytes'])}, val loss: "
                 f"{row['val_loss'] if row['val_loss'] is not None else '–'}")
+    ev = common.evaluations(h, row["run_id"], row["step"])
+    if ev.num_rows:
+        st.markdown("**Evaluations**")
+        st.dataframe(common.frame(ev), hide_index=True, width="stretch", column_config={
+            "value": st.column_config.NumberColumn(format="%.4f"),
+            "stderr": st.column_config.NumberColumn(format="%.4f"),
+            "split_id": st.column_config.TextColumn("split (sha256)", width="small")})
+    else:
+        st.caption(f"no evaluations yet: `langpwt evaluate --checkpoint {row['path']}`")
     fr = row["flow_run_id"]
     if not fr:
         st.caption("no Prefect flow run recorded (trained with `python -m model.train` directly)")

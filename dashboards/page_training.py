@@ -1,4 +1,4 @@
-"""Training page: the runs, and one or two side by side with loss, lr, tokens/s and MFU curves.
+"""Training page: the runs, and one or two side by side with loss, val bpb, lr, tokens/s and MFU curves.
 Curves are bucketed in DuckDB to ~1,000 points per run, so a 100k-step run draws as fast as a short one."""
 from __future__ import annotations
 
@@ -28,13 +28,26 @@ def loss_chart(curves: pd.DataFrame, val: pd.DataFrame, color_by_run: bool = Fal
         tooltip=["run_id", "split", "step", alt.Tooltip("loss:Q", format=".4f")])
 
 
+def bpb_chart(val: pd.DataFrame, whole: pd.DataFrame, color_by_run: bool = False) -> alt.Chart:
+    """Val bits per byte: the periodic evals' sampled windows as a line, the whole split's as squares."""
+    s = val[["run_id", "step", "val_bpb"]].dropna().assign(kind="sampled windows")
+    w = whole[["run_id", "step", "val_bpb"]].assign(kind="whole split")
+    df = pd.concat([s, w], ignore_index=True)
+    df["series"] = (df["run_id"] + " " + df["kind"]) if color_by_run else df["kind"]
+    base = alt.Chart(df).encode(x="step:Q", y=alt.Y("val_bpb:Q", title="val bpb", scale=alt.Scale(zero=False)),
+                                color=alt.Color("series:N", title=None),
+                                tooltip=["run_id", "kind", "step", alt.Tooltip("val_bpb:Q", format=".4f")])
+    return (base.transform_filter(alt.datum.kind == "sampled windows").mark_line(point=True)
+            + base.transform_filter(alt.datum.kind == "whole split").mark_square(size=80))
+
+
 def series_chart(curves: pd.DataFrame, col: str, fmt: str = ".3g") -> alt.Chart:
     return alt.Chart(curves.dropna(subset=[col])).mark_line().encode(
         x="step:Q", y=alt.Y(f"{col}:Q", scale=alt.Scale(zero=False)),
         tooltip=["step", alt.Tooltip(f"{col}:Q", format=fmt)])
 
 
-def one_run(run: dict, curves: pd.DataFrame, val: pd.DataFrame, samples: pd.DataFrame) -> None:
+def one_run(run: dict, curves: pd.DataFrame, val: pd.DataFrame, whole: pd.DataFrame, samples: pd.DataFrame) -> None:
     st.subheader(run["run_id"])
     st.caption(f"preset `{run['preset']}` · {run['status']} · {run['device'] or '?'}"
                + (f" · error: {run['error']}" if run["error"] else ""))
@@ -48,6 +61,13 @@ def one_run(run: dict, curves: pd.DataFrame, val: pd.DataFrame, samples: pd.Data
         return
     st.markdown("**Loss**")
     st.altair_chart(loss_chart(curves, val), height=240)
+    if val["val_bpb"].notna().any() or len(whole):
+        st.markdown("**Val bits per byte**")
+        st.altair_chart(bpb_chart(val, whole), height=200)
+        if len(whole):
+            last = whole.iloc[-1]
+            st.caption(f"whole split at step {last['step']}: {last['val_bpb']:.4f} bpb over {last['split_size']:,} "
+                       f"tokens (split {last['split_id'][:12]}); the line: each eval's sampled windows")
     st.markdown("**Learning rate**")
     st.altair_chart(series_chart(curves, "lr", ".2e"), height=160)
     st.markdown("**Tokens/s**")
@@ -91,16 +111,22 @@ def render(initial_running: bool | None) -> None:
     if not chosen:
         return
     v = common.training(h, chosen)
-    curves, val, samples = (v[k].to_pandas() for k in ("curves", "val", "samples"))
+    curves, val, whole, samples = (v[k].to_pandas() for k in ("curves", "val", "whole", "samples"))
     if len(chosen) == 2 and len(curves):
         st.markdown("**Loss, both runs**")
         st.altair_chart(loss_chart(curves, val, color_by_run=True), height=260)
+        if queries.comparable(v["whole"]):
+            st.markdown("**Val bits per byte, both runs**")
+            st.altair_chart(bpb_chart(val, whole, color_by_run=True), height=220)
+        else:
+            st.warning("The two runs' val bpb were measured on different val splits (token count or sha256 "
+                       "differ): they are shown per run, not compared.")
     cols = st.columns(len(chosen))
     by_id = {r["run_id"]: r for r in rows}
     for col, rid in zip(cols, chosen):
         with col:
             one_run(by_id[rid], curves[curves["run_id"] == rid], val[val["run_id"] == rid],
-                    samples[samples["run_id"] == rid])
+                    whole[whole["run_id"] == rid], samples[samples["run_id"] == rid])
 
 
 if common.need_runs(h) is not None:

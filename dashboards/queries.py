@@ -258,14 +258,32 @@ def runs(home: Home) -> pa.Table:
 
 
 def training(home: Home, run_ids: list[str], max_points: int = 1000) -> Views:
-    """`curves` (bucketed train loss, lr, tokens/s, MFU), `val` (every evaluation), `samples`."""
+    """`curves` (bucketed train loss, lr, tokens/s, MFU), `val` (every periodic evaluation: loss and the bpb of its
+    sampled windows), `whole` (val bpb over the whole split, with the split's identity), `samples`."""
     return _tables(home, {
         "curves": (CURVE_SQL, [run_ids, max_points]),
-        "val": ("""SELECT run_id, step, val_loss FROM metrics WHERE list_contains(?, run_id)
+        "val": ("""SELECT run_id, step, val_loss, val_bpb FROM metrics WHERE list_contains(?, run_id)
                    AND val_loss IS NOT NULL ORDER BY run_id, step""", [run_ids]),
+        "whole": ("""SELECT run_id, step, value AS val_bpb, split_id, split_size FROM evals
+                     WHERE list_contains(?, run_id) AND task = 'bpb' AND metric = 'val_bpb'
+                     QUALIFY row_number() OVER (PARTITION BY run_id, step, split_id ORDER BY created_at DESC) = 1
+                     ORDER BY run_id, step""", [run_ids]),
         "samples": ("""SELECT run_id, step, prompt, text FROM samples WHERE list_contains(?, run_id)
                        ORDER BY run_id, step DESC""", [run_ids]),
     })
+
+
+def comparable(whole: pa.Table) -> bool:
+    """Whether the runs' whole-split bpb values were measured on one val split (same token count and sha256):
+    numbers of different splits are not compared."""
+    return len(set(whole.column("split_id").to_pylist())) <= 1
+
+
+def evaluations(home: Home, run_id: str, step: int) -> pa.Table:
+    """Every evaluation recorded for one checkpoint, newest first within a task and metric."""
+    return _tables(home, {"evals": ("""
+        SELECT task, metric, value, stderr, n, split_id, split_size, device, seconds, created_at FROM evals
+        WHERE run_id = ? AND step = ? ORDER BY task, metric, created_at DESC""", [run_id, step])})["evals"]
 
 
 def checkpoints(home: Home) -> pa.Table:

@@ -218,8 +218,12 @@ def test_training_page_two_runs_side_by_side(dash_home, monkeypatch):
     best = {x.value for x in at.metric if x.label == "Best val loss"}
     assert best == {f"{r[0]:.4f}" for r in catalog.query_rows(
         dash_home, "SELECT min(val_loss) FROM metrics GROUP BY run_id")}
-    # a comparison chart + per run: loss, lr, tokens/s (MFU is not measured on CPU)
-    assert len(at.get("vega_lite_chart")) == 1 + 2 * 3
+    # comparison charts (loss; val bpb: one home, one val split) + per run: loss, val bpb, lr, tokens/s (no MFU
+    # on CPU); each run's whole-split bpb named with its split
+    assert len(at.get("vega_lite_chart")) == 2 + 2 * 4
+    whole = catalog.query_rows(dash_home, "SELECT value, split_id FROM evals WHERE metric = 'val_bpb'")
+    assert len(whole) == 2 and all(any(f"{v:.4f} bpb" in c.value and s[:12] in c.value for c in at.caption)
+                                   for v, s in whole)
     at.multiselect[0].unselect("tiny-fixture-b").run()
     assert [int(x.value) for x in at.metric if x.label == "Step"] == [TRAIN_STEPS]
 
@@ -235,8 +239,12 @@ def test_checkpoints_page_links_prefect(dash_home, monkeypatch, prefect_api):
     ckpts = catalog.query_rows(dash_home, "SELECT run_id, step, sha256, flow_run_id FROM checkpoints")
     assert sorted(zip(df["run_id"], df["step"], df["sha256"])) == sorted(r[:3] for r in ckpts)
     assert {f"http://prefect.example:4200/runs/flow-run/{r[3]}" for r in ckpts} == set(df["flow_run"])
-    arts = at.dataframe[1].value  # the newest checkpoint's flow run, as the Prefect API lists it
     newest = df.iloc[0]
+    evals = at.dataframe[1].value  # the newest checkpoint's evaluations: its run's whole-split bpb
+    want = catalog.query_rows(dash_home, "SELECT metric, value FROM evals WHERE run_id = ? AND step = ? ORDER BY 1",
+                              [newest["run_id"], int(newest["step"])])
+    assert sorted(zip(evals["metric"], evals["value"])) == want and [m for m, _ in want] == ["val_bpb", "val_loss"]
+    arts = at.dataframe[2].value  # the newest checkpoint's flow run, as the Prefect API lists it
     assert artifact_key(newest["run_id"], f"checkpoint-{int(newest['step']):06d}") in set(arts["key"])
     assert any("state **Completed**" in m.value for m in at.markdown)
 

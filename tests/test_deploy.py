@@ -106,19 +106,22 @@ def run_id(output: str) -> str:
 def test_deployments_declared(server):
     deps = client_call(server["env"], lambda c: c.read_deployments())
     by = {d.name: d for d in deps}
-    assert set(by) >= {"sample-10bt", "seed", "demo"}
+    assert set(by) >= {"sample-10bt", "seed", "demo", "latest"}
+    assert by["latest"].work_pool_name == "langpwt-gpu"
     assert by["seed"].work_pool_name == "langpwt-gpu"
     assert by["demo"].work_pool_name == by["sample-10bt"].work_pool_name == "langpwt-cpu"
     assert all(d.pull_steps == [{"flows.runtime.project_dir": {}}] for d in by.values())
     assert all(d.enforce_parameter_schema for d in by.values())
     assert by["sample-10bt"].parameters == {"params": {"subset": "sample-10BT"}}
-    assert set(by["demo"].parameter_openapi_schema["properties"]) == {"home", "prepare", "train"}
+    assert set(by["demo"].parameter_openapi_schema["properties"]) == {"home", "prepare", "train", "evaluate"}
     # every deployment's parameters are valid for its flow's models
+    from flows.evaluate import EvaluateParams
     from flows.prepare import PrepareParams
     from flows.train import TrainParams
 
     PrepareParams(**by["sample-10bt"].parameters["params"]), TrainParams(**by["seed"].parameters["params"])
     PrepareParams(**by["demo"].parameters["prepare"]), TrainParams(**by["demo"].parameters["train"])
+    EvaluateParams(**by["demo"].parameters["evaluate"]), EvaluateParams(**by["latest"].parameters["params"])
     # the run form shows the trainer's knobs one by one, each with its help line (no free-form overrides dict)
     for dep in ("seed", "demo"):
         props = by[dep].parameter_openapi_schema["definitions"]["TrainParams"]["properties"]
@@ -142,7 +145,7 @@ def test_pipeline_demo_completes(server, tmp_path):
     subs = client_call(env, lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(
         parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))))
     flows = {client_call(env, lambda c, f=s.flow_id: c.read_flow(f)).name: s for s in subs}
-    assert set(flows) == {"prepare", "train"} and all(s.state.is_completed() for s in subs)
+    assert set(flows) == {"prepare", "train", "evaluate"} and all(s.state.is_completed() for s in subs)
 
     shards = catalog.query_rows(home, "SELECT shard_id, split, status, flow_run_id FROM shards ORDER BY 1, 2")
     assert [s[:3] for s in shards] == [(0, "train", "done"), (0, "val", "done"), (1, "train", "done"),
@@ -160,6 +163,10 @@ def test_pipeline_demo_completes(server, tmp_path):
     assert sorted(row["shard"] for row in table) == ["000000", "000001"]
     summary = next(a for a in arts if a.key == "pipeline-summary")
     assert str(home.root) in summary.data and summary.flow_run_id == run.id
+    # the evaluation of the run just trained: its whole val split's bpb in the catalog, and in the summary
+    ev = catalog.query_rows(home, "SELECT step, metric, value FROM evals WHERE task = 'bpb' ORDER BY metric")
+    assert [(e[0], e[1]) for e in ev] == [(4, "val_bpb"), (4, "val_loss")] and 0 < ev[0][2] < 20
+    assert "val_bpb" in summary.data and "Hugging Face folder" in summary.data
 
 
 def test_wrong_type_param_is_rejected(server, tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from storage import checkpoints as ckpts
+from model import checkpoint as ckpts
 from tests.train_fixtures import FAST, metrics_rows, run_trainer, train_home  # noqa: F401
 from tests.conftest import ROOT
 
@@ -24,7 +24,12 @@ def test_tiny_run_learns_and_checkpoints(train_home):
     assert last < first - 0.5, (first, last)
     assert val[40] < val[20] < 6.9  # below uniform over 1,024 tokens (ln 1024 = 6.93)
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("eval") == 2
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("eval") == 2 and kinds[-2] == "final_eval"
+    # the sampled windows' bpb at each eval, the whole split's at the end (tokens, bytes and split named)
+    assert all(0 < e["val_bpb"] < 20 for e in events if e["event"] == "eval")
+    fin = events[-2]
+    assert fin["step"] == 40 and 0 < fin["val_bpb"] < 20 and fin["split_size"] > fin["n_tokens"] > 0
+    assert fin["n_bytes"] > fin["n_tokens"] and len(fin["split_id"]) == 64
     assert events[0]["config"]["model"]["dropout_rng"] == "torch"  # auto, resolved for the CPU and saved so
     # --grad-floor auto: kept as auto (a resume on CUDA takes the floor there), none on the CPU's plain head
     assert events[0]["config"]["grad_floor"] == "auto" and events[0]["grad_floor"] is None
@@ -34,7 +39,8 @@ def test_tiny_run_learns_and_checkpoints(train_home):
     assert 0 < events[0]["process_s"] < first["process_s"] <= events[-1]["process_s"]
     assert 0 < first["seconds"] < events[-1]["elapsed_s"]
     out = events[-1]["outside_steps_s"]  # evals, samples, checkpoint hand-offs, the last write: all within the loop
-    assert set(out) == {"eval", "sample", "checkpoint", "final_wait"} and out["eval"] > 0 and out["checkpoint"] > 0
+    assert set(out) == {"eval", "sample", "checkpoint", "final_wait", "final_eval"}
+    assert out["eval"] > 0 and out["checkpoint"] > 0 and out["final_eval"] > 0
     assert sum(out.values()) < events[-1]["elapsed_s"]
     # keep-last 1 plus the best: step 40 is both, so exactly one survives
     infos = ckpts.list_complete(ckpts.checkpoint_root(train_home, "r"))
