@@ -80,3 +80,30 @@ def test_small_gpt2_accumulates_resumes_bit_exactly_and_picks_its_micro_batch(tr
     assert events[0]["micro_batch"] == 8 and events[0]["accum"] == 1
     assert events[0]["micro_batch_from"].startswith("auto: the largest that fits")
     assert "micro-batch auto" in text and events[0]["config"]["micro_batch"] == 8  # saved: a resume keeps it
+
+
+def test_train_bench_compares_gpt2_steps_on_cpu_with_smoke(train_home, tmp_path):
+    # the benchmark's gpt2 comparison, shrunk (--smoke) so the script itself is checked on CPU: both steps run on the
+    # real shards with gradient accumulation, and the ratio is reported (the numbers mean nothing here)
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "gpt2.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "speed", "--preset", "gpt2",
+                          "--smoke", "--device", "cpu", "--home", str(train_home.root), "--variants", "plain,default",
+                          "--steps", "2", "--warmup", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    steps = {r["variant"]: r for r in res if "tokens_per_s" in r}
+    assert set(steps) == {"plain", "default"}
+    for r in steps.values():
+        assert r["preset"] == "gpt2" and r["micro_batch"] == 2 and r["accum"] == 4 and r["tokens_per_s"] > 0
+        assert r["dropout"] == 0.0 and r["loss_end"] == r["loss_end"]  # the preset's dropout; a finite loss
+    ratio = next(r for r in res if "ratio" in r)
+    assert ratio["ratio"] == "default/plain"
+    assert ratio["value"] == steps["default"]["tokens_per_s"] / steps["plain"]["tokens_per_s"]
