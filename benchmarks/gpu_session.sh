@@ -109,6 +109,7 @@ tps = sorted(e["tokens_per_s"] for e in ev if e.get("event") == "step")
 print(f"from step {start.get('step')}: micro-batch {start.get('micro_batch')} ({start.get('micro_batch_from')}), "
       f"accum {start.get('accum')}, head {start.get('head')}, median {tps[len(tps) // 2] / 1e6 if tps else 0:.3f} M tok/s, "
       f"MFU {next((e['mfu'] for e in reversed(ev) if e.get('event') == 'step'), None)}, "
+      f"peak memory {max((e['memory_gb'] for e in ev if e.get('event') == 'step'), default=None)} GB, "
       f"evals {[(e['step'], round(e['val_loss'], 4)) for e in ev if e.get('event') == 'eval']}")
 PY
 fi
