@@ -8,6 +8,10 @@
 # (with the SM clock and power sampled beside it), compile = short trainer runs timing start-up + compile cold and
 # warm, homecache = two short runs on the home's own compile cache, dropout = the hash dropout compiled on CUDA
 # (masks checked), ckpt = the checkpoint hand-off (benchmarks/ckpt_probe.py), seed.
+# gpt2 = --preset gpt2's step against the plain nanoGPT-style one (524,288 tokens a step by accumulation; GPT2_MICRO
+# sets the micro-batch of both, else the trainer's choice), gpt2run = the gpt2 run's first 1,000 of its 19,073 steps
+# with the default command, in calls of under 10 minutes on the same warm machine: each call trains (or resumes) to
+# GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl.
 # SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
 # run first.
 set -uo pipefail
@@ -84,6 +88,30 @@ if has dropout; then  # the hash dropout compiled on CUDA, its masks checked aga
 fi
 if has ckpt; then  # what a checkpoint's submit holds the loop for, and that the files hold the submitted step
   python3 benchmarks/ckpt_probe.py --json "$OUT/ckpt.json" 2>&1 | grep -v Warning | tee "$OUT/ckpt.log"
+fi
+if has gpt2; then
+  python3 benchmarks/train_bench.py speed --preset gpt2 --home "$HOME_DIR" --variants plain,default \
+    --steps "${GPT2_STEPS:-20}" --warmup "${GPT2_WARMUP:-4}" ${GPT2_MICRO:+--micro-batch "$GPT2_MICRO"} \
+    --json "$OUT/gpt2.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2.log"
+fi
+if has gpt2run; then  # resumes the run a previous call on this machine left at a checkpoint (the run's last step)
+  stop=${GPT2_STOP:-1000}
+  if compgen -G "$HOME_DIR/runs/gpt2-run/checkpoints/step_*" > /dev/null; then how=(--resume); else
+    how=(--preset gpt2 --schedule-steps 19073); fi
+  python3 -m model.train --home "$HOME_DIR" --run-id gpt2-run "${how[@]}" --max-steps "$stop" \
+    > "$OUT/gpt2run_$stop.jsonl" 2> "$OUT/gpt2run_$stop.err"
+  echo "gpt2run to step $stop: exit $?" | tee -a "$OUT/gpt2run_summary.txt"
+  python3 - "$OUT/gpt2run_$stop.jsonl" <<'PY' | tee -a "$OUT/gpt2run_summary.txt"
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+start = next((e for e in ev if e.get("event") == "start"), {})
+tps = sorted(e["tokens_per_s"] for e in ev if e.get("event") == "step")
+print(f"from step {start.get('step')}: micro-batch {start.get('micro_batch')} ({start.get('micro_batch_from')}), "
+      f"accum {start.get('accum')}, head {start.get('head')}, median {tps[len(tps) // 2] / 1e6 if tps else 0:.3f} M tok/s, "
+      f"MFU {next((e['mfu'] for e in reversed(ev) if e.get('event') == 'step'), None)}, "
+      f"peak memory {max((e['memory_gb'] for e in ev if e.get('event') == 'step'), default=None)} GB, "
+      f"evals {[(e['step'], round(e['val_loss'], 4)) for e in ev if e.get('event') == 'eval']}")
+PY
 fi
 has seed || exit 0
 # the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun)

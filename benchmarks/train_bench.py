@@ -1,5 +1,5 @@
-"""Training throughput of the seed model on one GPU: the project's default step (the trainer's own set-up) against a
-plain nanoGPT-style step, side by side, on real shards; `make-data` builds those shards here with the pipeline.
+"""Training throughput of a preset (seed, gpt2) on one GPU: the project's default step (the trainer's own set-up)
+against a plain nanoGPT-style step, side by side, on real shards; `make-data` builds those shards here with the pipeline.
 Trade-off: each variant is timed over a few dozen steps after compile, not a whole run (gpu_session.sh's `seed`).
 
 Variants: `default` (model.step's set-up: `--head auto`, its gradient floor, bf16 residual stream and hash dropout on
@@ -8,6 +8,8 @@ float32 residual stream, torch's dropout, torch.compile of the whole model); `NA
 
     python benchmarks/train_bench.py make-data                # here: docstrings -> parquet -> prepare
     python benchmarks/train_bench.py speed --home benchmarks/out/home --json $OUT/speed.json
+    python benchmarks/train_bench.py speed --preset gpt2 --variants plain,default --json $OUT/gpt2.json
+    python benchmarks/train_bench.py speed --preset gpt2 --smoke --device cpu --home HOME   # the script's CPU check
     python benchmarks/train_bench.py quality --home benchmarks/out/home --steps 400
 """
 from __future__ import annotations
@@ -28,11 +30,13 @@ from model.data import Prefetcher, TokenWindows, find_shards  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.head import make_head_loss, resolve_grad_floor, resolve_head  # noqa: E402
 from model.optim import WarmupCosine, make_optimizer  # noqa: E402
-from model.runtime import device_name, load_tokenizer, measure_peak_tflops  # noqa: E402
+from model.runtime import Dist, device_name, load_tokenizer, measure_peak_tflops, resolve_micro_batch  # noqa: E402
 from model.step import autocast_for, compile_step, prepare_step, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 VARIANTS = ("default", "plain", "fused", "gemm")
+# --smoke: the preset shrunk to run a few steps on the CPU (the script's own check, not a measurement)
+SMOKE = dict(n_layer=2, n_embd=64, n_head=2, block_size=64, batch_tokens=512, micro_batch=2)
 
 
 def make_data(out: Path, vocab: int) -> None:
@@ -80,9 +84,14 @@ def make_data(out: Path, vocab: int) -> None:
     print({k: v for k, v in summary.items() if k != "table"})
 
 
-def setup(home: Path, dropout: float, name: str = "seed"):
+def setup(home: Path, dropout: float | None, name: str = "seed", smoke: bool = False, micro: int | None = None,
+          device: torch.device | None = None):
+    """(config, train windows, val windows): the preset (shrunk with `smoke`) at `dropout` (None: the preset's),
+    its micro-batch `micro` or, unset, the preset's or the one the trainer would choose on `device`."""
     tok, _, vocab = load_tokenizer(home / "tokenizer" / "tokenizer.json")
-    cfg = preset(name, vocab).override({"dropout": dropout})
+    cfg = preset(name, vocab).override({"dropout": dropout, "micro_batch": micro, **(SMOKE if smoke else {})})
+    if cfg.micro_batch is None:
+        resolve_micro_batch(cfg, device or torch.device("cuda"), Dist())
     T = cfg.model.block_size
     train = TokenWindows(find_shards(home / "shards", "train"), T, vocab, "train")
     val = TokenWindows(find_shards(home / "shards", "val"), T, vocab, "val")
@@ -128,13 +137,14 @@ def sync(device, reset: bool = False) -> None:
 def speed(args) -> list[dict]:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
+    # MFU's denominator measured in this call, on this card (1.0 on the CPU: no such peak, the smoke run only)
     peak = measure_peak_tflops(device) if device.type == "cuda" else 1.0
     print(f"device {device_name(device)} torch {torch.__version__} bf16 matmul peak {peak:.0f} TFLOP/s")
     results = []
     for spec in args.variants.split(","):
         head, data = variant(spec)
-        for dropout in [float(x) for x in args.dropouts.split(",")]:
-            cfg, train, _ = setup(args.home, dropout, args.preset)
+        for dropout in dropouts(args):
+            cfg, train, _ = setup(args.home, dropout, args.preset, args.smoke, args.micro_batch, device)
             T, micro = cfg.model.block_size, cfg.micro_batch
             accum = cfg.batch_tokens // (micro * T)
             raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
@@ -167,7 +177,10 @@ def speed(args) -> list[dict]:
                     sched.step()
                 sync(device)
                 dt = time.perf_counter() - t1
-            except Exception as e:  # one broken variant must not lose the others' numbers
+            except Exception as e:  # one broken variant (an out-of-memory) must not lose the others' numbers
+                raw = model = opt = sched = None  # its memory goes back before the next variant builds
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 print(f"{spec} dropout={dropout}: FAILED {type(e).__name__}: {str(e)[:400]}")
                 results.append(dict(variant=spec, dropout=dropout, error=f"{type(e).__name__}: {str(e)[:400]}"))
                 continue
@@ -175,17 +188,33 @@ def speed(args) -> list[dict]:
                 if pf:
                     pf.close()
             tps = args.steps * cfg.batch_tokens / dt
-            r = dict(variant=spec or "plain", head=head, data=data or "real", dropout=dropout,
-                     tokens_per_s=tps, step_ms=1000 * dt / args.steps,
+            r = dict(variant=spec or "plain", head=head, data=data or "real", dropout=cfg.model.dropout,
+                     preset=args.preset, micro_batch=micro, accum=accum, tokens_per_s=tps, step_ms=1000 * dt / args.steps,
                      mfu=tps * raw.flops_per_token(T) / (peak * 1e12), peak_tflops=peak,
                      warmup_s=warm_s, memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0,
                      loss_after_warmup=first_loss, loss_end=float(loss))
             results.append(r)
-            print(f"{spec:18s} dropout={dropout:<4} {tps / 1e6:6.3f}M tok/s  {r['step_ms']:6.2f} ms/step  "
+            print(f"{spec:18s} dropout={cfg.model.dropout:<4} {micro}x{T}x{accum} {tps / 1e6:6.3f}M tok/s  {r['step_ms']:6.2f} ms/step  "
                   f"MFU {100 * r['mfu']:5.1f}%  warmup+compile {warm_s:5.1f}s  mem {r['memory_gb']:5.1f} GB  "
                   f"loss {first_loss:.3f}->{r['loss_end']:.3f}", flush=True)
             del raw, model, opt
-    return results
+    return results + ratios(results)
+
+
+def dropouts(args) -> list[float | None]:
+    return [float(x) for x in args.dropouts.split(",")] if args.dropouts else [None]
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Each variant's tokens/s over the plain step's at the same dropout, measured in the same call."""
+    plain = {r["dropout"]: r["tokens_per_s"] for r in results if r.get("variant") == "plain" and "tokens_per_s" in r}
+    out = []
+    for r in results:
+        base = plain.get(r.get("dropout"))
+        if base and r.get("variant") != "plain" and "tokens_per_s" in r:
+            out.append(dict(ratio=f"{r['variant']}/plain", dropout=r["dropout"], value=r["tokens_per_s"] / base))
+            print(f"{r['variant']} / plain at dropout {r['dropout']}: {out[-1]['value']:.3f}x tokens/s", flush=True)
+    return out
 
 
 def quality(args) -> list[dict]:
@@ -193,7 +222,7 @@ def quality(args) -> list[dict]:
     device = torch.device(args.device)
     results = []
     for head in args.variants.split(","):
-        cfg, train, val = setup(args.home, float(args.dropouts.split(",")[0]), args.preset)
+        cfg, train, val = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device)
         T, micro = cfg.model.block_size, cfg.micro_batch
         accum = cfg.batch_tokens // (micro * T)
         raw, model, opt, sched = build(cfg, head, device, args.steps)
@@ -288,9 +317,9 @@ def profile(args) -> list[dict]:
 
     device = torch.device("cuda")
     for spec in args.variants.split(","):
-        dropout = float(args.dropouts.split(",")[0])
+        dropout = dropouts(args)[0]
         head, _ = variant(spec)
-        cfg, train, _ = setup(args.home, dropout, args.preset)
+        cfg, train, _ = setup(args.home, dropout, args.preset, args.smoke, args.micro_batch, device)
         micro = cfg.micro_batch
         raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
         pf = Prefetcher(train, cfg.seed, micro, 1, 0, 1, 0, device)
@@ -346,12 +375,17 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=48_951, help="make-data's BPE vocabulary (default: %(default)s)")
     p.add_argument("--variants", default="plain,default,default:synthetic",
                    help=f"comma-separated: {', '.join(VARIANTS)}, each optionally NAME:synthetic")
-    p.add_argument("--dropouts", default="0.1,0.0", help="comma-separated dropout rates (default: %(default)s)")
+    p.add_argument("--dropouts", help="comma-separated dropout rates (default: the preset's)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (quality: trained steps) (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first, compile included (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--device", default="cuda", help="cpu only to dry-run the script (with --preset tiny)")
-    p.add_argument("--preset", default="seed", help="the trainer's preset (default: %(default)s)")
+    p.add_argument("--preset", default="seed", help="the trainer's preset: seed, tiny or gpt2 (default: %(default)s)")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward pass, the same for every variant; "
+                                                   "batch-tokens is kept by accumulation (default: the preset's, "
+                                                   "or the trainer's choice from the free memory)")
+    p.add_argument("--smoke", action="store_true", help="the preset shrunk to a few tiny steps (a CPU check of the "
+                                                        "script, not a measurement)")
     p.add_argument("--tuned", type=Path, help="micro's JSON: use the kernel tile sizes it chose")
     p.add_argument("--gemm-config", type=Path, help="head_bench --gemm-best's JSON: --head gemm's tile configuration")
     args = p.parse_args()

@@ -10,45 +10,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from storage.paths import Home
-
-TASKS = ("bpb", "hellaswag")
-
-
-class EvaluateParams(BaseModel):
-    """Parameters of `langpwt evaluate` and of the flow."""
-    model_config = ConfigDict(extra="forbid")
-    checkpoint: str = Field("latest", description="latest | run id | run folder | step folder")
-    home: str | None = Field(None, description="state folder; default $LANGPWT_HOME or ./.langpwt")
-    tasks: list[str] = Field(default_factory=lambda: list(TASKS),
-                             description="evaluations to run, comma-separated (default: bpb,hellaswag)")
-    hellaswag_data: str | None = Field(None, description="HellaSwag validation file, .jsonl in the original schema or "
-                                                         ".parquet in the Hub's (default: Rowan/hellaswag, fetched "
-                                                         "once into HOME/eval/hellaswag)")
-    limit: int | None = Field(None, ge=1, description="score only the first N HellaSwag items (default: all 10,042)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible, else CPU")
-    batch_size: int = Field(16, ge=1, description="val windows per forward; HellaSwag takes a quarter as many "
-                                                  "items (4 endings each)")
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _split(cls, v):
-        names = [t.strip() for x in ([v] if isinstance(v, str) else v) for t in str(x).split(",") if t.strip()]
-        unknown = [t for t in names if t not in TASKS]
-        if unknown or not names:
-            raise ValueError(f"unknown task {unknown[0]!r}" if unknown else "no task given")
-        return list(dict.fromkeys(names))
-
-    def home_dir(self) -> Home:
-        return Home.from_env(self.home)
-
+from tasks.params import TASKS, EvaluateParams  # noqa: F401  (TASKS: the flow's public names)
 
 @dataclass(frozen=True)
 class Target:

@@ -21,7 +21,7 @@ from tasks.train import Recorder, TrainPlan, export_run, plan_run, report, run_c
 
 class _TrainBase(BaseModel):
     """What the flow needs besides the trainer's flags."""
-    preset: str = Field("seed", description="seed | tiny (a resumed run keeps its checkpoint's)")
+    preset: str = Field("seed", description="seed | tiny | gpt2 (a resumed run keeps its checkpoint's)")
     home: Optional[str] = Field(None, description="state folder; default $LANGPWT_HOME or ./.langpwt")
     run_id: Optional[str] = Field(None, description="run folder name; default preset-timestamp")
     resume: bool = Field(False, description="continue the newest run (or run_id) up to max_steps")

@@ -9,7 +9,8 @@ import typing
 from model.config import GPTConfig, TrainConfig, parse_grad_floor
 
 PARSERS = {"grad_floor": parse_grad_floor}  # flags whose values are not of one type
-PRESET_HELP = "seed | tiny: the defaults the other flags override (default: seed, or the checkpoint's)"
+PRESET_HELP = ("seed | tiny | gpt2 (12 layers x 768, context 1024, 524,288 tokens a step): the defaults the other "
+               "flags override (default: seed, or the checkpoint's)")
 
 
 def _value_type(name: str, hint) -> type:

@@ -90,8 +90,9 @@ class TrainConfig:
     schedule_steps: int | None = arg(None, "length of the cosine learning-rate decay in steps; unset: --max-steps of "
                                            "the run's first start, kept on resume")
     batch_tokens: int = arg(65536, "tokens per optimizer step, all ranks and micro-batches together")
-    micro_batch: int = arg(128, "sequences per forward pass on one rank; lower it on out-of-memory, --batch-tokens "
-                                "is kept by gradient accumulation")
+    micro_batch: int | None = arg(128, "sequences per forward pass on one rank; lower it on out-of-memory, "
+                                       "--batch-tokens is kept by gradient accumulation; a preset without one (gpt2) "
+                                       "takes the largest power of two that fits the device's memory")
     lr: float = arg(1e-3, "peak learning rate")
     min_lr_ratio: float = arg(0.1, "learning rate at the end of the cosine decay, as a fraction of --lr")
     warmup_steps: int = arg(200, "steps of linear learning-rate warmup")
@@ -130,6 +131,8 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device}: expected auto, cpu or cuda")
         for k in ("max_steps", "batch_tokens", "micro_batch", "eval_every", "ckpt_every", "keep_last", "log_every"):
+            if k == "micro_batch" and self.micro_batch is None:
+                continue  # chosen from the device's memory when the trainer starts (model.memory)
             if getattr(self, k) <= 0:
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(self, k)}: must be positive")
         if self.lr != self.lr or self.lr < 0:
@@ -182,6 +185,12 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(max_steps=60, batch_tokens=2048, micro_batch=16, lr=3e-3, warmup_steps=5,
                  eval_every=20, eval_batches=2, ckpt_every=20, sample_tokens=16, log_every=1,
                  model=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.1)),
+    # GPT-2 small (124M) as its reproductions train it: 524,288 tokens a step (2**19, by gradient accumulation),
+    # 19,073 steps = 10B tokens, one pass over FineWeb-Edu's sample-10BT; the micro-batch is left to the device
+    "gpt2": dict(max_steps=19073, batch_tokens=524288, micro_batch=None, lr=6e-4, min_lr_ratio=0.1,
+                 warmup_steps=700, weight_decay=0.1, beta1=0.9, beta2=0.95, eval_every=250, eval_batches=10,
+                 ckpt_every=1000, log_every=10,
+                 model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0)),
 }
 
 

@@ -21,6 +21,7 @@ from model import args as cli_args
 from model import checkpoint as ckpts
 from model.checkpoint import load_tokenizer  # noqa: F401 (the trainer calls it as rt.load_tokenizer)
 from model.config import TrainConfig, preset
+from model.memory import available_bytes, choose_micro_batch, estimate_bytes
 from storage.atomic import atomic_write_text
 from storage.paths import Home
 
@@ -88,6 +89,34 @@ def resolve_config(ns, home: Home, tok_vocab: int, tok_sha: str, tok_path: Path)
     if ckpts.latest(ckpts.checkpoint_root(home, run_id)) is not None:
         raise ValueError(f"--run-id {run_id}: that run already has checkpoints; add --resume or pick another id")
     return cfg, run_id, None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device`: the GPU's free memory, or MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_bytes()
+
+
+def resolve_micro_batch(cfg: TrainConfig, device: torch.device, d: Dist) -> str:
+    """Make `cfg.micro_batch` concrete before the config is saved (a resumed run keeps it): a given one stays;
+    unset, the largest of model.memory's choices that fits this device's free memory, the smallest over the ranks
+    so every rank accumulates alike. Returns how it was chosen, for the start event."""
+    if cfg.micro_batch is not None:
+        return "given"
+    cuda = device.type == "cuda"
+    free = free_memory(device)
+    mb = choose_micro_batch(cfg, free, d.world, cuda) if free is not None else 1  # unknown: the safest
+    if d.ddp:
+        box = torch.tensor([mb or 0], device=device)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN)
+        mb = int(box.item()) or None
+    if mb is None:
+        raise ValueError(f"--micro-batch: not even 1 sequence of {cfg.model.block_size} tokens fits the "
+                         f"{free / 1e9:.1f} GB free on {device_name(device)} (the model needs about "
+                         f"{estimate_bytes(cfg, 1, cuda) / 1e9:.1f} GB); try a smaller model or --preset tiny")
+    cfg.micro_batch = mb
+    return f"auto: the largest that fits {free / 1e9:.1f} GB free" if free is not None else "auto"
 
 
 def accum_steps(cfg: TrainConfig, world: int) -> int:

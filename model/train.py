@@ -113,6 +113,7 @@ class Trainer:
         self.startup["config"] = rt.process_age_s()
         self.head = resolve_head(cfg.head, self.device)
         self.grad_floor = resolve_grad_floor(cfg.grad_floor, self.head, self.device)  # before the run folder exists
+        self.micro_from = rt.resolve_micro_batch(cfg, self.device, self.d)  # an unset one, from the free memory
         self.run_dir = home.run_dir(self.run_id)
         self.emit = rt.Emitter(self.run_dir, self.d.rank == 0)
         self.T, self.micro = cfg.model.block_size, cfg.micro_batch
@@ -171,7 +172,8 @@ class Trainer:
         cfg, d, raw, device = self.cfg, self.d, self.raw, self.device
         self.emit.event("start", run_id=self.run_id, run_dir=str(self.run_dir), step=self.start,
                         max_steps=cfg.max_steps, device=rt.device_name(device), world=d.world, accum=self.accum,
-                        head=self.head, grad_floor=self.grad_floor,
+                        micro_batch=self.micro, micro_batch_from=self.micro_from, head=self.head,
+                        grad_floor=self.grad_floor,
                         stream_dtype="bfloat16" if raw.stream_dtype is not None else "float32",
                         compile=self.scope or False, peak_tflops=self.peak, params=raw.num_params(),
                         tokenizer_sha256=self.tok_sha, config=cfg.to_dict(),
@@ -181,7 +183,7 @@ class Trainer:
             rt.write_run_config(self.run_dir, cfg, self.run_id, self.tok_sha)
         self.emit.say(f"run {self.run_id}: {raw.num_params() / 1e6:.1f}M params, {rt.device_name(device)} "
                       f"x{d.world}, {self.step_tokens} tokens/step ({self.micro}x{self.T}x{self.accum} accum "
-                      f"x{d.world} ranks), head={self.head}")
+                      f"x{d.world} ranks; micro-batch {self.micro_from}), head={self.head}")
 
     def _start_loop(self) -> None:
         cfg, tok, d = self.cfg, self.tok, self.d

@@ -1,11 +1,13 @@
-"""The parameters of `tokenize` and `prepare`, declared once: the CLI's flags and help are generated from them.
+"""The parameters of `tokenize`, `prepare` and `evaluate`, declared once: the CLI's flags and help are generated from them.
 Plain Pydantic, no Prefect: `langpwt prepare --help` and argument checks run without loading the orchestrator."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage.paths import Home
 
@@ -161,3 +163,34 @@ def check_home(params: TokenizeParams, home: Home) -> None:
         raise BadArgument(f"--vocab-size {params.vocab_size:,}: this home's tokenizer has {have:,} "
                           f"({home.tokenizer}); leave the flag out to reuse it, or add --retrain-tokenizer "
                           f"(its shards are then rebuilt)")
+
+
+TASKS = ("bpb", "hellaswag")
+
+
+class EvaluateParams(BaseModel):
+    """Parameters of `langpwt evaluate` and of the flow."""
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str = Field("latest", description="latest | run id | run folder | step folder")
+    home: str | None = Field(None, description="state folder; default $LANGPWT_HOME or ./.langpwt")
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS),
+                             description="evaluations to run, comma-separated (default: bpb,hellaswag)")
+    hellaswag_data: str | None = Field(None, description="HellaSwag validation file, .jsonl in the original schema or "
+                                                         ".parquet in the Hub's (default: Rowan/hellaswag, fetched "
+                                                         "once into HOME/eval/hellaswag)")
+    limit: int | None = Field(None, ge=1, description="score only the first N HellaSwag items (default: all 10,042)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible, else CPU")
+    batch_size: int = Field(16, ge=1, description="val windows per forward; HellaSwag takes a quarter as many "
+                                                  "items (4 endings each)")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split(cls, v):
+        names = [t.strip() for x in ([v] if isinstance(v, str) else v) for t in str(x).split(",") if t.strip()]
+        unknown = [t for t in names if t not in TASKS]
+        if unknown or not names:
+            raise ValueError(f"unknown task {unknown[0]!r}" if unknown else "no task given")
+        return list(dict.fromkeys(names))
+
+    def home_dir(self) -> Home:
+        return Home.from_env(self.home)

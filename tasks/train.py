@@ -19,6 +19,7 @@ from typing import Callable
 
 from model.args import to_argv
 from model.config import TrainConfig, preset
+from model.memory import available_bytes, choose_micro_batch, estimate_bytes  # noqa: F401 (callers import them here)
 from storage import checkpoints as ckpts
 from storage import eval_catalog
 from storage import training_catalog as tc
@@ -45,30 +46,6 @@ class TrainPlan:
 GB = 1e9
 
 
-def estimate_bytes(cfg: TrainConfig) -> int:
-    """Memory one training process needs, roughly: fp32 weights, gradients and AdamW's two moments (16 bytes a
-    parameter), the activations kept for the backward of one micro-batch, and the logits with their gradient
-    (micro_batch x block_size x padded vocab, fp32), which dominate for a large vocabulary."""
-    m = cfg.model
-    d, T, B = m.n_embd, m.block_size, cfg.micro_batch
-    params = m.n_layer * (12 * d * d + 13 * d) + m.padded_vocab * d + T * d + 2 * d
-    # per token and layer: about 20 saved d-wide tensors, plus the attention probabilities of the math path
-    activations = B * T * m.n_layer * (20 * d + m.n_head * T) * 4
-    logits = 2 * B * T * m.padded_vocab * 4
-    return 16 * params + activations + logits
-
-
-def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux): what a new process can take without swapping or the OOM killer."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def cuda_visible(device: str) -> bool:
     """Whether the trainer will run on CUDA (imports torch unless the device is cpu)."""
     if device == "cpu":
@@ -84,6 +61,12 @@ def check_memory(cfg: TrainConfig, cuda: bool = False, available: int | None = N
     if cuda or cfg.device.startswith("cuda"):
         return
     free = available if available is not None else available_bytes()
+    if cfg.micro_batch is None:  # the trainer chooses it from the same estimate: refuse only if none fits
+        if free is None or choose_micro_batch(cfg, free, cuda=False) is not None:
+            return
+        raise ValueError(f"--micro-batch: the {cfg.preset} model needs about "
+                         f"{estimate_bytes(cfg, 1) / GB:.1f} GB on the CPU even with 1 sequence, "
+                         f"{free / GB:.1f} GB available; try --preset tiny")
     need = estimate_bytes(cfg)
     if free is None or need <= free:
         return

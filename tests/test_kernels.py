@@ -225,3 +225,58 @@ def test_gemm_head_epilogue_compiles_for_hopper_flushing_exp2_without_64_bit_com
     assert ops["MUFU.EX2"] >= 128 and ops["F2FP.BF16.F32.PACK_AB"] >= 64
     # with int64 ids: 256 ISETP.NE.U32.AND.EX and 130 SHF.R.S32.HI (one per element); now only address arithmetic
     assert ops.get("ISETP.NE.U32.AND.EX", 0) < 16 and ops.get("SHF.R.S32.HI", 0) < 16, ops
+
+
+# --preset gpt2's shapes: width 768, sequences of 1024 tokens, a vocabulary padded to a multiple of 256. The kernels
+# run with the constants training uses (CE_BLOCK/CE_WARPS, GEMM_CONFIG), on few rows so the interpreter keeps up
+GPT2_WIDTH, GPT2_ROWS = 768, 1024
+
+
+def test_ce_kernel_at_gpt2_shapes_with_the_training_block():
+    """The CE kernel with training's block and warps over a row longer than one block (unmasked blocks, then the
+    padded tail), its logits made from 768-wide bf16 operands as the fused head makes them."""
+    from model.config import padded
+
+    n, v = 48, 9000
+    vp = padded(v)
+    assert vp == 9216 and v > H.CE_BLOCK  # one unmasked block of 8192, then a masked one with padded columns
+    g = torch.Generator().manual_seed(21)
+    h = torch.randn(n, GPT2_WIDTH, generator=g).to(torch.bfloat16)
+    w = (torch.randn(vp, GPT2_WIDTH, generator=g) * 0.1).to(torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g)
+    x = (h.float() @ w.float().t()).to(torch.bfloat16).to(DEV)
+    lse, loss_ref, p = _reference(x, t, v)
+    scale = 1.0 / GPT2_ROWS  # as one 1024-token sequence's mean
+    logits, loss = x.clone(), torch.empty(n, device=DEV)
+    H.launch_ce(logits, t.to(DEV), v, scale, loss, H.CE_BLOCK, H.CE_WARPS)
+    torch.testing.assert_close(loss.double().cpu(), loss_ref * scale, rtol=2e-6, atol=1e-5 * scale)
+    torch.testing.assert_close(logits[:, :v].double().cpu(), p * scale, rtol=2 ** -7, atol=1e-6 * scale)
+    assert (logits[:, v:] == 0).all()
+
+
+@pytest.mark.parametrize("tma", [True, False])  # Hopper's persistent TMA kernel, and the pointer kernel elsewhere
+def test_gemm_head_kernel_at_gpt2_shapes_with_the_training_tiles(tma):
+    """The logits GEMM with training's tiles over one 1024-token sequence of 768-wide rows and a padded vocabulary
+    that ends in a ragged tile: E and the row sums against float64 from the same bf16 operands."""
+    from model import head_gemm as G
+    from model.config import padded
+
+    n, v = GPT2_ROWS, 1800
+    vp = padded(v)
+    assert vp == 2048 and vp % G.GEMM_CONFIG["BN"] == 0 and v % G.GEMM_CONFIG["BN"]
+    g = torch.Generator().manual_seed(22)
+    h = torch.randn(n, GPT2_WIDTH, generator=g).to(torch.bfloat16)
+    w = (torch.randn(vp, GPT2_WIDTH, generator=g) * 0.05).to(torch.bfloat16)
+    w[v:] = 0  # the padded rows are zero in the model
+    t = torch.randint(0, v, (n,), generator=g)
+    config = dict(G.GEMM_CONFIG, tma=tma, sms=4 if DEV == "cpu" else None)
+    e, s = G.exp_logits(h.to(DEV), w.to(DEV), t.to(DEV), v, config=config, kernel=True)
+    z = h.double() @ w.double().t()
+    zt = z.gather(1, t[:, None])
+    ref = torch.exp2((z - zt) * G.LOG2E - G.OFFSET2)
+    ref[:, v:] = 0
+    ref[torch.arange(n), t] = 0
+    torch.testing.assert_close(e.double().cpu(), ref, rtol=2 ** -7, atol=2.0 ** -120)
+    torch.testing.assert_close(s.double().cpu(), ref.sum(1), rtol=1e-4, atol=0)
+    loss = G.rows_loss(s.cpu()).double()
+    torch.testing.assert_close(loss, torch.logsumexp(z[:, :v], 1) - zt.squeeze(1), rtol=1e-5, atol=1e-5)

@@ -63,10 +63,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand: the first word that is not a global flag or --home's value."""
+    it = iter(argv)
+    for a in it:
+        if a == "--home":
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _defaults_env()
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first = _command_word(argv)
     # import only the module that owns the command, unless help is asked for
     only = first if first and any(first in v for v in COMMANDS.values()) else None
     parser = build_parser(only)

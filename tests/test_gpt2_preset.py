@@ -1,0 +1,110 @@
+"""--preset gpt2: its values, the micro-batch chosen from the device's memory, and a shrunken run on CPU that
+accumulates, resumes bit-exactly and chooses its own micro-batch. The full-size model runs on the GPU only."""
+from __future__ import annotations
+
+import pytest
+
+from model.config import preset
+from model.memory import HEADROOM, MICRO_BATCHES, choose_micro_batch, estimate_bytes, rows_per_rank
+from tests.train_fixtures import metrics_rows, run_trainer, train_home  # noqa: F401
+
+GB = 10 ** 9
+# the shrunken gpt2 of the CPU runs: 8 sequences of 64 tokens a step, 4 micro-batches of 2
+SMALL = ["--preset", "gpt2", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "64",
+         "--batch-tokens", "512", "--eval-every", "2", "--ckpt-every", "2", "--eval-batches", "2", "--log-every", "1",
+         "--schedule-steps", "4", "--warmup-steps", "2", "--sample-tokens", "4"]
+
+
+def test_gpt2_preset_is_gpt2_small_trained_on_ten_billion_tokens():
+    cfg = preset("gpt2", 48_951)
+    m = cfg.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (12, 12, 768, 1024, 0.0)
+    assert m.padded_vocab == 49_152
+    assert cfg.batch_tokens == 524_288 and cfg.micro_batch is None  # chosen by the trainer
+    assert (cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.min_lr_ratio) == (6e-4, 0.9, 0.95, 0.1, 0.1)
+    assert (cfg.warmup_steps, cfg.max_steps, cfg.eval_every, cfg.ckpt_every) == (700, 19_073, 250, 1000)
+    assert 9.9e9 < cfg.max_steps * cfg.batch_tokens < 1.01e10
+    from model.args import PRESET_HELP
+    assert "gpt2" in PRESET_HELP
+
+
+def test_micro_batch_choice_follows_the_free_memory():
+    cfg = preset("gpt2", 48_951)
+    big, small = choose_micro_batch(cfg, 80 * GB), choose_micro_batch(cfg, 24 * GB)
+    assert big in MICRO_BATCHES and small in MICRO_BATCHES and small < big
+    choices = [choose_micro_batch(cfg, gb * GB) or 0 for gb in range(1, 200)]
+    assert choices == sorted(choices) and choices[0] == 0 and choices[-1] == MICRO_BATCHES[0]  # monotonic
+    for gb, mb in zip(range(1, 200), choices):
+        if mb:  # it fits, and the next power of two would not
+            assert estimate_bytes(cfg, mb, cuda=True) <= HEADROOM * gb * GB
+            if 2 * mb <= MICRO_BATCHES[0]:
+                assert estimate_bytes(cfg, 2 * mb, cuda=True) > HEADROOM * gb * GB
+    # the choice divides each rank's sequences of a step: 8 ranks share 512 sequences, 64 each
+    assert rows_per_rank(cfg, 8) == 64 and choose_micro_batch(cfg, 200 * GB, world=8) == 64
+    odd = cfg.override({"batch_tokens": 3 * 1024})
+    assert choose_micro_batch(odd, 200 * GB) == 1  # 3 sequences a step: only 1 divides them
+    # the CPU keeps fp32 activations, logits and their gradient, and attention's probabilities: less fits
+    assert choose_micro_batch(cfg, 80 * GB, cuda=False) < big
+    assert estimate_bytes(cfg, 8, cuda=False) > estimate_bytes(cfg, 8, cuda=True)
+
+
+def test_cli_refuses_a_cpu_gpt2_that_fits_nowhere_and_lets_one_that_fits_pass():
+    from tasks.train import check_memory
+
+    cpu = preset("gpt2", 48_951).override({"device": "cpu"})
+    check_memory(cpu, available=64 * GB)  # the trainer picks a micro-batch that fits
+    with pytest.raises(ValueError, match=r"^--micro-batch: the gpt2 model needs about [\d.]+ GB on the CPU even "
+                                         r"with 1 sequence, 2.0 GB available; try --preset tiny$"):
+        check_memory(cpu, available=2 * GB)
+    check_memory(cpu.override({"micro_batch": 2}), available=64 * GB)  # given, and it fits
+
+
+def test_small_gpt2_accumulates_resumes_bit_exactly_and_picks_its_micro_batch(train_home):
+    given = [*SMALL, "--micro-batch", "2"]
+    code, events, text = run_trainer(train_home, *given, "--max-steps", "4", "--run-id", "straight")
+    assert code == 0, text
+    start = events[0]
+    assert start["accum"] == 4 and start["micro_batch"] == 2 and start["micro_batch_from"] == "given"
+    assert start["config"]["preset"] == "gpt2" and start["config"]["model"]["dropout"] == 0.0
+    assert start["config"]["lr"] == 6e-4 and start["config"]["max_steps"] == 4
+    assert run_trainer(train_home, *given, "--max-steps", "2", "--run-id", "split")[0] == 0
+    code, events, text = run_trainer(train_home, "--resume", "--run-id", "split", "--max-steps", "4")
+    assert code == 0, text
+    assert events[0]["step"] == 2 and events[0]["micro_batch"] == 2 and events[0]["accum"] == 4
+    a, va = metrics_rows(train_home, "straight")
+    b, vb = metrics_rows(train_home, "split")
+    assert list(a) == [1, 2, 3, 4] and a == b and va == vb  # identical floats at every step and evaluation
+    # no --micro-batch: the largest power of two that fits and divides the 8 sequences, said at the start
+    code, events, text = run_trainer(train_home, *SMALL, "--max-steps", "1", "--run-id", "auto")
+    assert code == 0, text
+    assert events[0]["micro_batch"] == 8 and events[0]["accum"] == 1
+    assert events[0]["micro_batch_from"].startswith("auto: the largest that fits")
+    assert "micro-batch auto" in text and events[0]["config"]["micro_batch"] == 8  # saved: a resume keeps it
+
+
+def test_train_bench_compares_gpt2_steps_on_cpu_with_smoke(train_home, tmp_path):
+    # the benchmark's gpt2 comparison, shrunk (--smoke) so the script itself is checked on CPU: both steps run on the
+    # real shards with gradient accumulation, and the ratio is reported (the numbers mean nothing here)
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "gpt2.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "speed", "--preset", "gpt2",
+                          "--smoke", "--device", "cpu", "--home", str(train_home.root), "--variants", "plain,default",
+                          "--steps", "2", "--warmup", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    steps = {r["variant"]: r for r in res if "tokens_per_s" in r}
+    assert set(steps) == {"plain", "default"}
+    for r in steps.values():
+        assert r["preset"] == "gpt2" and r["micro_batch"] == 2 and r["accum"] == 4 and r["tokens_per_s"] > 0
+        assert r["dropout"] == 0.0 and math.isfinite(r["loss_end"])  # the preset's dropout
+    ratio = next(r for r in res if "ratio" in r)
+    assert ratio["ratio"] == "default/plain"
+    assert ratio["value"] == steps["default"]["tokens_per_s"] / steps["plain"]["tokens_per_s"]
