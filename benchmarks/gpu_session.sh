@@ -142,6 +142,10 @@ first = next((e for e in ev if e.get("event") == "first_step"), {})
 tps = sorted(e["tokens_per_s"] for e in steps)
 print(f"seed run: exit {rc}, wall {end - start:.1f} s process start to exit, loop {done.get('elapsed_s', 0):.1f} s, "
       f"median {tps[len(tps) // 2] / 1e6 if tps else 0:.3f} M tok/s, evals {evals}")
+fin = next((e for e in ev if e.get("event") == "final_eval"), None)
+if fin:
+    print(f"  val bpb over the whole val split {fin['val_bpb']:.4f} (loss {fin['val_loss']:.4f}, {fin['split_size']:,} "
+          f"tokens, split {fin['split_id'][:12]}, {fin['seconds']:.1f} s)")
 if begin.get("process_s") and done.get("process_s"):
     print(f"  start-up {begin['process_s']:.1f} s {begin.get('startup_s')}, first step (compile) "
           f"{first.get('seconds', 0):.1f} s, exit {end - start - done['process_s']:.1f} s after the done event")

@@ -31,10 +31,14 @@ def estimate_bytes(cfg: TrainConfig, micro_batch: int | None = None, cuda: bool 
     m = cfg.model
     d, T, B = m.n_embd, m.block_size, micro_batch or cfg.micro_batch
     params = param_count(cfg)
-    act_bytes = 2 if cuda else 4
-    attention = 0 if cuda else m.n_head * T  # per token and layer: the math path's probabilities
-    # per token and layer: about 20 saved d-wide tensors (LayerNorm inputs, q/k/v, the MLP's 4d-wide pair, ...)
-    activations = B * T * m.n_layer * (20 * d + attention) * act_bytes
+    if cuda:
+        # per token and layer: about 20 saved d-wide bf16 tensors (LayerNorm inputs, q/k/v, the MLP's 4d pair, ...)
+        activations = B * T * m.n_layer * 20 * d * 2
+    else:
+        # per token and layer, in fp32: 34 d-wide values and 5 per head and context position (the math path's
+        # scores, probabilities, dropout mask and dropped probabilities), as counted for GPT layers by
+        # Korthikanti et al. (2022) in half precision, doubled
+        activations = B * T * m.n_layer * (34 * d + 5 * m.n_head * T) * 2
     logits = B * T * m.padded_vocab * (2 if cuda else 2 * 4)
     # CUDA: autocast's bf16 copy of every weight, held through the backward, and a checkpoint's on-device copy of
     # the weights and AdamW's moments, held while it is written beside the loop

@@ -308,25 +308,19 @@ def _whole_split_bpb(home: Home, run_id: str) -> dict | None:
     return max(rows, key=lambda r: (r["step"], r["created_at"])) if rows else None
 
 
-def report(home: Home, run_id: str) -> str:
-    """Markdown summary with the loss curve embedded (also saved as loss_curve.png in the run folder)."""
+def _curves_png(run_id: str, train: list, val: list, bpb: list, whole: dict | None) -> bytes:
+    """Loss (train, val) beside val bpb (each eval's sampled windows, the whole split's at the end), as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = tc.metrics(home, run_id).to_pylist()
-    train = [(r["step"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
-    val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
-    bpb = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), lw=0.8, label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val")
+    for pts, style, label in ((train, "-", "train"), (val, "o-", "val")):
+        if pts:
+            ax.plot(*zip(*pts), style, lw=0.8 if label == "train" else 1.5, label=label)
     ax.set_xlabel("step"), ax.set_ylabel("loss (nats/token)"), ax.set_title(run_id), ax.legend(), ax.grid(alpha=0.3)
     if bpb:
         bx.plot(*zip(*bpb), "o-", color="C2", label="val bpb (sampled windows)")
-    whole = _whole_split_bpb(home, run_id)
     if whole:
         bx.plot([whole["step"]], [whole["value"]], "s", color="C3", label="val bpb (whole split)")
     bx.set_xlabel("step"), bx.set_ylabel("bits per byte"), bx.grid(alpha=0.3)
@@ -335,17 +329,31 @@ def report(home: Home, run_id: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
-    png = buf.getvalue()
+    return buf.getvalue()
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else "—"
+
+
+def report(home: Home, run_id: str) -> str:
+    """Markdown summary with the curves embedded (also saved as loss_curve.png in the run folder)."""
+    rows = tc.metrics(home, run_id).to_pylist()
+    train = [(r["step"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+    bpb = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
+    whole = _whole_split_bpb(home, run_id)
+    png = _curves_png(run_id, train, val, bpb, whole)
     atomic_write_bytes(home.run_dir(run_id) / "loss_curve.png", png)
     tps = sorted(r["tokens_per_s"] for r in rows if r["tokens_per_s"])
     best = min((v for _, v in val), default=None)
     cks = ckpts.list_complete(ckpts.checkpoint_root(home, run_id))
     whole_txt = f"{whole['value']:.4f} (step {whole['step']}, split {whole['split_id'][:12]})" if whole else "—"
+    last = rows[-1] if rows else {"step": 0, "tokens": 0}
     lines = [f"# Training run `{run_id}`", "",
              "| steps | tokens | last train loss | best val loss | val bpb, whole split | median tokens/s |",
              "|---|---|---|---|---|---|",
-             f"| {rows[-1]['step'] if rows else 0} | {rows[-1]['tokens'] if rows else 0:,} | "
-             f"{train[-1][1] if train else float('nan'):.4f} | {best if best is not None else float('nan'):.4f} | "
+             f"| {last['step']} | {last['tokens'] or 0:,} | {_fmt(train[-1][1] if train else None)} | {_fmt(best)} | "
              f"{whole_txt} | {tps[len(tps) // 2] if tps else 0:,.0f} |", "",
              f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})", "",
              "| checkpoint | val loss | sha256 |", "|---|---|---|"]
