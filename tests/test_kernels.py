@@ -97,6 +97,19 @@ def test_ce_kernel_floor_writes_tiny_probabilities_as_zeros():
     torch.testing.assert_close(fb, g, rtol=2 ** -6, atol=1e-5 * scale)
 
 
+def exp_logits_reference(h, w, t, v: int):
+    """float64 logits z, the targets' z_t, and the E the gemm kernel writes: 2^((z - z_t) log2 e - OFFSET), zero in
+    the target's and the padded columns."""
+    from model import head_gemm as G
+
+    z = h.double() @ w.double().t()
+    zt = z.gather(1, t[:, None])
+    ref = torch.exp2((z - zt) * G.LOG2E - G.OFFSET2)
+    ref[:, v:] = 0
+    ref[torch.arange(len(t)), t] = 0
+    return z, zt, ref
+
+
 @pytest.mark.parametrize("config", [
     dict(BM=32, BN=64, BK=16, GROUP=2, warps=4, stages=2, tma=False),  # pointer loads (before Hopper)
     dict(BM=32, BN=64, BK=16, GROUP=2, warps=4, stages=2, tma=True, sms=3),  # persistent, TMA
@@ -115,11 +128,7 @@ def test_gemm_head_kernel_writes_exp_of_logits_and_row_sums(config):
     h[3] = w[t[3]] * 6  # a confident row: the target far above the rest
     h[4] = -w[t[4]] * 6  # the target far below: large E values, large loss
     e, s = G.exp_logits(h.to(DEV), w.to(DEV), t.to(DEV), v, config=config, kernel=True)
-    z = h.double() @ w.double().t()
-    zt = z.gather(1, t[:, None])
-    ref = torch.exp2((z - zt) * G.LOG2E - G.OFFSET2)
-    ref[:, v:] = 0
-    ref[torch.arange(n), t] = 0
+    z, zt, ref = exp_logits_reference(h, w, t, v)
     e = e.double().cpu()
     # bf16: within one unit of the 8th significant bit; the exponent's fp32 rounding adds ~1e-5 relative. In the
     # confident row, values 2^94 below the target's term underflow (fp32/bf16 denormals): atol covers only those
@@ -271,11 +280,7 @@ def test_gemm_head_kernel_at_gpt2_shapes_with_the_training_tiles(tma):
     t = torch.randint(0, v, (n,), generator=g)
     config = dict(G.GEMM_CONFIG, tma=tma, sms=4 if DEV == "cpu" else None)
     e, s = G.exp_logits(h.to(DEV), w.to(DEV), t.to(DEV), v, config=config, kernel=True)
-    z = h.double() @ w.double().t()
-    zt = z.gather(1, t[:, None])
-    ref = torch.exp2((z - zt) * G.LOG2E - G.OFFSET2)
-    ref[:, v:] = 0
-    ref[torch.arange(n), t] = 0
+    z, zt, ref = exp_logits_reference(h, w, t, v)
     torch.testing.assert_close(e.double().cpu(), ref, rtol=2 ** -7, atol=2.0 ** -120)
     torch.testing.assert_close(s.double().cpu(), ref.sum(1), rtol=1e-4, atol=0)
     loss = G.rows_loss(s.cpu()).double()
