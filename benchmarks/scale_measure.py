@@ -233,14 +233,16 @@ from collections import Counter
 from pathlib import Path
 import polars as pl, pyarrow.parquet as pq
 from storage.shards import open_shard
-from tasks.tokenizer import Encoder
 home = Path({str(home)!r})
-enc = Encoder(home / "tokenizer" / "tokenizer.json")
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(str(home / "tokenizer" / "tokenizer.json"))
 digest = lambda t: hashlib.blake2b(t.encode(), digest_size=16).digest()  # memory: 16 B a document
 got = Counter()
 for p in sorted((home / "shards").glob("shard_000000.*.bin")):
     s = open_shard(p)
-    got.update(digest(enc.decode(s.doc(k))) for k in range(s.n_docs))
+    for a in range(0, s.n_docs, 4096):  # decoded in batches on the tokenizer's threads
+        docs = [s.doc(k).tolist() for k in range(a, min(a + 4096, s.n_docs))]
+        got.update(map(digest, tok.decode_batch(docs, skip_special_tokens=False)))
 d = pl.from_arrow(pq.read_table({str(first)!r}, columns=["id", "text", "int_score"])).filter(pl.col("int_score") >= 3)
 want = Counter(map(digest, d.filter(pl.col("id").is_first_distinct()).filter(pl.col("text").is_first_distinct())["text"]))
 print(json.dumps(dict(docs=sum(got.values()), ok=got == want)))"""
