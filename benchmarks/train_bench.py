@@ -140,6 +140,9 @@ def speed(args) -> list[dict]:
     # MFU's denominator measured in this call, on this card (1.0 on the CPU: no such peak, the smoke run only)
     peak = measure_peak_tflops(device) if device.type == "cuda" else 1.0
     print(f"device {device_name(device)} torch {torch.__version__} bf16 matmul peak {peak:.0f} TFLOP/s")
+    if args.micro_batch is None:  # chosen once, on the empty GPU, as the trainer would: every variant gets the same
+        args.micro_batch = setup(args.home, dropouts(args)[0], args.preset, args.smoke, None, device)[0].micro_batch
+        print(f"micro-batch {args.micro_batch} for every variant (the trainer's choice for this preset and device)")
     results = []
     for spec in args.variants.split(","):
         head, data = variant(spec)
@@ -187,11 +190,14 @@ def speed(args) -> list[dict]:
             finally:
                 if pf:
                     pf.close()
+            fpt, mem = raw.flops_per_token(T), torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
+            raw = model = opt = sched = None  # the next variant starts on an empty GPU
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             tps = args.steps * cfg.batch_tokens / dt
             r = dict(variant=spec or "plain", head=head, data=data or "real", dropout=cfg.model.dropout,
                      preset=args.preset, micro_batch=micro, accum=accum, tokens_per_s=tps, step_ms=1000 * dt / args.steps,
-                     mfu=tps * raw.flops_per_token(T) / (peak * 1e12), peak_tflops=peak,
-                     warmup_s=warm_s, memory_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0,
+                     mfu=tps * fpt / (peak * 1e12), peak_tflops=peak, warmup_s=warm_s, memory_gb=mem,
                      loss_after_warmup=first_loss, loss_end=float(loss))
             results.append(r)
             print(f"{spec:18s} dropout={cfg.model.dropout:<4} {micro}x{T}x{accum} {tps / 1e6:6.3f}M tok/s  {r['step_ms']:6.2f} ms/step  "
