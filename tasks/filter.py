@@ -91,6 +91,12 @@ def val_candidates(ids: pl.Expr, fraction: float, position: int) -> pl.Expr:
     return val_mask(ids, fraction) if position == VAL_FILE else pl.lit(False)
 
 
+def _shared(earlier: pl.LazyFrame, cur: pl.DataFrame, on: list[str]) -> pl.DataFrame:
+    """The distinct `on` keys of `earlier` that `cur` also has."""
+    return (earlier.select(on).join(cur.lazy().select(on).unique(), on=on, how="semi").unique()
+            .collect(engine="streaming"))
+
+
 def dedup_reasons(current: pl.DataFrame, earlier: pl.LazyFrame | None) -> pl.Series:
     """Reasons (`dup_id`, `dup_text` or null) for `current`'s rows that passed the rules.
 
@@ -100,15 +106,17 @@ def dedup_reasons(current: pl.DataFrame, earlier: pl.LazyFrame | None) -> pl.Ser
     cur = current.select(*keys, pl.col("rule_reason").is_null().alias("_ok"))
     n = cur.height
     cur = cur.with_row_index("_row").filter("_ok").select("_row", *keys)
+    first_id = pl.col("id_hash").is_first_distinct()
+    first_text = pl.struct("text_hash", "text_len").is_first_distinct()
     if earlier is not None:
-        prev = earlier.select(keys).collect().with_columns(pl.lit(None, dtype=pl.UInt32).alias("_row"))
-        allrows = pl.concat([prev.select("_row", *keys), cur], how="vertical")
-    else:
-        allrows = cur
-    flagged = allrows.with_columns(
-        pl.col("id_hash").is_first_distinct().alias("_first_id"),
-        pl.struct("text_hash", "text_len").is_first_distinct().alias("_first_text"),
-    ).filter(pl.col("_row").is_not_null())
+        # only the earlier keys this file also holds are read into memory (a streamed semi-join): what the
+        # earlier files hold in all grows with their number, what they share with one file does not
+        seen_ids = _shared(earlier, cur, ["id_hash"])
+        seen_texts = _shared(earlier, cur, ["text_hash", "text_len"])
+        first_id = first_id & ~pl.col("id_hash").is_in(seen_ids["id_hash"].implode())
+        first_text = first_text & ~pl.struct("text_hash", "text_len").is_in(
+            seen_texts.select(pl.struct("text_hash", "text_len")).to_series().implode())
+    flagged = cur.with_columns(first_id.alias("_first_id"), first_text.alias("_first_text"))
     reason = (pl.when(~pl.col("_first_id")).then(pl.lit("dup_id"))
               .when(~pl.col("_first_text")).then(pl.lit("dup_text")).otherwise(None))
     out = pl.DataFrame({"_row": pl.arange(0, n, eager=True, dtype=pl.UInt32)})
