@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
-from tasks.params import TASKS, EvaluateParams  # noqa: F401  (TASKS: the flow's public names)
+from tasks.params import EvaluateParams
 
 @dataclass(frozen=True)
 class Target:

@@ -63,7 +63,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     from flows.cli.params import add_model_args
-    from flows.evaluate import EvaluateParams
+    from tasks.params import EvaluateParams
 
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
     e.add_argument("--checkpoint", default="latest", help="latest | run id | run folder | step folder (default: latest)")
