@@ -48,7 +48,7 @@ def test_val_split_is_by_id_not_position():
 
 
 DEDUP_AGAINST_MANY_EARLIER_ROWS = r"""
-import json, resource, sys
+import json, sys
 import polars as pl
 from tasks.filter import dedup_reasons
 n = int(sys.argv[1])  # earlier rows: ids 0..n-1, text hashes 7919 x id
@@ -58,8 +58,10 @@ u64, u32 = pl.UInt64, pl.UInt32
 cur = pl.DataFrame({"rule_reason": [None, None, None, None, "short"],
                     "id_hash": pl.Series([5, 10**12, 10**12, 2 * 10**12, 7], dtype=u64),
                     "text_hash": pl.Series([1, 2, 3, 4 * 7919, 9], dtype=u64), "text_len": pl.Series([100] * 5, dtype=u32)})
-print(json.dumps({"reasons": dedup_reasons(cur, earlier).to_list(),
-                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+reasons = dedup_reasons(cur, earlier).to_list()
+# VmHWM: this process's own peak (getrusage's maxrss would carry the parent's over the exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"reasons": reasons, "max_rss_mb": hwm / 1024}))
 """
 
 
