@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.generate import Loaded
 from storage.shards import open_tokens
@@ -89,10 +88,13 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def window_ce(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in nats of every target (float32), for a batch of equal-length windows."""
+    """Cross-entropy in nats of every target (float32), for a batch of equal-length windows: through the fused
+    head's logits and CE kernel, so no float32 copy of the logits is made beside a training run's state."""
+    from model.head import token_ce
+
     with autocast(x.device):
-        logits = model.logits(model.hidden(x))
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        h = model.hidden(x)
+    return token_ce(h, model.lm_head.weight, y, model.config.vocab_size).view_as(y)
 
 
 def val_bpb(model, tok, paths: list[Path], batch_size: int = 16, max_windows: int | None = None,

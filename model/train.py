@@ -332,7 +332,8 @@ class Trainer:
 
         t0 = time.perf_counter()
         paths = [Path(p) for p in self.shards["val"]]
-        r = val_bpb(self.raw, self.tok, paths, batch_size=self.micro, byte_table=self.byte_table.cpu().numpy())
+        # a few windows a batch: the logits of a whole micro-batch would sit beside the training state
+        r = val_bpb(self.raw, self.tok, paths, batch_size=min(self.micro, 16), byte_table=self.byte_table.cpu().numpy())
         n, sha = split_identity(paths)
         self.spent["final_eval"] = time.perf_counter() - t0
         self.emit.event("final_eval", step=self.cfg.max_steps, val_bpb=r["bpb"], val_loss=r["loss"],
