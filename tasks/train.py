@@ -92,7 +92,7 @@ def planned_config(home: Home, preset_name: str, overrides: dict, last: ckpts.Ch
     """The config the child will train with (preset or checkpoint, then the overrides), validated: bad values
     are refused here in one line, before a child or a run folder exists."""
     if last is not None:
-        saved = json.loads((Path(last.path) / "config.json").read_text())
+        saved = ckpts.read_config(Path(last.path))
         return TrainConfig.from_dict(saved["train"]).override(overrides)
     from tokenizers import Tokenizer
 
@@ -104,12 +104,12 @@ def keep_tokenizer(home: Home, run_id: str, last: ckpts.CheckpointInfo | None) -
     """The run's own copy of the tokenizer it trains with, so its checkpoints keep working after the home's
     tokenizer is retrained. A resumed run keeps the copy it has; an older run without one gets the home's
     only when that is the tokenizer its checkpoint names."""
-    dst = home.run_dir(run_id) / "tokenizer.json"
+    dst = home.run_dir(run_id) / ckpts.TOKENIZER
     if dst.is_file():
         return
     data = home.tokenizer.read_bytes()
     if last is not None:
-        want = json.loads((Path(last.path) / "config.json").read_text()).get("tokenizer_sha256")
+        want = ckpts.read_config(Path(last.path)).get("tokenizer_sha256")
         if want and want != file_sha256(home.tokenizer):
             return  # the trainer refuses this resume, naming both sha256s
     atomic_write_bytes(dst, data)
