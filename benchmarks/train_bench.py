@@ -85,11 +85,12 @@ def make_data(out: Path, vocab: int) -> None:
 
 
 def setup(home: Path, dropout: float | None, name: str = "seed", smoke: bool = False, micro: int | None = None,
-          device: torch.device | None = None):
+          device: torch.device | None = None, batch_tokens: int | None = None):
     """(config, train windows, val windows): the preset (shrunk with `smoke`) at `dropout` (None: the preset's),
     its micro-batch `micro` or, unset, the preset's or the one the trainer would choose on `device`."""
     tok, _, vocab = load_tokenizer(home / "tokenizer" / "tokenizer.json")
-    cfg = preset(name, vocab).override({"dropout": dropout, "micro_batch": micro, **(SMOKE if smoke else {})})
+    cfg = preset(name, vocab).override({"dropout": dropout, "micro_batch": micro, "batch_tokens": batch_tokens,
+                                        **(SMOKE if smoke else {})})
     if cfg.micro_batch is None:
         resolve_micro_batch(cfg, device or torch.device("cuda"), Dist())
     T = cfg.model.block_size
@@ -228,7 +229,8 @@ def quality(args) -> list[dict]:
     device = torch.device(args.device)
     results = []
     for head in args.variants.split(","):
-        cfg, train, val = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device)
+        cfg, train, val = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device,
+                                args.batch_tokens)
         T, micro = cfg.model.block_size, cfg.micro_batch
         accum = cfg.batch_tokens // (micro * T)
         raw, model, opt, sched = build(cfg, head, device, args.steps)
@@ -249,8 +251,9 @@ def quality(args) -> list[dict]:
             vl = sum(float(raw(b[:, :-1].to(device), b[:, 1:].to(device))) * b.size(0)
                      for b in vb.split(micro)) / vb.size(0)
         tl = torch.stack(losses[-20:]).mean().item()
-        r = dict(head=head, steps=args.steps, tokens=args.steps * cfg.batch_tokens, val_loss=vl,
-                 train_loss_last20=tl, seconds=time.perf_counter() - t0)
+        r = dict(head=head, steps=args.steps, batch_tokens=cfg.batch_tokens, micro_batch=micro,
+                 tokens=args.steps * cfg.batch_tokens, val_loss=vl, train_loss_last20=tl,
+                 train_loss_every_100=[round(float(x), 4) for x in losses[99::100]], seconds=time.perf_counter() - t0)
         print(f"quality {head:6s} {args.steps} steps: val {vl:.4f} train(last 20) {tl:.4f} "
               f"({r['seconds']:.0f}s incl. compile)", flush=True)
         results.append(r)
@@ -390,6 +393,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, help="sequences per forward pass, the same for every variant; "
                                                    "batch-tokens is kept by accumulation (default: the preset's, "
                                                    "or the trainer's choice from the free memory)")
+    p.add_argument("--batch-tokens", type=int, help="quality: tokens per optimizer step for every variant "
+                   "(default: the preset's)")
     p.add_argument("--smoke", action="store_true", help="the preset shrunk to a few tiny steps (a CPU check of the "
                                                         "script, not a measurement)")
     p.add_argument("--tuned", type=Path, help="micro's JSON: use the kernel tile sizes it chose")
