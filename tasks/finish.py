@@ -12,10 +12,12 @@ import polars as pl
 from storage.atomic import fsync_dir
 from storage.paths import SPLITS, Home, shard_name
 from storage.shards import ShardWriter, idx_path, open_shard
+from storage.sidecars import DocsWriter, row_groups
 from tasks.filter import dedup_reasons
 from tasks.scan import earlier_keys
 from tasks.stage import MARKER, discard, staged_meta
-from tasks.tokenize import ShardCounts, ShardJob, _bincount, _failed, finish, tokenize_file, utcnow
+from tasks.tokenize import (DOC_ARROW, DocTally, ShardCounts, ShardJob, _bincount, _failed, finish, tokenize_file,
+                            utcnow)
 from tasks.tokenizer import Encoder
 
 COPY_TOKENS = 1 << 24  # tokens per copied piece: a 2 GB shard is never read into memory whole
@@ -47,16 +49,21 @@ def finish_file(home: Home, job: ShardJob, encoder: Callable[[], Encoder]) -> Sh
             sizes = {s: tuple(meta["sizes"][s]) for s in SPLITS}
             for s in SPLITS:
                 _promote(stage / shard_name(sid, s), home.shard(sid, s))
-            documents = pl.read_parquet(stage / "docs.parquet", columns=["kept", "drop_reason"])
+            tally = DocTally()
+            tally.add(pl.read_parquet(stage / "docs.parquet", columns=["kept", "drop_reason"]))
             os.replace(stage / "docs.parquet", home.shard_docs(sid))
             os.replace(stage / "counts.parquet", home.shard_counts(sid))
             fsync_dir(home.shards)
             res.seconds = time.perf_counter() - t0
-            finish(home, job, res, shas, sizes, None, documents, started, write_sidecars=False)
+            finish(home, job, res, shas, sizes, None, tally, started)
         else:
-            shas, sizes, counts, documents = _rewrite(home, job, meta, dup)
+            shas, sizes, counts = _rewrite(home, job, meta, dup)
+            docs, tally = _rewrite_docs(home, job, dup)
             res.seconds = time.perf_counter() - t0
-            finish(home, job, res, shas, sizes, counts, documents, started)
+            try:
+                finish(home, job, res, shas, sizes, counts, tally, started, docs)
+            finally:
+                docs.abort()  # nothing left once committed
     except (ValueError, OSError) as e:  # e.g. the disk filled up: as tokenize_file reports it
         discard(home, sid)
         return _failed(home, res, e, t0)
@@ -79,10 +86,9 @@ def _promote(staged, final) -> None:
 
 
 def _rewrite(home: Home, job: ShardJob, meta: dict, dup: pl.Series):
-    """Copy each split's shard without the duplicates' documents, subtract their tokens from the
-    counts, and mark them dropped in the documents sidecar, cut into the same chunks as before."""
+    """Copy each split's shard without the duplicates' documents and subtract their tokens from the counts."""
     sid, stage = job.source.shard_id, home.staging(job.source.shard_id)
-    docs = pl.read_parquet(stage / "docs.parquet").rechunk()
+    docs = pl.read_parquet(stage / "docs.parquet", columns=["kept", "split"])
     counts_df = pl.read_parquet(stage / "counts.parquet")
     vocab = meta["vocab_size"]
     counts = {s: np.zeros(vocab, dtype=np.int64) for s in SPLITS}
@@ -110,15 +116,29 @@ def _rewrite(home: Home, job: ShardJob, meta: dict, dup: pl.Series):
             w.abort()
             raise
     fsync_dir(home.shards)
-    docs = docs.with_columns(
-        pl.when(is_dup).then(dup).otherwise(pl.col("drop_reason")).alias("drop_reason"),
-        pl.when(is_dup).then(None).otherwise(pl.col("split")).alias("split"),
-        pl.when(is_dup).then(None).otherwise(pl.col("n_tokens")).alias("n_tokens"),
-        (pl.col("kept") & ~is_dup).alias("kept"))
-    # polars' parquet bytes depend on the frame's chunks: the same ones as the per-batch frames
-    offs = np.cumsum([0] + meta["batches"][:-1])
-    docs = pl.concat([docs.slice(int(o), n) for o, n in zip(offs, meta["batches"])]) if meta["batches"] else docs
-    return shas, sizes, counts, docs
+    return shas, sizes, counts
+
+
+def _rewrite_docs(home: Home, job: ShardJob, dup: pl.Series) -> tuple[DocsWriter, DocTally]:
+    """The documents sidecar with the duplicates marked dropped, streamed batch by batch (the staged
+    file's row groups), so it has the bytes tokenize_file would have written; committed by `finish`."""
+    sid = job.source.shard_id
+    docs, tally, row = DocsWriter(home.shard_docs(sid), DOC_ARROW), DocTally(), 0
+    try:
+        for t in row_groups(home.staging(sid) / "docs.parquet"):
+            part, reason = pl.from_arrow(t), dup.slice(row, t.num_rows)
+            row += t.num_rows
+            is_dup = reason.is_not_null()
+            part = part.with_columns(
+                pl.when(is_dup).then(reason).otherwise(pl.col("drop_reason")).alias("drop_reason"),
+                pl.when(is_dup).then(None).otherwise(pl.col("split")).alias("split"),
+                pl.when(is_dup).then(None).otherwise(pl.col("n_tokens")).alias("n_tokens"),
+                (pl.col("kept") & ~is_dup).alias("kept"))
+            docs.write(tally.add(part).to_arrow())
+    except BaseException:
+        docs.abort()
+        raise
+    return docs, tally
 
 
 def _copy_kept(shard, keep: np.ndarray, w: ShardWriter) -> None:

@@ -15,7 +15,8 @@ from storage.sources import SourceFile
 from tasks.filter import FilterConfig
 from tasks.read import BadInput, iter_batches
 from tasks.scan import ScanCounts, index_key, index_rows, scan_file, write_index
-from tasks.tokenize import COLUMNS, DOC_SCHEMA, encode_batch, token_counts_frame, write_parquet
+from storage.sidecars import DocsWriter
+from tasks.tokenize import COLUMNS, DOC_ARROW, encode_batch, token_counts_frame, write_parquet
 from tasks.tokenizer import Encoder
 
 MARKER = "staged.json"  # written last: a staging folder without it is incomplete and never used
@@ -57,7 +58,7 @@ def _stage(home: Home, src: SourceFile, cfg: FilterConfig, tokenizer_path: str, 
         counts.update({s: np.zeros(enc.vocab_size, dtype=np.int64) for s in SPLITS})
         return enc
 
-    parts, docs = [], []
+    parts, docs = [], DocsWriter(stage / "docs.parquet", DOC_ARROW)
     try:
         for t in iter_batches(src.path, COLUMNS):
             df = pl.from_arrow(t)
@@ -66,24 +67,20 @@ def _stage(home: Home, src: SourceFile, cfg: FilterConfig, tokenizer_path: str, 
             if encoder is None:
                 encoder = start()
             df = df.with_columns(idx["rule_reason"].alias("drop_reason"))
-            docs.append(encode_batch(df, cfg, writers, counts, encoder, src))
+            docs.write(encode_batch(df, cfg, writers, counts, encoder, src).to_arrow())
         if encoder is None:  # a file without rows still gets its (empty) shards
             encoder = start()
         shas = {s: w.close() for s, w in writers.items()}
+        docs.commit()  # final bytes already: with no duplicate found, finishing is a rename
     except BaseException:
         for w in writers.values():
             w.abort()
+        docs.abort()
         raise
-    documents = pl.concat(docs) if docs else None
-    if documents is None or documents.height == 0:  # as tokenize.finish writes it
-        documents = pl.DataFrame(schema=DOC_SCHEMA)
-    # final bytes already: with no duplicate found, finishing is a rename
-    write_parquet(documents, stage / "docs.parquet")
     write_parquet(token_counts_frame(counts, sid), stage / "counts.parquet")
     sc = write_index(home, src, cfg, parts)
     meta = dict(key=index_key(src, cfg), tokenizer_sha256=tok_sha, vocab_size=encoder.vocab_size, shas=shas,
-                sizes={s: [w.n_docs, w.n_tokens] for s, w in writers.items()},
-                batches=[d.height for d in docs])  # the docs sidecar's chunks, for a byte-identical rewrite
+                sizes={s: [w.n_docs, w.n_tokens] for s, w in writers.items()})
     atomic_write_text(stage / MARKER, json.dumps(meta))
     sc.staged = True
     return sc

@@ -15,6 +15,7 @@ from storage.catalog import utcnow
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.paths import SPLITS, Home
 from storage.shards import ShardWriter, idx_path
+from storage.sidecars import DocsWriter
 from storage.sources import SourceFile
 from tasks.filter import REASONS, VAL_MAX_TOKENS, VAL_RULE, FilterConfig, dedup_reasons, val_candidates
 from tasks.read import BadInput, iter_batches
@@ -26,7 +27,7 @@ DOC_SCHEMA = {"doc_id": pl.String, "source_file": pl.String, "shard_id": pl.Int3
               "dump": pl.String, "url": pl.String, "domain": pl.String, "int_score": pl.Int64,
               "language_score": pl.Float64, "n_chars": pl.Int64, "n_tokens": pl.Int64, "kept": pl.Boolean,
               "drop_reason": pl.String}
-
+DOC_ARROW = pl.DataFrame(schema=DOC_SCHEMA).to_arrow().schema
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,22 @@ class ShardCounts:
     timing: dict = field(default_factory=dict)  # kept out of the sidecars so they stay byte-identical
 
 
+@dataclass
+class DocTally:
+    """Rows in, kept and dropped by reason, summed batch by batch as the documents sidecar streams out."""
+    rows: int = 0
+    kept: int = 0
+    dropped: dict = field(default_factory=dict)
+
+    def add(self, docs: pl.DataFrame) -> pl.DataFrame:
+        self.rows += docs.height
+        self.kept += int(docs["kept"].sum())
+        for reason, n in docs.filter(~pl.col("kept"))["drop_reason"].value_counts().iter_rows():
+            if reason in REASONS:
+                self.dropped[reason] = self.dropped.get(reason, 0) + int(n)
+        return docs
+
+
 def _bincount(ids: np.ndarray, minlength: int, chunk: int = 1 << 20) -> np.ndarray:
     """np.bincount in slices: it first casts its input to int64, which for a whole batch is a copy
     twice the ids' size; a slice of a million ids stays in cache."""
@@ -81,7 +98,7 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
     writers = {s: ShardWriter(home.shard(sid, s), encoder.vocab_size) for s in SPLITS}
     counts = {s: np.zeros(encoder.vocab_size, dtype=np.int64) for s in SPLITS}
     res = ShardCounts(sid, src.file, "running")
-    docs: list[pl.DataFrame] = []
+    docs, tally = DocsWriter(home.shard_docs(sid), DOC_ARROW), DocTally()
     try:
         reasons = _reasons(home, job)
         row = 0
@@ -90,21 +107,23 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
             if df.height != t.num_rows or row + t.num_rows > reasons.len():
                 raise BadInput(f"{src.path}: changed since it was scanned")
             row += t.num_rows
-            docs.append(encode_batch(df, job.filter, writers, counts, encoder, src))
+            docs.write(tally.add(encode_batch(df, job.filter, writers, counts, encoder, src)).to_arrow())
         if row != reasons.len():
             raise BadInput(f"{src.path}: changed since it was scanned")
         shas = {s: w.close() for s, w in writers.items()}
     except BaseException as e:
         for w in writers.values():
             w.abort()
+        docs.abort()
         if isinstance(e, (BadInput, ValueError, OSError)):
             return _failed(home, res, e, t0)
         raise
     res.seconds = time.perf_counter() - t0
     try:
         sizes = {s: (w.n_docs, w.n_tokens) for s, w in writers.items()}
-        finish(home, job, res, shas, sizes, counts, pl.concat(docs) if docs else None, started)
+        finish(home, job, res, shas, sizes, counts, tally, started, docs)
     except OSError as e:  # e.g. the disk filled up while writing the sidecars
+        docs.abort()
         return _failed(home, res, e, t0)
     return res
 
@@ -191,17 +210,13 @@ def remove_outputs(home: Home, sid: int) -> None:
 
 
 def finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, sizes: dict, counts: dict | None,
-           documents: pl.DataFrame | None, started, write_sidecars: bool = True) -> None:
-    """Sidecars: documents and token counts as parquet, then the `.json` that marks the shard complete.
-    `sizes`: split -> (n_docs, n_tokens); without `write_sidecars` the parquet ones are already in place."""
+           tally: DocTally, started, docs: DocsWriter | None = None) -> None:
+    """Sidecars: the documents (committed from `docs`) and token counts as parquet, then the `.json` that
+    marks the shard complete. `sizes`: split -> (n_docs, n_tokens); without `docs` and `counts` the parquet
+    sidecars are already in place."""
     src, sid = job.source, job.source.shard_id
     finished = utcnow()
-    if documents is None or documents.height == 0:
-        documents = pl.DataFrame(schema=DOC_SCHEMA)
-    res.rows_in = documents.height
-    res.kept = int(documents["kept"].sum()) if documents.height else 0
-    vc = documents.filter(~pl.col("kept"))["drop_reason"].value_counts()
-    res.dropped = {r: int(n) for r, n in vc.iter_rows() if r in REASONS}
+    res.rows_in, res.kept, res.dropped = tally.rows, tally.kept, dict(sorted(tally.dropped.items()))
     res.docs = {s: n for s, (n, _) in sizes.items()}
     res.tokens = {s: t for s, (_, t) in sizes.items()}
     res.status = "done"
@@ -210,8 +225,9 @@ def finish(home: Home, job: ShardJob, res: ShardCounts, shas: dict, sizes: dict,
                  source_sha256=src.sha256, tokenizer_sha256=job.tokenizer_sha256,
                  config_hash=job.config_hash, status="done") for s in SPLITS]
     res.timing = dict(started_at=started, finished_at=finished, seconds=res.seconds, flow_run_id=job.flow_run_id)
-    if write_sidecars:
-        write_parquet(documents, home.shard_docs(sid))
+    if docs is not None:
+        docs.commit()
+    if counts is not None:
         write_parquet(token_counts_frame(counts, sid), home.shard_counts(sid))
     meta = dict(shard_id=sid, source=asdict(src), filter=job.filter.as_dict(), val=VAL_RULE,
                 tokenizer_sha256=job.tokenizer_sha256, config_hash=job.config_hash,
