@@ -92,9 +92,24 @@ def val_candidates(ids: pl.Expr, fraction: float, position: int) -> pl.Expr:
 
 
 def _shared(earlier: pl.LazyFrame, cur: pl.DataFrame, on: list[str]) -> pl.DataFrame:
-    """The distinct `on` keys of `earlier` that `cur` also has."""
-    return (earlier.select(on).join(cur.lazy().select(on).unique(), on=on, how="semi").unique()
+    """The distinct `on` keys of `earlier` whose first column's value `cur` also has (a superset of the keys
+    they share, as small): joined on one column, since polars hashes a key of several through a row encoding
+    of a few hundred bytes a row, and one column in a few."""
+    return (earlier.select(on).join(cur.lazy().select(on[0]).unique(), on=on[0], how="semi").unique()
             .collect(engine="streaming"))
+
+
+def _first_texts(cur: pl.DataFrame, seen: pl.DataFrame | None) -> pl.Expr:
+    """True for `cur`'s rows whose (text_hash, text_len) is the first of this file and not in `seen`. Pairs
+    are compared only where text_hash repeats or was seen (the rare rows): see `_shared` for why."""
+    pair = pl.struct("text_hash", "text_len")
+    suspect = pl.col("text_hash").is_duplicated()
+    first = pair.is_first_distinct()
+    if seen is not None:
+        suspect = suspect | pl.col("text_hash").is_in(seen["text_hash"].implode())
+        first = first & ~pair.is_in(seen.select(pair).to_series().implode())
+    later = cur.filter(suspect).filter(~first)["_row"]
+    return ~pl.col("_row").is_in(later.implode())
 
 
 def dedup_reasons(current: pl.DataFrame, earlier: pl.LazyFrame | None) -> pl.Series:
@@ -107,15 +122,14 @@ def dedup_reasons(current: pl.DataFrame, earlier: pl.LazyFrame | None) -> pl.Ser
     n = cur.height
     cur = cur.with_row_index("_row").filter("_ok").select("_row", *keys)
     first_id = pl.col("id_hash").is_first_distinct()
-    first_text = pl.struct("text_hash", "text_len").is_first_distinct()
+    seen_texts = None
     if earlier is not None:
         # only the earlier keys this file also holds are read into memory (a streamed semi-join): what the
         # earlier files hold in all grows with their number, what they share with one file does not
         seen_ids = _shared(earlier, cur, ["id_hash"])
         seen_texts = _shared(earlier, cur, ["text_hash", "text_len"])
         first_id = first_id & ~pl.col("id_hash").is_in(seen_ids["id_hash"].implode())
-        first_text = first_text & ~pl.struct("text_hash", "text_len").is_in(
-            seen_texts.select(pl.struct("text_hash", "text_len")).to_series().implode())
+    first_text = _first_texts(cur, seen_texts)
     flagged = cur.with_columns(first_id.alias("_first_id"), first_text.alias("_first_text"))
     reason = (pl.when(~pl.col("_first_id")).then(pl.lit("dup_id"))
               .when(~pl.col("_first_text")).then(pl.lit("dup_text")).otherwise(None))
