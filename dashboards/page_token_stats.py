@@ -1,5 +1,6 @@
 """Token stats page: tokens by dump and int_score, document lengths, top tokens, and a SQL box.
-Charts draw DuckDB aggregates (hundreds of rows); the SQL box pays a process start per query (`langpwt sql`'s guard)."""
+Charts draw DuckDB aggregates (hundreds of rows); the SQL box pays a process start per query (`langpwt sql`'s guard),
+its catalog snapshot is taken when the page opens."""
 from __future__ import annotations
 
 import altair as alt
@@ -109,6 +110,7 @@ def sql_box() -> None:
 
 
 if common.need_data(h) is not None:
+    queries.warm_sql(h)  # the SQL box's snapshot, made while the charts draw and the query is typed
     try:
         charts(common.token_stats(h))
     except (CatalogMissing, duckdb.Error) as e:

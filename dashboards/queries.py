@@ -2,11 +2,14 @@
 Fixed queries: one short read-only connection per page (small aggregates); user SQL: storage.user_sql's guard."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 
 from storage import catalog, user_sql
@@ -230,6 +233,22 @@ def run_sql(home: Home, sql: str, max_rows: int = SQL_MAX_ROWS, timeout_s: float
     at most `max_rows` rows, `timeout_s` and the default memory cap. Raises SqlRefused,
     catalog.CatalogMissing or duckdb.Error (whose message is shown as is)."""
     return user_sql.run(home, sql, user_sql.Limits(timeout_s=timeout_s, max_rows=max_rows))
+
+
+def warm_sql(home: Home) -> threading.Thread | None:
+    """Take the SQL box's catalog snapshot on a thread when the catalog's current state has none, while the
+    user is still typing: the first query after a commit then pays no copy. None when there is nothing to do."""
+    if not home.catalog.exists() or catalog.snapshot_ready(home):
+        return None
+    t = threading.Thread(target=_warm, args=(home,), name="langpwt-sql-snapshot", daemon=True)
+    t.start()
+    return t
+
+
+def _warm(home: Home) -> None:
+    # a failure here is the query's to report, when it is run
+    with contextlib.suppress(catalog.CatalogMissing, duckdb.Error, OSError):
+        catalog.snapshot(home)
 
 
 # ---- Training, checkpoints, samples --------------------------------------------------------------

@@ -150,9 +150,21 @@ def reader(home: Home, timeout: float = READ_TIMEOUT_S, sandboxed: bool = False)
             con.close()
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+    except OSError:
+        return None
+
+
+BOOT = _boot_id()
+_SNAPSHOTTING = threading.Lock()  # one copy at a time in a process: a second caller then finds it made
+
+
 def _stat_key(home: Home) -> str:
-    """Changes with every commit: DuckDB rewrites the file or its WAL."""
-    parts = []
+    """Changes with every commit: DuckDB rewrites the file or its WAL. With the boot's id in front where
+    the system has one: a snapshot left unsynced by a crash of the machine is then never picked again."""
+    parts = [BOOT] if BOOT else []
     for p in (home.catalog, Path(f"{home.catalog}.wal")):
         try:
             st = p.stat()
@@ -209,6 +221,16 @@ def snapshot(home: Home) -> Path:
     copy and reused while the catalog is unchanged: a query that runs for minutes never makes a writer
     wait. One folder per catalog state in HOME/cache/catalog-snapshots, published by an atomic rename;
     the file keeps the name catalog.duckdb, so queries name the database as on the catalog itself."""
+    with _SNAPSHOTTING:
+        return _snapshot(home)
+
+
+def snapshot_ready(home: Home) -> bool:
+    """Whether the catalog's current state has its snapshot already (a query then pays no copy)."""
+    return (home.root / "cache" / "catalog-snapshots" / _stat_key(home)).exists()
+
+
+def _snapshot(home: Home) -> Path:
     if not home.catalog.exists():
         raise CatalogMissing(f"{home.catalog}: no catalog yet; run `langpwt prepare` first")
     folder = home.root / "cache" / "catalog-snapshots"
@@ -222,11 +244,13 @@ def snapshot(home: Home) -> Path:
         final = folder / _copy_locked(home, tmp / "catalog.duckdb")
         if (tmp / "catalog.duckdb.wal").exists():  # fold the WAL in: read-only opens then replay nothing
             duckdb.connect(str(tmp / "catalog.duckdb")).execute("CHECKPOINT").close()
-        with open(tmp / "catalog.duckdb", "rb+") as f:  # after the lock: the writer never waits on the disk
-            os.fsync(f.fileno())
+        if not BOOT:  # else a crash of the machine changes the key: the copy need not reach the disk
+            with open(tmp / "catalog.duckdb", "rb+") as f:  # after the lock: the writer never waits on the disk
+                os.fsync(f.fileno())
         with contextlib.suppress(OSError):  # OSError: another process published this state first
             os.replace(tmp, final)
-            fsync_dir(folder)
+            if not BOOT:
+                fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(folder, final)

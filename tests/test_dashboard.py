@@ -124,6 +124,26 @@ def test_sql_box_reads_refuses_writes_and_reports_errors(dash_home):
     assert time.perf_counter() - t0 < 10
 
 
+def test_sql_snapshot_is_taken_before_the_first_query(dash_home, tmp_path):
+    h = Home(tmp_path / "h")
+    shutil.copytree(dash_home.root, h.root, ignore=shutil.ignore_patterns("cache"))
+    snaps = h.root / "cache" / "catalog-snapshots"
+    t = queries.warm_sql(h)  # what the Token stats page does when it opens
+    assert t is not None
+    t.join(60)
+    assert catalog.snapshot_ready(h) and queries.warm_sql(h) is None
+    made = sorted(p.name for p in snaps.iterdir())
+    assert len(made) == 1 and (not catalog.BOOT or made[0].startswith(catalog.BOOT))
+    assert queries.run_sql(h, "SELECT count(*) FROM documents").table.column(0)[0].as_py() == len(sample_rows())
+    assert sorted(p.name for p in snaps.iterdir()) == made  # the query used it: no second copy
+    with catalog.writer(h) as con:
+        con.execute("INSERT INTO runs (run_id, status) VALUES ('warm', 'running')")
+    assert not catalog.snapshot_ready(h)
+    queries.warm_sql(h).join(60)
+    assert queries.run_sql(h, "SELECT count(*) FROM runs WHERE run_id = 'warm'").table.column(0)[0].as_py() == 1
+    assert len(list(snaps.iterdir())) == 2  # the new state's, and the old one kept a while
+
+
 def test_empty_and_missing_home_states(tmp_path):
     missing = Home.from_env(tmp_path / "nothing")
     assert queries.home_state(missing) == queries.HomeState(catalog=False)
