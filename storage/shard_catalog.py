@@ -73,42 +73,31 @@ def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer
     checkpoint on close take a core the encoders want, and shards often finish together. Still one short unit of
     work, so readers get their turn between two calls. `tokenizer`: `record_tokenizer`'s arguments,
     its row written in the same transaction."""
-    import pyarrow.parquet as pq
-
     loaded = []
     for shard_id, timing in finished:
         meta = json.loads(home.shard_meta(shard_id).read_text())
         # sidecars name files relative to the shards folder, so a home can move and two homes compare equal
         rows = [dict(r, path=str(home.shards / r["path"]), **(timing or {})) for r in meta["rows"]]
-        # ParquetFile.read skips the dataset machinery read_table imports on first use
         if timing:
             save_timing(home, shard_id, meta["config_hash"], timing)
-        loaded.append((shard_id, meta, rows, pq.ParquetFile(home.shard_docs(shard_id)).read(),
-                       pq.ParquetFile(home.shard_counts(shard_id)).read()))
+        loaded.append((shard_id, meta, rows))
     if loaded or tokenizer:
         with catalog.writer(home) as con:
             if tokenizer:
                 _insert_tokenizer(con, **tokenizer)
-            for shard_id, _, rows, documents, token_counts in loaded:
-                _insert_done(con, shard_id, rows, documents, token_counts)
+            for shard_id, _, rows in loaded:
+                _insert_done(con, home, shard_id, rows)
     return [m for _, m, *_ in loaded]
 
 
-def record_done(home: Home, shard_id: int, rows: list[dict], documents: pa.Table, token_counts: pa.Table) -> None:
-    with catalog.writer(home) as con:
-        _insert_done(con, shard_id, rows, documents, token_counts)
-
-
-def _insert_done(con, shard_id: int, rows: list[dict], documents: pa.Table, token_counts: pa.Table) -> None:
+def _insert_done(con, home: Home, shard_id: int, rows: list[dict]) -> None:
+    # DuckDB reads the sidecars itself, a row group at a time: a shard's documents (~700k rows) loaded as
+    # Arrow first would add their size twice to the process's peak, for every shard recorded together
     _replace_shard_rows(con, shard_id, rows)
     con.execute("DELETE FROM documents WHERE shard_id = ?", [shard_id])
-    con.register("documents_tbl", documents)
-    con.execute("INSERT INTO documents BY NAME SELECT * FROM documents_tbl")
-    con.unregister("documents_tbl")
+    con.execute("INSERT INTO documents BY NAME SELECT * FROM read_parquet(?)", [str(home.shard_docs(shard_id))])
     con.execute("DELETE FROM token_counts WHERE shard_id = ?", [shard_id])
-    con.register("counts_tbl", token_counts)
-    con.execute("INSERT INTO token_counts BY NAME SELECT * FROM counts_tbl")
-    con.unregister("counts_tbl")
+    con.execute("INSERT INTO token_counts BY NAME SELECT * FROM read_parquet(?)", [str(home.shard_counts(shard_id))])
 
 
 def record_failed(home: Home, shard_id: int, source_file: str, source_sha256: str | None,
