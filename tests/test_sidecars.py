@@ -151,6 +151,6 @@ def test_recording_a_shard_streams_its_documents_into_the_catalog(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["rows"] == n
-    # DuckDB reads the sidecar a row group at a time; loaded as Arrow first it added ~2x its size
-    print((r["after_kb"] - r["before_kb"]) / 1024)
-    assert (r["after_kb"] - r["before_kb"]) / 1024 < 150, r
+    # DuckDB reads the sidecar a row group at a time and holds the new rows until the commit (~375 MB here);
+    # loaded as Arrow first, the table and DuckDB's scan of it came on top (~750 MB)
+    assert (r["after_kb"] - r["before_kb"]) / 1024 < 550, r
