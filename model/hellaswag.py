@@ -79,7 +79,8 @@ def score(model, tok, items: list, batch_items: int = 8) -> dict:
             for it in group:
                 ll = np.array(lls[k:k + len(it.endings)])
                 k += len(it.endings)
-                chars = np.array([float(len(e)) for e in it.endings])
+                # an ending that preprocessing emptied ("[header]" alone) counts one character, not a division by 0
+                chars = np.array([float(max(len(e), 1)) for e in it.endings])
                 acc.append(float(np.argmax(ll) == it.label))
                 acc_norm.append(float(np.argmax(ll / chars) == it.label))
     finally:

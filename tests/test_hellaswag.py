@@ -78,6 +78,19 @@ def test_scores_match_harness_procedure_on_hf(eval_home, tmp_path):
     assert score(loaded.model, loaded.tokenizer, items, batch_items=1)["acc_norm"] == got["acc_norm"]
 
 
+def test_an_ending_emptied_by_preprocessing_scores_without_dividing_by_zero(eval_home, tmp_path):
+    import warnings
+    rows = make_rows(sample_texts(), 6, seed=3)
+    rows[2]["endings"][1] = "[header]"  # the harness's preprocessing leaves nothing of it
+    items = hs.read_items(write_jsonl(tmp_path / "v.jsonl", rows))
+    assert items[2].endings[1] == ""
+    loaded = load_for_eval(step_dir(eval_home), eval_home.tokenizer, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's divide-by-zero warning fails the test
+        got = score(loaded.model, loaded.tokenizer, items, batch_items=4)
+    assert got["n"] == 6 and 0.0 <= got["acc_norm"] <= 1.0
+
+
 def test_fetch_once_verified_and_resumed(home, tmp_path, monkeypatch, hf_isolated):
     rows = make_rows(sample_texts(), 50, seed=4)
     src = write_hub_parquet(tmp_path / "tree" / "0000.parquet", rows)
