@@ -21,8 +21,12 @@ PAGES = {
     "token_stats": "q.token_stats(h)",
     "training": "q.training(h, [r['run_id'] for r in q.runs(h).to_pylist()])",
     "checkpoints": "q.checkpoints(h)",
+    # the first query with no snapshot of this catalog state yet (it pays the copy), then as the page runs it:
+    # the snapshot taken on a thread when the page opens, before the query is typed
     "sql_box": "q.run_sql(h, 'SELECT dump, count(*) FROM documents GROUP BY dump')",
+    "sql_box_page_open": "q.run_sql(h, 'SELECT dump, count(*) FROM documents GROUP BY dump')",
 }
+SETUP = {"sql_box_page_open": "t = q.warm_sql(h)\nt and t.join()"}
 SQL = "SELECT dump, count(*) FROM documents GROUP BY dump"
 
 
@@ -138,7 +142,7 @@ def page_times(home: Path, env: dict) -> dict:
     out = {}
     for name, call in PAGES.items():
         code = ("import json, time\nfrom dashboards import queries as q\nfrom storage.paths import Home\n"
-                f"h = Home.from_env({str(home)!r})\nt0 = time.perf_counter()\n{call}\n"
+                f"h = Home.from_env({str(home)!r})\n{SETUP.get(name, '')}\nt0 = time.perf_counter()\n{call}\n"
                 "print(json.dumps(dict(s=round(time.perf_counter() - t0, 4))))")
         r = _py(code, env)
         out[name] = r.get("s", r.get("error"))
