@@ -216,6 +216,7 @@ def plot(points: list[dict], out: Path) -> None:
         ax1.plot(x, [1e9 * p["wall_s"] / p["tokens"] for p in ps], "o-", label=mode)
         ax2.plot(x, [p["peak_rss_mb"] / 1024 for p in ps], "o-", label=mode)
     ax1.set(xlabel="source files", ylabel="wall ns per token", title="prepare: time per token")
+    ax2.axhline(2e9 / 2**30, color="grey", ls="--", lw=1, label="target: 2 GB")
     ax2.set(xlabel="source files", ylabel="GiB", title="peak RSS of the process tree")
     for ax in (ax1, ax2):
         ax.set_ylim(bottom=0)
