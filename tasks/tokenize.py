@@ -123,8 +123,9 @@ def tokenize_file(home: Home, job: ShardJob, encoder: Encoder) -> ShardCounts:
         sizes = {s: (w.n_docs, w.n_tokens) for s, w in writers.items()}
         finish(home, job, res, shas, sizes, counts, tally, started, docs)
     except OSError as e:  # e.g. the disk filled up while writing the sidecars
-        docs.abort()
         return _failed(home, res, e, t0)
+    finally:
+        docs.abort()  # its temp file, whatever went wrong; nothing once committed
     return res
 
 
