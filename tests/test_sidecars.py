@@ -1,6 +1,5 @@
 """The documents sidecar streams (storage/sidecars.py): the same bytes however it is fed, its row groups written back
 give its bytes again, nothing under the final name until commit, and a file's tokenizing holds no more of it in memory."""
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
