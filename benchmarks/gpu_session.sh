@@ -11,7 +11,9 @@
 # gpt2 = --preset gpt2's step against the plain nanoGPT-style one (524,288 tokens a step by accumulation; GPT2_MICRO
 # sets the micro-batch of both, else the trainer's choice), gpt2run = the gpt2 run's first 1,000 of its 19,073 steps
 # with the default command, in calls of under 10 minutes on the same warm machine: each call trains (or resumes) to
-# GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl.
+# GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl. gpt2quality = val loss at step 1,000 of
+# QUALITY_VARIANTS (default plain,default) at 65,536 tokens a step, the same shards and seed (QUALITY_FLOOR: the heads'
+# gradient floor, auto or off), about 2.5 minutes a variant on an H100.
 # SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
 # run first.
 set -uo pipefail
@@ -93,6 +95,11 @@ if has gpt2; then
   python3 benchmarks/train_bench.py speed --preset gpt2 --home "$HOME_DIR" --variants plain,default \
     --steps "${GPT2_STEPS:-20}" --warmup "${GPT2_WARMUP:-4}" ${GPT2_MICRO:+--micro-batch "$GPT2_MICRO"} \
     --json "$OUT/gpt2.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2.log"
+fi
+if has gpt2quality; then
+  python3 benchmarks/train_bench.py quality --preset gpt2 --home "$HOME_DIR" --variants "${QUALITY_VARIANTS:-plain,default}" \
+    --steps 1000 --batch-tokens 65536 --micro-batch 64 --grad-floor "${QUALITY_FLOOR:-auto}" \
+    --json "$OUT/gpt2quality.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2quality.log"
 fi
 if has gpt2run; then  # resumes the run a previous call on this machine left at a checkpoint (the run's last step)
   stop=${GPT2_STOP:-1000}

@@ -99,7 +99,7 @@ def setup(home: Path, dropout: float | None, name: str = "seed", smoke: bool = F
     return cfg, train, val
 
 
-def build(cfg, name: str, device, total_steps: int):
+def build(cfg, name: str, device, total_steps: int, grad_floor: str = "auto"):
     """(raw model, the module to step, optimizer, schedule) of variant `name` (see the module's docstring)."""
     if name not in VARIANTS:
         raise SystemExit(f"--variants {name}: expected one of {', '.join(VARIANTS)} (with :synthetic)")
@@ -115,7 +115,7 @@ def build(cfg, name: str, device, total_steps: int):
         mcfg.resolve_dropout_rng(device.type == "cuda")  # as the trainer does
         raw = GPT(mcfg).to(device)
         head = resolve_head("auto" if name == "default" else name, device)
-        prepare_step(raw, head, resolve_grad_floor("auto", head, device), device)
+        prepare_step(raw, head, resolve_grad_floor(grad_floor, head, device), device)
         model, _ = compile_step(raw, cfg, device)
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -151,7 +151,7 @@ def speed(args) -> list[dict]:
             cfg, train, _ = setup(args.home, dropout, args.preset, args.smoke, args.micro_batch, device)
             T, micro = cfg.model.block_size, cfg.micro_batch
             accum = cfg.batch_tokens // (micro * T)
-            raw, model, opt, sched = build(cfg, head, device, 10 ** 6)
+            raw, model, opt, sched = build(cfg, head, device, 10 ** 6, args.grad_floor)
             params = list(raw.parameters())
             if data == "synthetic":  # in-GPU random tokens: the loader's ceiling
                 pool = torch.randint(0, cfg.model.vocab_size, (8, micro, T + 1), device=device)
@@ -233,7 +233,7 @@ def quality(args) -> list[dict]:
                                 args.batch_tokens)
         T, micro = cfg.model.block_size, cfg.micro_batch
         accum = cfg.batch_tokens // (micro * T)
-        raw, model, opt, sched = build(cfg, head, device, args.steps)
+        raw, model, opt, sched = build(cfg, head, device, args.steps, args.grad_floor)
         pf = Prefetcher(train, cfg.seed, micro, 1, 0, accum, 0, device)
         autocast = autocast_for(device)
         t0 = time.perf_counter()
@@ -393,6 +393,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, help="sequences per forward pass, the same for every variant; "
                                                    "batch-tokens is kept by accumulation (default: the preset's, "
                                                    "or the trainer's choice from the free memory)")
+    p.add_argument("--grad-floor", default="auto", help="the head's gradient floor for every variant but plain: "
+                   "auto (the trainer's), off, or a number (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, help="quality: tokens per optimizer step for every variant "
                    "(default: the preset's)")
     p.add_argument("--smoke", action="store_true", help="the preset shrunk to a few tiny steps (a CPU check of the "
