@@ -89,8 +89,8 @@ def setup(home: Path, dropout: float | None, name: str = "seed", smoke: bool = F
     """(config, train windows, val windows): the preset (shrunk with `smoke`) at `dropout` (None: the preset's),
     its micro-batch `micro` or, unset, the preset's or the one the trainer would choose on `device`."""
     tok, _, vocab = load_tokenizer(home / "tokenizer" / "tokenizer.json")
-    cfg = preset(name, vocab).override({"dropout": dropout, "micro_batch": micro, "batch_tokens": batch_tokens,
-                                        **(SMOKE if smoke else {})})
+    given = {"batch_tokens": batch_tokens} if batch_tokens else {}  # over --smoke's too
+    cfg = preset(name, vocab).override({"dropout": dropout, "micro_batch": micro, **(SMOKE if smoke else {}), **given})
     if cfg.micro_batch is None:
         resolve_micro_batch(cfg, device or torch.device("cuda"), Dist())
     T = cfg.model.block_size

@@ -108,3 +108,27 @@ def test_train_bench_compares_gpt2_steps_on_cpu_with_smoke(train_home, tmp_path)
     ratio = next(r for r in res if "ratio" in r)
     assert ratio["ratio"] == "default/plain"
     assert ratio["value"] == steps["default"]["tokens_per_s"] / steps["plain"]["tokens_per_s"]
+
+
+def test_train_bench_quality_runs_every_variant_on_the_same_data_and_seed(train_home, tmp_path):
+    # the loss-at-step-N comparison, shrunk: on the CPU every variant's step is the reference one, so equal data,
+    # seed and initialisation must give equal losses; --batch-tokens sets the step for all of them
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "quality.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "quality", "--preset", "gpt2",
+                          "--smoke", "--device", "cpu", "--home", str(train_home.root), "--variants", "plain,default",
+                          "--steps", "3", "--batch-tokens", "256", "--json", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    res = {r["head"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(res) == {"plain", "default"}
+    for r in res.values():
+        assert r["batch_tokens"] == 256 and r["tokens"] == 3 * 256 and r["steps"] == 3
+    assert abs(res["plain"]["val_loss"] - res["default"]["val_loss"]) < 1e-4, res
+    assert abs(res["plain"]["train_loss_last20"] - res["default"]["train_loss_last20"]) < 1e-4, res
