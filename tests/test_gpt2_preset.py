@@ -82,24 +82,30 @@ def test_small_gpt2_accumulates_resumes_bit_exactly_and_picks_its_micro_batch(tr
     assert "micro-batch auto" in text and events[0]["config"]["micro_batch"] == 8  # saved: a resume keeps it
 
 
-def test_train_bench_compares_gpt2_steps_on_cpu_with_smoke(train_home, tmp_path):
-    # the benchmark's gpt2 comparison, shrunk (--smoke) so the script itself is checked on CPU: both steps run on the
-    # real shards with gradient accumulation, and the ratio is reported (the numbers mean nothing here)
+def _train_bench(home, tmp_path, mode: str, *args: str) -> list[dict]:
+    """benchmarks/train_bench.py MODE --preset gpt2 --smoke on the CPU over `home`'s shards: its JSON results."""
     import json
-    import math
     import os
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    out = tmp_path / "gpt2.json"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "speed", "--preset", "gpt2",
-                          "--smoke", "--device", "cpu", "--home", str(train_home.root), "--variants", "plain,default",
-                          "--steps", "2", "--warmup", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = tmp_path / f"{mode}.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), mode, "--preset", "gpt2",
+                          "--smoke", "--device", "cpu", "--home", str(home.root), "--variants", "plain,default",
+                          *args, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    res = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())["results"]
+
+
+def test_train_bench_compares_gpt2_steps_on_cpu_with_smoke(train_home, tmp_path):
+    # the benchmark's gpt2 comparison, shrunk (--smoke) so the script itself is checked on CPU: both steps run on the
+    # real shards with gradient accumulation, and the ratio is reported (the numbers mean nothing here)
+    import math
+
+    res = _train_bench(train_home, tmp_path, "speed", "--steps", "2", "--warmup", "1")
     steps = {r["variant"]: r for r in res if "tokens_per_s" in r}
     assert set(steps) == {"plain", "default"}
     for r in steps.values():
@@ -113,20 +119,7 @@ def test_train_bench_compares_gpt2_steps_on_cpu_with_smoke(train_home, tmp_path)
 def test_train_bench_quality_runs_every_variant_on_the_same_data_and_seed(train_home, tmp_path):
     # the loss-at-step-N comparison, shrunk: on the CPU every variant's step is the reference one, so equal data,
     # seed and initialisation must give equal losses; --batch-tokens sets the step for all of them
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = tmp_path / "quality.json"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "quality", "--preset", "gpt2",
-                          "--smoke", "--device", "cpu", "--home", str(train_home.root), "--variants", "plain,default",
-                          "--steps", "3", "--batch-tokens", "256", "--json", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    res = {r["head"]: r for r in json.loads(out.read_text())["results"]}
+    res = {r["head"]: r for r in _train_bench(train_home, tmp_path, "quality", "--steps", "3", "--batch-tokens", "256")}
     assert set(res) == {"plain", "default"}
     for r in res.values():
         assert r["batch_tokens"] == 256 and r["tokens"] == 3 * 256 and r["steps"] == 3
