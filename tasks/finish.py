@@ -49,8 +49,7 @@ def finish_file(home: Home, job: ShardJob, encoder: Callable[[], Encoder]) -> Sh
             sizes = {s: tuple(meta["sizes"][s]) for s in SPLITS}
             for s in SPLITS:
                 _promote(stage / shard_name(sid, s), home.shard(sid, s))
-            tally = DocTally()
-            tally.add(pl.read_parquet(stage / "docs.parquet", columns=["kept", "drop_reason"]))
+            tally = DocTally(**meta["tally"])
             os.replace(stage / "docs.parquet", home.shard_docs(sid))
             os.replace(stage / "counts.parquet", home.shard_counts(sid))
             fsync_dir(home.shards)

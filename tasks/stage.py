@@ -2,6 +2,7 @@
 Saves the second read and decode of the text; the price is encoding the rare cross-file duplicates too."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -16,7 +17,7 @@ from tasks.filter import FilterConfig
 from tasks.read import BadInput, iter_batches
 from tasks.scan import ScanCounts, index_key, index_rows, scan_file, write_index
 from storage.sidecars import DocsWriter
-from tasks.tokenize import COLUMNS, DOC_ARROW, encode_batch, token_counts_frame, write_parquet
+from tasks.tokenize import COLUMNS, DOC_ARROW, DocTally, encode_batch, token_counts_frame, write_parquet
 from tasks.tokenizer import Encoder
 
 MARKER = "staged.json"  # written last: a staging folder without it is incomplete and never used
@@ -58,7 +59,7 @@ def _stage(home: Home, src: SourceFile, cfg: FilterConfig, tokenizer_path: str, 
         counts.update({s: np.zeros(enc.vocab_size, dtype=np.int64) for s in SPLITS})
         return enc
 
-    parts, docs = [], DocsWriter(stage / "docs.parquet", DOC_ARROW)
+    parts, docs, tally = [], DocsWriter(stage / "docs.parquet", DOC_ARROW), DocTally()
     try:
         for t in iter_batches(src.path, COLUMNS):
             df = pl.from_arrow(t)
@@ -67,7 +68,7 @@ def _stage(home: Home, src: SourceFile, cfg: FilterConfig, tokenizer_path: str, 
             if encoder is None:
                 encoder = start()
             df = df.with_columns(idx["rule_reason"].alias("drop_reason"))
-            docs.write(encode_batch(df, cfg, writers, counts, encoder, src).to_arrow())
+            docs.write(tally.add(encode_batch(df, cfg, writers, counts, encoder, src)).to_arrow())
         if encoder is None:  # a file without rows still gets its (empty) shards
             encoder = start()
         shas = {s: w.close() for s, w in writers.items()}
@@ -80,7 +81,8 @@ def _stage(home: Home, src: SourceFile, cfg: FilterConfig, tokenizer_path: str, 
     write_parquet(token_counts_frame(counts, sid), stage / "counts.parquet")
     sc = write_index(home, src, cfg, parts)
     meta = dict(key=index_key(src, cfg), tokenizer_sha256=tok_sha, vocab_size=encoder.vocab_size, shas=shas,
-                sizes={s: [w.n_docs, w.n_tokens] for s, w in writers.items()})
+                sizes={s: [w.n_docs, w.n_tokens] for s, w in writers.items()},
+                tally=dataclasses.asdict(tally))  # finishing without a duplicate reads no sidecar back
     atomic_write_text(stage / MARKER, json.dumps(meta))
     sc.staged = True
     return sc
@@ -93,7 +95,7 @@ def staged_meta(home: Home, src: SourceFile, cfg: FilterConfig, tok_sha: str) ->
         meta = json.loads((home.staging(src.shard_id) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    ok = meta.get("key") == index_key(src, cfg) and meta.get("tokenizer_sha256") == tok_sha
+    ok = meta.get("key") == index_key(src, cfg) and meta.get("tokenizer_sha256") == tok_sha and "tally" in meta
     return meta if ok else None
 
 
