@@ -12,12 +12,26 @@ from typing import IO, Iterator
 TMP_SUFFIX = ".tmp"
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_file
+
+
+def publish(tmp: Path, final: Path, sync: Path | None = None, durable: bool = True) -> None:
+    """Rename `tmp`, a closed file or a folder, to `final`. `durable`: fsync `sync` (default `tmp`) before
+    the rename and the folder after it, so the new name never points at data still in flight to the disk."""
+    if durable:
+        fsync_file(sync or tmp)
+    os.replace(tmp, final)
+    if durable:
+        fsync_dir(final.parent)
 
 
 def tmp_path_for(final: Path) -> Path:
@@ -34,11 +48,8 @@ def atomic_open(final: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     f = open(tmp, mode)
     try:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
         f.close()
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        publish(tmp, final)
     except BaseException:
         f.close()
         with contextlib.suppress(FileNotFoundError):
@@ -59,11 +70,7 @@ def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
     """Move a fully written and fsynced temp directory under its final name."""
     for p in tmp_dir.rglob("*"):
         if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(p)
     fsync_dir(tmp_dir)
     if final.exists():
         old = final.with_name(f".{final.name}.old{TMP_SUFFIX}")

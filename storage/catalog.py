@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import duckdb
 import pyarrow as pa
 
-from storage.atomic import fsync_dir, tmp_path_for
+from storage.atomic import publish, tmp_path_for
 from storage.paths import Home
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
@@ -244,13 +244,10 @@ def _snapshot(home: Home) -> Path:
         final = folder / _copy_locked(home, tmp / "catalog.duckdb")
         if (tmp / "catalog.duckdb.wal").exists():  # fold the WAL in: read-only opens then replay nothing
             duckdb.connect(str(tmp / "catalog.duckdb")).execute("CHECKPOINT").close()
-        if not BOOT:  # else a crash of the machine changes the key: the copy need not reach the disk
-            with open(tmp / "catalog.duckdb", "rb+") as f:  # after the lock: the writer never waits on the disk
-                os.fsync(f.fileno())
-        with contextlib.suppress(OSError):  # OSError: another process published this state first
-            os.replace(tmp, final)
-            if not BOOT:
-                fsync_dir(folder)
+        # durable only without a boot id (with one, a crash of the machine changes the key); after the lock,
+        # so the writer never waits on the disk. OSError: another process published this state first
+        with contextlib.suppress(OSError):
+            publish(tmp, final, sync=tmp / "catalog.duckdb", durable=not BOOT)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(folder, final)

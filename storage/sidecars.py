@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import fsync_dir, tmp_path_for
+from storage.atomic import publish, tmp_path_for
 
 COMPRESSION = "zstd"
 GROUP_ROWS = 65_536  # batches are gathered up to this many rows a row group: smaller groups compress worse
@@ -47,10 +47,7 @@ class DocsWriter:
         if self._held or self._w is None:  # the last group; with no batch at all, an empty table
             self._flush()
         self._w.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.final)
-        fsync_dir(self.final.parent)
+        publish(self.tmp, self.final)
         return self.final
 
     def abort(self) -> None:
