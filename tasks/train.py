@@ -308,7 +308,7 @@ def _whole_split_bpb(home: Home, run_id: str) -> dict | None:
     return max(rows, key=lambda r: (r["step"], r["created_at"])) if rows else None
 
 
-def _curves_png(run_id: str, train: list, val: list, bpb: list, whole: dict | None) -> bytes:
+def curves_png(run_id: str, train: list, val: list, bpb: list, whole: dict | None) -> bytes:
     """Loss (train, val) beside val bpb (each eval's sampled windows, the whole split's at the end), as PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -343,7 +343,7 @@ def report(home: Home, run_id: str) -> str:
     val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
     bpb = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
     whole = _whole_split_bpb(home, run_id)
-    png = _curves_png(run_id, train, val, bpb, whole)
+    png = curves_png(run_id, train, val, bpb, whole)
     atomic_write_bytes(home.run_dir(run_id) / "loss_curve.png", png)
     tps = sorted(r["tokens_per_s"] for r in rows if r["tokens_per_s"])
     best = min((v for _, v in val), default=None)

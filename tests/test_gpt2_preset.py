@@ -59,7 +59,7 @@ def test_cli_refuses_a_cpu_gpt2_that_fits_nowhere_and_lets_one_that_fits_pass():
     check_memory(cpu.override({"micro_batch": 2}), available=64 * GB)  # given, and it fits
 
 
-def test_small_gpt2_accumulates_resumes_bit_exactly_and_picks_its_micro_batch(train_home):
+def test_small_gpt2_accumulates_resumes_bit_exactly_and_picks_its_micro_batch(train_home, tmp_path):
     given = [*SMALL, "--micro-batch", "2"]
     code, events, text = run_trainer(train_home, *given, "--max-steps", "4", "--run-id", "straight")
     assert code == 0, text
@@ -67,19 +67,47 @@ def test_small_gpt2_accumulates_resumes_bit_exactly_and_picks_its_micro_batch(tr
     assert start["accum"] == 4 and start["micro_batch"] == 2 and start["micro_batch_from"] == "given"
     assert start["config"]["preset"] == "gpt2" and start["config"]["model"]["dropout"] == 0.0
     assert start["config"]["lr"] == 6e-4 and start["config"]["max_steps"] == 4
-    assert run_trainer(train_home, *given, "--max-steps", "2", "--run-id", "split")[0] == 0
+    code, first, text = run_trainer(train_home, *given, "--max-steps", "2", "--run-id", "split")
+    assert code == 0, text
     code, events, text = run_trainer(train_home, "--resume", "--run-id", "split", "--max-steps", "4")
     assert code == 0, text
     assert events[0]["step"] == 2 and events[0]["micro_batch"] == 2 and events[0]["accum"] == 4
     a, va = metrics_rows(train_home, "straight")
     b, vb = metrics_rows(train_home, "split")
     assert list(a) == [1, 2, 3, 4] and a == b and va == vb  # identical floats at every step and evaluation
+    _curves_across_resumes(tmp_path, first, events, vb)
     # no --micro-batch: the largest power of two that fits and divides the 8 sequences, said at the start
     code, events, text = run_trainer(train_home, *SMALL, "--max-steps", "1", "--run-id", "auto")
     assert code == 0, text
     assert events[0]["micro_batch"] == 8 and events[0]["accum"] == 1
     assert events[0]["micro_batch_from"].startswith("auto: the largest that fits")
     assert "micro-batch auto" in text and events[0]["config"]["micro_batch"] == 8  # saved: a resume keeps it
+
+
+def _curves_across_resumes(tmp_path, first: list[dict], second: list[dict], val: dict) -> None:
+    """benchmarks/run_curves.py over the two processes' stdout: one curve from step 1 to 4, and its summary."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    files = []
+    for i, ev in enumerate((first, second)):
+        files.append(tmp_path / f"events_{i}.jsonl")
+        files[-1].write_text("".join(json.dumps(e) + "\n" for e in ev))
+    png = tmp_path / "curve.png"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_curves.py"), *map(str, files),
+                          "--png", str(png)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    steps = [e for e in first + second if e["event"] == "step"]
+    assert got["last_step"] == 4 and got["processes"] == 2
+    assert got["peak_memory_gb"] == max(e["memory_gb"] for e in steps) > 0
+    assert [(s, v) for s, v, _ in got["evals"]] == [(s, round(v, 4)) for s, v in sorted(val.items())]
+    assert [s for s, _ in got["whole_split_bpb"]] == [2, 4]
+    assert got["median_tokens_per_s"] > 0 and got["process_s"] >= got["loop_s"] > 0
 
 
 def _train_bench(home, tmp_path, mode: str, *args: str) -> list[dict]:
