@@ -13,7 +13,7 @@
 # with the default command, in calls of under 10 minutes on the same warm machine: each call trains (or resumes) to
 # GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl. gpt2quality = val loss at step 1,000 of
 # QUALITY_VARIANTS (default plain,default) at 65,536 tokens a step, the same shards and seed (QUALITY_FLOOR: the heads'
-# gradient floor, auto or off), about 2.5 minutes a variant on an H100.
+# gradient floor, auto or off; QUALITY_SEEDS: seeds to run each variant from), about 2.5 minutes a run on an H100.
 # SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
 # run first.
 set -uo pipefail
@@ -98,7 +98,7 @@ if has gpt2; then
 fi
 if has gpt2quality; then
   python3 benchmarks/train_bench.py quality --preset gpt2 --home "$HOME_DIR" --variants "${QUALITY_VARIANTS:-plain,default}" \
-    --steps 1000 --batch-tokens 65536 --micro-batch 64 --grad-floor "${QUALITY_FLOOR:-auto}" \
+    --steps 1000 --batch-tokens 65536 --micro-batch 64 --grad-floor "${QUALITY_FLOOR:-auto}" ${QUALITY_SEEDS:+--seeds "$QUALITY_SEEDS"} \
     --json "$OUT/gpt2quality.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2quality.log"
 fi
 if has gpt2run; then  # resumes the run a previous call on this machine left at a checkpoint (the run's last step)

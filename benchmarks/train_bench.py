@@ -10,12 +10,13 @@ float32 residual stream, torch's dropout, torch.compile of the whole model); `NA
     python benchmarks/train_bench.py speed --home benchmarks/out/home --json $OUT/speed.json
     python benchmarks/train_bench.py speed --preset gpt2 --variants plain,default --json $OUT/gpt2.json
     python benchmarks/train_bench.py speed --preset gpt2 --smoke --device cpu --home HOME   # the script's CPU check
-    python benchmarks/train_bench.py quality --home benchmarks/out/home --steps 400
+    python benchmarks/train_bench.py quality --home benchmarks/out/home --steps 400 --seeds 1,2,3
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,8 +28,9 @@ import torch  # noqa: E402
 
 from model.config import GPTConfig, preset  # noqa: E402
 from model.data import Prefetcher, TokenWindows, find_shards  # noqa: E402
+from model.evaluate import val_bpb  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.head import make_head_loss, resolve_grad_floor, resolve_head  # noqa: E402
+from model.head import resolve_grad_floor, resolve_head  # noqa: E402
 from model.optim import WarmupCosine, make_optimizer  # noqa: E402
 from model.runtime import Dist, device_name, load_tokenizer, measure_peak_tflops, resolve_micro_batch  # noqa: E402
 from model.step import autocast_for, compile_step, prepare_step, train_step  # noqa: E402
@@ -225,40 +227,66 @@ def ratios(results: list[dict]) -> list[dict]:
 
 
 def quality(args) -> list[dict]:
-    """Equal tokens, same data and seed: val loss after `steps` for each variant."""
+    """Equal tokens, same data: each variant trained `steps` from each seed, then its loss and bpb over the whole
+    val split (every token once, the trainer's own measure); per variant the mean and spread over the seeds, and
+    each variant's mean against the plain step's with the standard error of that difference."""
     device = torch.device(args.device)
+    tok = load_tokenizer(args.home / "tokenizer" / "tokenizer.json")[0]
     results = []
-    for head in args.variants.split(","):
-        cfg, train, val = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device,
-                                args.batch_tokens)
-        T, micro = cfg.model.block_size, cfg.micro_batch
-        accum = cfg.batch_tokens // (micro * T)
-        raw, model, opt, sched = build(cfg, head, device, args.steps, args.grad_floor)
-        pf = Prefetcher(train, cfg.seed, micro, 1, 0, accum, 0, device)
-        autocast = autocast_for(device)
-        t0 = time.perf_counter()
-        losses = []
-        for _ in range(args.steps):
-            sched.apply()
-            loss, _ = train_step(model, list(raw.parameters()), opt, pf.next, accum, False, autocast, 1.0)
-            sched.step()
-            losses.append(loss)
-        pf.close()
-        vb = torch.from_numpy(val.fixed(20 * micro))
-        raw.head_loss = make_head_loss("fused" if device.type == "cuda" else "plain")  # the same for every variant
-        raw.eval()
-        with torch.no_grad(), autocast():
-            vl = sum(float(raw(b[:, :-1].to(device), b[:, 1:].to(device))) * b.size(0)
-                     for b in vb.split(micro)) / vb.size(0)
-        tl = torch.stack(losses[-20:]).mean().item()
-        r = dict(head=head, steps=args.steps, batch_tokens=cfg.batch_tokens, micro_batch=micro,
-                 tokens=args.steps * cfg.batch_tokens, val_loss=vl, train_loss_last20=tl,
-                 train_loss_every_100=[round(float(x), 4) for x in losses[99::100]], seconds=time.perf_counter() - t0)
-        print(f"quality {head:6s} {args.steps} steps: val {vl:.4f} train(last 20) {tl:.4f} "
-              f"({r['seconds']:.0f}s incl. compile)", flush=True)
-        results.append(r)
-        del raw, model, opt
-    return results
+    for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else [None]:
+        for head in args.variants.split(","):
+            results.append(train_and_score(args, head, seed, tok, device))
+    return results + seed_summary(results)
+
+
+def train_and_score(args, head: str, seed: int | None, tok, device) -> dict:
+    cfg, train, _ = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device,
+                          args.batch_tokens)
+    cfg = cfg.override({"seed": seed})
+    T, micro = cfg.model.block_size, cfg.micro_batch
+    accum = cfg.batch_tokens // (micro * T)
+    raw, model, opt, sched = build(cfg, head, device, args.steps, args.grad_floor)
+    pf = Prefetcher(train, cfg.seed, micro, 1, 0, accum, 0, device)
+    autocast = autocast_for(device)
+    t0 = time.perf_counter()
+    losses = []
+    for _ in range(args.steps):
+        sched.apply()
+        loss, _ = train_step(model, list(raw.parameters()), opt, pf.next, accum, False, autocast, 1.0)
+        sched.step()
+        losses.append(loss)
+    pf.close()
+    v = val_bpb(raw, tok, find_shards(args.home / "shards", "val"), batch_size=micro)
+    tl = torch.stack(losses[-20:]).mean().item()
+    r = dict(head=head, seed=cfg.seed, steps=args.steps, batch_tokens=cfg.batch_tokens, micro_batch=micro,
+             tokens=args.steps * cfg.batch_tokens, val_loss=v["loss"], val_bpb=v["bpb"], val_tokens=v["n_tokens"],
+             train_loss_last20=tl, train_loss_every_100=[round(float(x), 4) for x in losses[99::100]],
+             seconds=time.perf_counter() - t0)
+    print(f"quality {head:6s} seed {cfg.seed} {args.steps} steps: val {v['loss']:.4f} (bpb {v['bpb']:.4f}, "
+          f"{v['n_tokens']:,} tokens) train(last 20) {tl:.4f} ({r['seconds']:.0f}s incl. compile)", flush=True)
+    return r
+
+
+def seed_summary(runs: list[dict]) -> list[dict]:
+    """Per variant: mean and sample standard deviation of the val loss over its seeds; against plain: the
+    difference of the means and its standard error (None with a single run on either side)."""
+    by: dict[str, list[float]] = {}
+    for r in runs:
+        by.setdefault(r["head"], []).append(r["val_loss"])
+    stats = {h: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v)) for h, v in by.items()}
+    out = []
+    for h, (mean, sd, n) in stats.items():
+        row = dict(summary=h, runs=n, val_loss_mean=mean, val_loss_sd=sd)
+        if "plain" in stats and h != "plain":
+            pm, psd, pn = stats["plain"]
+            row["minus_plain"] = mean - pm
+            row["minus_plain_se"] = (sd ** 2 / n + psd ** 2 / pn) ** 0.5 if sd is not None and psd is not None else None
+        out.append(row)
+        se = row.get("minus_plain_se")
+        print(f"{h:7s} {n} run(s): val {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+              + (f", {row['minus_plain']:+.4f} against plain" if "minus_plain" in row else "")
+              + (f" (standard error {se:.4f})" if se is not None else ""), flush=True)
+    return out
 
 
 def micro(args) -> list[dict]:
@@ -397,6 +425,8 @@ def main() -> int:
                    "auto (the trainer's), off, or a number (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, help="quality: tokens per optimizer step for every variant "
                    "(default: the preset's)")
+    p.add_argument("--seeds", help="quality: comma-separated seeds (initialisation and data order), each variant "
+                   "trained from each (default: the preset's seed)")
     p.add_argument("--smoke", action="store_true", help="the preset shrunk to a few tiny steps (a CPU check of the "
                                                         "script, not a measurement)")
     p.add_argument("--tuned", type=Path, help="micro's JSON: use the kernel tile sizes it chose")

@@ -144,12 +144,23 @@ def test_train_bench_compares_gpt2_steps_on_cpu_with_smoke(train_home, tmp_path)
     assert ratio["value"] == steps["default"]["tokens_per_s"] / steps["plain"]["tokens_per_s"]
 
 
-def test_train_bench_quality_runs_every_variant_on_the_same_data_and_seed(train_home, tmp_path):
+def test_train_bench_quality_runs_every_variant_on_the_same_data_and_seeds(train_home, tmp_path):
     # the loss-at-step-N comparison, shrunk: on the CPU every variant's step is the reference one, so equal data,
-    # seed and initialisation must give equal losses; --batch-tokens sets the step for all of them
-    res = {r["head"]: r for r in _train_bench(train_home, tmp_path, "quality", "--steps", "3", "--batch-tokens", "256")}
-    assert set(res) == {"plain", "default"}
-    for r in res.values():
+    # seed and initialisation must give equal losses; --batch-tokens sets the step for all of them, --seeds repeats
+    # every variant from each seed, and the summary compares the means
+    out = _train_bench(train_home, tmp_path, "quality", "--steps", "3", "--batch-tokens", "256", "--seeds", "1,2")
+    runs = [r for r in out if "head" in r]
+    assert [(r["head"], r["seed"]) for r in runs] == [("plain", 1), ("default", 1), ("plain", 2), ("default", 2)]
+    for r in runs:
         assert r["batch_tokens"] == 256 and r["tokens"] == 3 * 256 and r["steps"] == 3
-    assert abs(res["plain"]["val_loss"] - res["default"]["val_loss"]) < 1e-4, res
-    assert abs(res["plain"]["train_loss_last20"] - res["default"]["train_loss_last20"]) < 1e-4, res
+        assert r["val_tokens"] > 0 and 0 < r["val_bpb"] < r["val_loss"] * 2  # the whole split, every token once
+    by = {(r["head"], r["seed"]): r for r in runs}
+    for seed in (1, 2):
+        assert abs(by["plain", seed]["val_loss"] - by["default", seed]["val_loss"]) < 1e-4, runs
+        assert abs(by["plain", seed]["train_loss_last20"] - by["default", seed]["train_loss_last20"]) < 1e-4, runs
+    assert by["plain", 1]["val_loss"] != by["plain", 2]["val_loss"]  # another seed, another run
+    summary = {r["summary"]: r for r in out if "summary" in r}
+    plain = [by["plain", s]["val_loss"] for s in (1, 2)]
+    assert summary["plain"]["runs"] == 2 and summary["plain"]["val_loss_mean"] == sum(plain) / 2
+    assert abs(summary["plain"]["val_loss_sd"] - abs(plain[0] - plain[1]) / 2 ** 0.5) < 1e-12
+    assert abs(summary["default"]["minus_plain"]) < 1e-4 and summary["default"]["minus_plain_se"] > 0
