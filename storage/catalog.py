@@ -245,9 +245,12 @@ def _snapshot(home: Home) -> Path:
         if (tmp / "catalog.duckdb.wal").exists():  # fold the WAL in: read-only opens then replay nothing
             duckdb.connect(str(tmp / "catalog.duckdb")).execute("CHECKPOINT").close()
         # durable only without a boot id (with one, a crash of the machine changes the key); after the lock,
-        # so the writer never waits on the disk. OSError: another process published this state first
-        with contextlib.suppress(OSError):
+        # so the writer never waits on the disk
+        try:
             publish(tmp, final, sync=tmp / "catalog.duckdb", durable=not BOOT)
+        except OSError:
+            if not final.exists():  # else another process published this state first: theirs serves
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(folder, final)
