@@ -14,6 +14,7 @@
 # GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl. gpt2quality = val loss at step 1,000 of
 # QUALITY_VARIANTS (default plain,default) at 65,536 tokens a step, the same shards and seed (QUALITY_FLOOR: the heads'
 # gradient floor, auto or off; QUALITY_SEEDS: seeds to run each variant from), about 2.5 minutes a run on an H100.
+# gpt2profile = the top kernels and GPU gaps of both gpt2 steps (train_bench.py profile).
 # SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
 # run first.
 set -uo pipefail
@@ -95,6 +96,10 @@ if has gpt2; then
   python3 benchmarks/train_bench.py speed --preset gpt2 --home "$HOME_DIR" --variants plain,default \
     --steps "${GPT2_STEPS:-20}" --warmup "${GPT2_WARMUP:-4}" ${GPT2_MICRO:+--micro-batch "$GPT2_MICRO"} \
     --json "$OUT/gpt2.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2.log"
+fi
+if has gpt2profile; then  # where a gpt2 micro-step's GPU time goes, default against plain (GPT2_MICRO sequences)
+  python3 benchmarks/train_bench.py profile --preset gpt2 --home "$HOME_DIR" --variants plain,default \
+    --micro-batch "${GPT2_MICRO:-64}" --warmup 3 --steps 30 --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpt2profile.log"
 fi
 if has gpt2quality; then
   python3 benchmarks/train_bench.py quality --preset gpt2 --home "$HOME_DIR" --variants "${QUALITY_VARIANTS:-plain,default}" \
