@@ -1,12 +1,16 @@
 """A home with a briefly trained tiny model, trained once per session by the real trainer on the prepared sample,
-copied fresh for each evaluation test; and the exported Hugging Face model as the independent reference."""
+copied fresh for each evaluation test; the exported Hugging Face model as the independent reference, and the check
+that it computes what ours computes."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from model.generate import sample
 from tests.train_fixtures import FAST, _template, run_trainer
 
 RUN = "ev"
@@ -53,3 +57,23 @@ def export_reference(home, out: Path):
 
     export_hf(step_dir(home), home.tokenizer, out)
     return AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+
+
+def real_windows(home, n: int, length: int) -> torch.Tensor:
+    from storage.shards import open_tokens
+
+    toks = np.asarray(open_tokens(sorted(home.shards.glob("shard_*.val.bin"))[0]), dtype=np.int64)
+    starts = np.linspace(0, toks.size - length - 1, n).astype(int)
+    return torch.from_numpy(np.stack([toks[s:s + length] for s in starts]))
+
+
+def check_same(ours, hf, ids: torch.Tensor, vocab: int, new_tokens: int) -> None:
+    """fp32 logits within 1e-4 everywhere, and the same greedy continuation of each row."""
+    with torch.no_grad():
+        a = ours.logits(ours.hidden(ids))[..., :vocab]
+        b = hf(ids).logits
+    assert b.shape == a.shape
+    assert (a - b).abs().max().item() <= 1e-4
+    for row in ids[:, : ids.size(1) // 2]:
+        g = hf.generate(row[None], do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)[0, row.numel():]
+        assert g.tolist() == list(sample(ours, row.tolist(), new_tokens, temperature=0))

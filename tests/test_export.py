@@ -7,33 +7,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from flows.cli import main
-from model.generate import load_model, sample
-from tests.eval_fixtures import _trained, eval_home, export_reference, step_dir  # noqa: F401
-
-
-def real_windows(home, n: int, length: int) -> torch.Tensor:
-    from storage.shards import open_tokens
-
-    toks = np.asarray(open_tokens(sorted(home.shards.glob("shard_*.val.bin"))[0]), dtype=np.int64)
-    starts = np.linspace(0, toks.size - length - 1, n).astype(int)
-    return torch.from_numpy(np.stack([toks[s:s + length] for s in starts]))
-
-
-def check_same(ours, hf, ids: torch.Tensor, vocab: int, new_tokens: int) -> None:
-    """fp32 logits within 1e-4 everywhere, and the same greedy continuation of each row."""
-    with torch.no_grad():
-        a = ours.logits(ours.hidden(ids))[..., :vocab]
-        b = hf(ids).logits
-    assert b.shape == a.shape
-    assert (a - b).abs().max().item() <= 1e-4
-    for row in ids[:, : ids.size(1) // 2]:
-        g = hf.generate(row[None], do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)[0, row.numel():]
-        assert g.tolist() == list(sample(ours, row.tolist(), new_tokens, temperature=0))
+from model.generate import load_model
+from tests.eval_fixtures import _trained, check_same, eval_home, export_reference, real_windows, step_dir  # noqa: F401
 
 
 def test_export_round_trip_trained(eval_home, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """--preset gpt2: its values, the micro-batch chosen from the device's memory, and a shrunken run on CPU that
-accumulates, resumes bit-exactly and chooses its own micro-batch. The full-size model runs on the GPU only."""
+accumulates, resumes bit-exactly, chooses its own micro-batch and exports. The full-size model runs on the GPU only."""
 from __future__ import annotations
 
 import pytest
@@ -76,12 +76,31 @@ def test_small_gpt2_accumulates_resumes_bit_exactly_and_picks_its_micro_batch(tr
     b, vb = metrics_rows(train_home, "split")
     assert list(a) == [1, 2, 3, 4] and a == b and va == vb  # identical floats at every step and evaluation
     _curves_across_resumes(tmp_path, first, events, vb)
+    _exports_to_transformers(train_home, train_home.run_dir("split") / "checkpoints" / "step_000004", tmp_path)
     # no --micro-batch: the largest power of two that fits and divides the 8 sequences, said at the start
     code, events, text = run_trainer(train_home, *SMALL, "--max-steps", "1", "--run-id", "auto")
     assert code == 0, text
     assert events[0]["micro_batch"] == 8 and events[0]["accum"] == 1
     assert events[0]["micro_batch_from"].startswith("auto: the largest that fits")
     assert "micro-batch auto" in text and events[0]["config"]["micro_batch"] == 8  # saved: a resume keeps it
+
+
+def _exports_to_transformers(home, step, tmp_path) -> None:
+    """`langpwt export` of the resumed gpt2 run: transformers loads it as GPT-2 of the run's shape and computes
+    what our model computes on real val windows."""
+    from transformers import AutoModelForCausalLM
+
+    from flows.cli import main
+    from model.generate import load_model
+    from tests.eval_fixtures import check_same, real_windows
+
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(step), "--out", str(out)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    c = hf.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_positions) == (2, 2, 64, 64)
+    ours, _ = load_model(step)
+    check_same(ours, hf, real_windows(home, 3, 64), c.vocab_size, 8)
 
 
 def _curves_across_resumes(tmp_path, first: list[dict], second: list[dict], val: dict) -> None:
