@@ -315,12 +315,12 @@ def test_dashboard_reads_while_pipeline_writes(dash_home, prefect_api, tmp_path,
     shutil.copytree(dash_home.root, h.root, ignore=shutil.ignore_patterns("runs", "pipeline.lock"))
     src = tmp_path / "src"
     src.mkdir()
-    # the sample's two files, eight times over (own ids and texts, so nothing dedups): a run of a few
+    # the sample's two files, sixteen times over (own ids and texts, so nothing dedups): a run of several
     # seconds, long enough to be watched live whatever this machine's speed (the plain sample is too quick)
     for f in sorted(SAMPLE.glob("*.parquet")):
         df = pl.read_parquet(f)
         pl.concat([df.with_columns(id=pl.col("id") + f"-{c}", text=pl.lit(f"Part {c}: ") + pl.col("text"))
-                   for c in range(8)]).write_parquet(src / f.name, row_group_size=500)
+                   for c in range(16)]).write_parquet(src / f.name, row_group_size=500)
 
     def tokenize(*extra):
         return subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(h.root), "tokenize", *extra,
