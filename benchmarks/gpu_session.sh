@@ -113,17 +113,7 @@ if has gpt2run; then  # resumes the run a previous call on this machine left at 
   python3 -m model.train --home "$HOME_DIR" --run-id gpt2-run "${how[@]}" --max-steps "$stop" \
     > "$OUT/gpt2run_$stop.jsonl" 2> "$OUT/gpt2run_$stop.err"
   echo "gpt2run to step $stop: exit $?" | tee -a "$OUT/gpt2run_summary.txt"
-  python3 - "$OUT/gpt2run_$stop.jsonl" <<'PY' | tee -a "$OUT/gpt2run_summary.txt"
-import json, sys
-ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-start = next((e for e in ev if e.get("event") == "start"), {})
-tps = sorted(e["tokens_per_s"] for e in ev if e.get("event") == "step")
-print(f"from step {start.get('step')}: micro-batch {start.get('micro_batch')} ({start.get('micro_batch_from')}), "
-      f"accum {start.get('accum')}, head {start.get('head')}, median {tps[len(tps) // 2] / 1e6 if tps else 0:.3f} M tok/s, "
-      f"MFU {next((e['mfu'] for e in reversed(ev) if e.get('event') == 'step'), None)}, "
-      f"peak memory {max((e['memory_gb'] for e in ev if e.get('event') == 'step'), default=None)} GB, "
-      f"evals {[(e['step'], round(e['val_loss'], 4)) for e in ev if e.get('event') == 'eval']}")
-PY
+  python3 benchmarks/run_curves.py "$OUT/gpt2run_$stop.jsonl" | tee -a "$OUT/gpt2run_summary.txt"
 fi
 has seed || exit 0
 # the seed run: a fresh Inductor cache, so the compile is counted cold (SEED_CACHE=DIR reuses one: a rerun)

@@ -181,15 +181,20 @@ def cmd_run(a) -> int:
 
 # ---------------------------------------------------------------- report
 
+def _slowest_page(times: dict) -> float:
+    """The slowest dashboard page of one measurement (the SQL box is reported apart)."""
+    return max((v for k, v in times.items() if isinstance(v, float) and not k.startswith("sql_box")),
+               default=float("nan"))
+
+
 def _row(p: dict) -> str:
     d, e = p["disk"], p["exactly_once"]
     ps = p["pages_s"]
-    pages = max((v for k, v in ps.items() if isinstance(v, float) and not k.startswith("sql_box")), default=float("nan"))
+    pages = _slowest_page(ps)
     box = "/".join(f"{ps[k]:.2f}" for k in ("sql_box", "sql_box_page_open") if isinstance(ps.get(k), float))
     settled = p.get("pages_settled_s")
     if settled:
-        pages_s = max(v for k, v in settled.items() if isinstance(v, float) and not k.startswith("sql_box"))
-        pages = f"{pages:.2f} ({pages_s:.2f} settled)"
+        pages = f"{pages:.2f} ({_slowest_page(settled):.2f} settled)"
         box += f" ({settled['sql_box']:.2f}/{settled['sql_box_page_open']:.2f} settled)"
     else:
         pages = f"{pages:.2f}"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
+SQL = "SELECT dump, count(*) FROM documents GROUP BY dump"
 # each dashboard page's catalog queries, as the page calls them (dashboards/queries.py)
 PAGES = {
     "pipeline": "q.pipeline(h)",
@@ -23,11 +24,10 @@ PAGES = {
     "checkpoints": "q.checkpoints(h)",
     # the first query with no snapshot of this catalog state yet (it pays the copy), then as the page runs it:
     # the snapshot taken on a thread when the page opens, before the query is typed
-    "sql_box": "q.run_sql(h, 'SELECT dump, count(*) FROM documents GROUP BY dump')",
-    "sql_box_page_open": "q.run_sql(h, 'SELECT dump, count(*) FROM documents GROUP BY dump')",
+    "sql_box": f"q.run_sql(h, {SQL!r})",
+    "sql_box_page_open": f"q.run_sql(h, {SQL!r})",
 }
 SETUP = {"sql_box_page_open": "t = q.warm_sql(h)\nt and t.join()"}
-SQL = "SELECT dump, count(*) FROM documents GROUP BY dump"
 
 
 def child_env(prefect_home: Path) -> dict:

@@ -87,7 +87,7 @@ def record_shards(home: Home, finished: list[tuple[int, dict | None]], tokenizer
                 _insert_tokenizer(con, **tokenizer)
             for shard_id, _, rows in loaded:
                 _insert_done(con, home, shard_id, rows)
-    return [m for _, m, *_ in loaded]
+    return [m for _, m, _ in loaded]
 
 
 def _insert_done(con, home: Home, shard_id: int, rows: list[dict]) -> None:

@@ -2,10 +2,16 @@
 accumulates, resumes bit-exactly, chooses its own micro-batch and exports. The full-size model runs on the GPU only."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from model.config import preset
 from model.memory import HEADROOM, MICRO_BATCHES, choose_micro_batch, estimate_bytes, rows_per_rank
+from tests.conftest import ROOT
 from tests.train_fixtures import metrics_rows, run_trainer, train_home  # noqa: F401
 
 GB = 10 ** 9
@@ -105,12 +111,6 @@ def _exports_to_transformers(home, step, tmp_path) -> None:
 
 def _curves_across_resumes(tmp_path, first: list[dict], second: list[dict], val: dict) -> None:
     """benchmarks/run_curves.py over the two processes' stdout: one curve from step 1 to 4, and its summary."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     files = []
     for i, ev in enumerate((first, second)):
         files.append(tmp_path / f"events_{i}.jsonl")
@@ -127,17 +127,17 @@ def _curves_across_resumes(tmp_path, first: list[dict], second: list[dict], val:
     assert [(s, v) for s, v, _ in got["evals"]] == [(s, round(v, 4)) for s, v in sorted(val.items())]
     assert [s for s, _ in got["whole_split_bpb"]] == [2, 4]
     assert got["median_tokens_per_s"] > 0 and got["process_s"] >= got["loop_s"] > 0
+    assert (got["step"], got["micro_batch"], got["accum"]) == (0, 2, 4)  # the first process's set-up
+    # the summary alone, as the GPU machine runs it: no plotting, no DuckDB imported
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    alone = subprocess.run([sys.executable, "-X", "importtime", "-c", code, str(ROOT / "benchmarks" / "run_curves.py"),
+                            *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0 and json.loads(alone.stdout) == got, alone.stderr[-2000:]
+    assert not any(m in alone.stderr for m in ("duckdb", "matplotlib")), "the summary imports more than it needs"
 
 
 def _train_bench(home, tmp_path, mode: str, *args: str) -> list[dict]:
     """benchmarks/train_bench.py MODE --preset gpt2 --smoke on the CPU over `home`'s shards: its JSON results."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     out = tmp_path / f"{mode}.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), mode, "--preset", "gpt2",
                           "--smoke", "--device", "cpu", "--home", str(home.root), "--variants", "plain,default",

@@ -58,6 +58,11 @@ def test_abort_leaves_nothing_and_an_empty_commit_has_the_schema(tmp_path):
     assert e.num_rows == 0 and e.schema.equals(DOC_ARROW)
 
 
+# the child's own peak (getrusage's maxrss would carry the parent's over the exec), prepended to its script
+HWM = r"""
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+"""
 PREPARE = r"""
 import sys
 from pathlib import Path
@@ -93,8 +98,6 @@ home, cfg, sha = Home(root / "home"), FilterConfig(val_fraction=0.0), file_sha25
 f = list_local(root / "src")[0]
 _, job = plan_one(home, f, [], cfg, str(tok), sha, {})
 enc = Encoder.cached(tok, sha)
-def hwm():  # this process's own peak (getrusage's maxrss would carry the parent's over the exec)
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 before = hwm()
 res = tokenize_file(home, job, enc)
 assert res.status == "done" and res.kept == n, (res.status, res.error, res.kept)
@@ -102,15 +105,19 @@ print(json.dumps(dict(before_kb=before, after_kb=hwm())))
 """
 
 
-def _tokenize_peak_mb(tmp_path: Path, n: int) -> float:
+def _child(script: str, *args: str) -> dict | None:
+    """Run `script` (HWM's function defined first) in a fresh interpreter; its last stdout line as JSON."""
     import json
-    runs = []
-    for script in (PREPARE, TOKENIZE):  # the scan's own peak stays in its process
-        runs.append(subprocess.run([sys.executable, "-c", script, str(tmp_path / str(n)), str(n)], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=600,
-                                   env={"PYTHONPATH": str(ROOT), "PATH": ""}))
-        assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
-    r = json.loads(runs[-1].stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", HWM + script, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def _tokenize_peak_mb(tmp_path: Path, n: int) -> float:
+    _child(PREPARE, str(tmp_path / str(n)), str(n))  # the scan's own peak stays in its process
+    r = _child(TOKENIZE, str(tmp_path / str(n)), str(n))
     return (r["after_kb"] - r["before_kb"]) / 1024
 
 
@@ -130,8 +137,6 @@ from storage.paths import Home
 from storage.shard_catalog import record_shards
 from storage import catalog
 home = Home(Path(sys.argv[1]) / "home")
-def hwm():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 catalog.query_rows(home, "SELECT 1") if home.catalog.exists() else None
 before = hwm()
 record_shards(home, [(0, None)])
@@ -142,13 +147,9 @@ print(json.dumps(dict(before_kb=before, after_kb=hwm(), rows=n)))
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_recording_a_shard_streams_its_documents_into_the_catalog(tmp_path):
-    import json
     n = 360_000
     _tokenize_peak_mb(tmp_path, n)  # a home with shard 0 and its sidecars (~160 MB of document rows as Arrow)
-    out = subprocess.run([sys.executable, "-c", RECORD, str(tmp_path / str(n))], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _child(RECORD, str(tmp_path / str(n)))
     assert r["rows"] == n
     # DuckDB reads the sidecar a row group at a time and holds the new rows until the commit (~375 MB here);
     # loaded as Arrow first, the table and DuckDB's scan of it came on top (~750 MB)
