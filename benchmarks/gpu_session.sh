@@ -9,11 +9,13 @@
 # warm, homecache = two short runs on the home's own compile cache, dropout = the hash dropout compiled on CUDA
 # (masks checked), ckpt = the checkpoint hand-off (benchmarks/ckpt_probe.py), seed.
 # gpt2 = --preset gpt2's step against the plain nanoGPT-style one (524,288 tokens a step by accumulation; GPT2_MICRO
-# sets the micro-batch of both, else the trainer's choice), gpt2run = the gpt2 run's first 1,000 of its 19,073 steps
-# with the default command, in calls of under 10 minutes on the same warm machine: each call trains (or resumes) to
+# sets the micro-batch of both, else the trainer's choice; GPT2_VARIANTS: train_bench's variants), gpt2run = the gpt2
+# run's first 1,000 of its 19,073 steps with the default command, in calls of under 10 minutes on the same warm
+# machine: each call trains (or resumes) to
 # GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl. gpt2quality = val loss at step 1,000 of
-# QUALITY_VARIANTS (default plain,default) at 65,536 tokens a step, the same shards and seed (QUALITY_FLOOR: the heads'
-# gradient floor, auto or off; QUALITY_SEEDS: seeds to run each variant from), about 2.5 minutes a run on an H100.
+# QUALITY_VARIANTS (default plain,default) at QUALITY_BATCH tokens a step (default 32,768: under three passes over the
+# home's shards), the same shards and seed (QUALITY_FLOOR: the heads' gradient floor, auto or off; QUALITY_SEEDS: seeds
+# to run each variant from).
 # gpt2profile = the top kernels and GPU gaps of both gpt2 steps (train_bench.py profile).
 # SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
 # run first.
@@ -93,7 +95,7 @@ if has ckpt; then  # what a checkpoint's submit holds the loop for, and that the
   python3 benchmarks/ckpt_probe.py --json "$OUT/ckpt.json" 2>&1 | grep -v Warning | tee "$OUT/ckpt.log"
 fi
 if has gpt2; then
-  python3 benchmarks/train_bench.py speed --preset gpt2 --home "$HOME_DIR" --variants plain,default \
+  python3 benchmarks/train_bench.py speed --preset gpt2 --home "$HOME_DIR" --variants "${GPT2_VARIANTS:-plain,default}" \
     --steps "${GPT2_STEPS:-20}" --warmup "${GPT2_WARMUP:-4}" ${GPT2_MICRO:+--micro-batch "$GPT2_MICRO"} \
     --json "$OUT/gpt2.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2.log"
 fi
@@ -102,8 +104,10 @@ if has gpt2profile; then  # where a gpt2 micro-step's GPU time goes, default aga
     --micro-batch "${GPT2_MICRO:-64}" --warmup 3 --steps 30 --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpt2profile.log"
 fi
 if has gpt2quality; then
+  qbatch=${QUALITY_BATCH:-32768}
   python3 benchmarks/train_bench.py quality --preset gpt2 --home "$HOME_DIR" --variants "${QUALITY_VARIANTS:-plain,default}" \
-    --steps 1000 --batch-tokens 65536 --micro-batch 64 --grad-floor "${QUALITY_FLOOR:-auto}" ${QUALITY_SEEDS:+--seeds "$QUALITY_SEEDS"} \
+    --steps 1000 --batch-tokens "$qbatch" --micro-batch $((qbatch / 1024 < 64 ? qbatch / 1024 : 64)) \
+    --grad-floor "${QUALITY_FLOOR:-auto}" ${QUALITY_SEEDS:+--seeds "$QUALITY_SEEDS"} \
     --json "$OUT/gpt2quality.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2quality.log"
 fi
 if has gpt2run; then  # resumes the run a previous call on this machine left at a checkpoint (the run's last step)

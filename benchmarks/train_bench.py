@@ -3,7 +3,8 @@ against a plain nanoGPT-style step, side by side, on real shards; `make-data` bu
 Trade-off: each variant is timed over a few dozen steps after compile, not a whole run (gpu_session.sh's `seed`).
 
 Variants: `default` (model.step's set-up: `--head auto`, its gradient floor, bf16 residual stream and hash dropout on
-CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `plain` (nanoGPT: F.cross_entropy,
+CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `f32stream` (default with a
+float32 residual stream, as autocast alone leaves it), `plain` (nanoGPT: F.cross_entropy,
 float32 residual stream, torch's dropout, torch.compile of the whole model); `NAME:synthetic` feeds in-GPU tokens.
 
     python benchmarks/train_bench.py make-data                # here: docstrings -> parquet -> prepare
@@ -36,12 +37,12 @@ from model.runtime import Dist, device_name, load_tokenizer, measure_peak_tflops
 from model.step import autocast_for, compile_step, prepare_step, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
-VARIANTS = ("default", "plain", "fused", "gemm")
+VARIANTS = ("default", "plain", "fused", "gemm", "f32stream")
 # --smoke: the preset shrunk to run a few steps on the CPU (the script's own check, not a measurement)
 SMOKE = dict(n_layer=2, n_embd=64, n_head=2, block_size=64, batch_tokens=512, micro_batch=2)
 
 
-def make_data(out: Path, vocab: int) -> None:
+def make_data(out: Path, vocab: int, val_fraction: float) -> None:
     """Real English text for the GPU runs: docstrings of every installed package, run through the
     project's own pipeline (filter, dedup, BPE, shards). Runs here; the GPU machine lacks Prefect."""
     import ast
@@ -82,7 +83,7 @@ def make_data(out: Path, vocab: int) -> None:
                         "int_score": [3] * len(part)})
         pq.write_table(tbl, src / f"{i:03d}_00000.parquet")
     print(f"{len(docs)} documents, {sum(len(t) for _, t in docs) / 1e6:.1f}M characters")
-    summary = prepare(PrepareParams(source=str(src), home=str(out / "home"), vocab_size=vocab, val_fraction=0.005))
+    summary = prepare(PrepareParams(source=str(src), home=str(out / "home"), vocab_size=vocab, val_fraction=val_fraction))
     print({k: v for k, v in summary.items() if k != "table"})
 
 
@@ -116,8 +117,10 @@ def build(cfg, name: str, device, total_steps: int, grad_floor: str = "auto"):
     else:
         mcfg.resolve_dropout_rng(device.type == "cuda")  # as the trainer does
         raw = GPT(mcfg).to(device)
-        head = resolve_head("auto" if name == "default" else name, device)
+        head = resolve_head(name if name in ("fused", "gemm") else "auto", device)
         prepare_step(raw, head, resolve_grad_floor(grad_floor, head, device), device)
+        if name == "f32stream":
+            raw.stream_dtype = None
         model, _ = compile_step(raw, cfg, device)
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -410,6 +413,8 @@ def main() -> int:
     p.add_argument("--home", type=Path, default=OUT / "home", help="home with shards and tokenizer (default: %(default)s)")
     p.add_argument("--out", type=Path, default=OUT, help="make-data's and profile's output folder (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=48_951, help="make-data's BPE vocabulary (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="make-data's share of documents held out for validation (default: %(default)s)")
     p.add_argument("--variants", default="plain,default,default:synthetic",
                    help=f"comma-separated: {', '.join(VARIANTS)}, each optionally NAME:synthetic")
     p.add_argument("--dropouts", help="comma-separated dropout rates (default: the preset's)")
@@ -442,7 +447,7 @@ def main() -> int:
         G.GEMM_CONFIG.update(json.loads(args.gemm_config.read_text()))
         print(f"gemm tiles: {G.GEMM_CONFIG}")
     if args.mode == "make-data":
-        make_data(args.out, args.vocab)
+        make_data(args.out, args.vocab, args.val_fraction)
         return 0
     res = {"speed": speed, "quality": quality, "micro": micro, "profile": profile}[args.mode](args)
     if args.json:

@@ -215,6 +215,36 @@ def test_gemm_head_with_floor_keeps_loss_and_gradients_on_the_torch_path():
     assert (e[:, :v] == 0).float().mean() > 0.05  # the floor did zero a share of the gradient
 
 
+@pytest.mark.parametrize("spread", [0.5, 2.0, 4.0, 6.0])
+def test_gemm_head_bf16_gradients_stay_at_bf16_rounding_as_the_logits_spread(spread):
+    """The heads' gradients in bf16 as CUDA runs them, against float64 from the same bf16 operands, targets drawn
+    from the model's own softmax: gemm (fp32 logits, E rounded to bf16, floor 2^-24) stays within bf16's rounding
+    at every logit spread; the plain head (bf16 logits, fp32 cross-entropy) loses precision as the logits spread
+    (their absolute rounding grows), and from a trained model's spread on its error is the larger of the two."""
+    from model import head_gemm as G
+
+    n, k, v, vp = 256, 128, 4000, 4096
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, k, generator=g).bfloat16()
+    w = (torch.randn(vp, k, generator=g) * spread / k ** 0.5).bfloat16()  # logits with std ~spread
+    z = h.double() @ w.double().t()
+    t = torch.multinomial(torch.softmax(z[:, :v], 1), 1, generator=g).squeeze(1)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    torch.nn.functional.cross_entropy((hr @ wr.t())[:, :v], t).backward()
+    rel = lambda x, y: float((x.double() - y).norm() / y.norm())  # noqa: E731
+    a, b = h.float().requires_grad_(), w.float().requires_grad_()
+    torch.nn.functional.cross_entropy((a.bfloat16() @ b.bfloat16().t())[:, :v].float(), t).backward()
+    plain = max(rel(a.grad, hr.grad), rel(b.grad, wr.grad))
+    a, b = h.clone().requires_grad_(), w.float().requires_grad_()
+    G.GemmHeadLoss.apply(a, b, t, v, -24.0).backward()
+    gemm = max(rel(a.grad, hr.grad), rel(b.grad, wr.grad))
+    assert gemm < 2 ** -8, (spread, gemm)
+    if spread >= 4.0:
+        assert gemm < plain / 2, (spread, gemm, plain)
+    else:
+        assert plain < 2 ** -8, (spread, plain)
+
+
 def test_gemm_head_epilogue_compiles_for_hopper_flushing_exp2_without_64_bit_compares():
     """The logits GEMM compiled for sm_90 (no GPU needed): target ids are compared in 32 bits, which took the
     epilogue's 64-bit compares and sign extensions off every element."""
