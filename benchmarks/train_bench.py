@@ -4,7 +4,7 @@ Trade-off: each variant is timed over a few dozen steps after compile, not a who
 
 Variants: `default` (model.step's set-up: `--head auto`, its gradient floor, bf16 residual stream and hash dropout on
 CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `f32stream` (default with a
-float32 residual stream, as autocast alone leaves it), `plain` (nanoGPT: F.cross_entropy,
+float32 residual stream, as autocast alone leaves it), `autotune` (default with Inductor's GEMM autotuning), `plain` (nanoGPT: F.cross_entropy,
 float32 residual stream, torch's dropout, torch.compile of the whole model); `NAME:synthetic` feeds in-GPU tokens.
 
     python benchmarks/train_bench.py make-data                # here: docstrings -> parquet -> prepare
@@ -37,7 +37,10 @@ from model.runtime import Dist, device_name, load_tokenizer, measure_peak_tflops
 from model.step import autocast_for, compile_step, prepare_step, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
-VARIANTS = ("default", "plain", "fused", "gemm", "f32stream")
+VARIANTS = ("default", "plain", "fused", "gemm", "f32stream", "autotune")
+# Inductor's GEMM autotuning: Triton templates (persistent TMA ones on Hopper) against cuBLAS, each with the pointwise
+# ops after it (bias, GELU, GELU's backward) fused in where that is faster; minutes of compile on a cold cache
+AUTOTUNE = {"max_autotune": True, "triton.enable_persistent_tma_matmul": True}
 # --smoke: the preset shrunk to run a few steps on the CPU (the script's own check, not a measurement)
 SMOKE = dict(n_layer=2, n_embd=64, n_head=2, block_size=64, batch_tokens=512, micro_batch=2)
 
@@ -121,7 +124,12 @@ def build(cfg, name: str, device, total_steps: int, grad_floor: str = "auto"):
         prepare_step(raw, head, resolve_grad_floor(grad_floor, head, device), device)
         if name == "f32stream":
             raw.stream_dtype = None
-        model, _ = compile_step(raw, cfg, device)
+        model, scope = compile_step(raw, cfg, device)
+        if name == "autotune" and scope:  # compiled (on CUDA): again, over the same scope, autotuned
+            if scope == "regions":
+                raw.compile_regions(options=AUTOTUNE)
+            else:
+                model = torch.compile(raw, options=AUTOTUNE)
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     return raw, model, opt, sched
