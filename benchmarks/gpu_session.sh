@@ -31,6 +31,8 @@ VARIANTS=${VARIANTS:-plain,default}
 SEED_HEAD=${SEED_HEAD:-auto}
 PARTS=${PARTS:-ce,speed,seed}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
+# the logs without warnings and without Inductor's autotuning tables (the autotune variant prints one per GEMM)
+quiet() { grep -v -E 'Warning|^AUTOTUNE |^strides: |^dtypes: |^  (triton_|mm |addmm )|^SingleProcess AUTOTUNE'; }
 mkdir -p "$OUT"
 {
   date -u +%FT%TZ
@@ -97,7 +99,7 @@ fi
 if has gpt2; then
   python3 benchmarks/train_bench.py speed --preset gpt2 --home "$HOME_DIR" --variants "${GPT2_VARIANTS:-plain,default}" \
     --steps "${GPT2_STEPS:-20}" --warmup "${GPT2_WARMUP:-4}" ${GPT2_MICRO:+--micro-batch "$GPT2_MICRO"} \
-    --json "$OUT/gpt2.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2.log"
+    --json "$OUT/gpt2.json" 2>&1 | quiet | tee "$OUT/gpt2.log"
 fi
 if has gpt2profile; then  # where a gpt2 micro-step's GPU time goes, default against plain (GPT2_MICRO sequences)
   python3 benchmarks/train_bench.py profile --preset gpt2 --home "$HOME_DIR" --variants plain,default \
@@ -108,7 +110,7 @@ if has gpt2quality; then
   python3 benchmarks/train_bench.py quality --preset gpt2 --home "$HOME_DIR" --variants "${QUALITY_VARIANTS:-plain,default}" \
     --steps 1000 --batch-tokens "$qbatch" --micro-batch $((qbatch / 1024 < 64 ? qbatch / 1024 : 64)) \
     --grad-floor "${QUALITY_FLOOR:-auto}" ${QUALITY_SEEDS:+--seeds "$QUALITY_SEEDS"} \
-    --json "$OUT/gpt2quality.json" 2>&1 | grep -v Warning | tee "$OUT/gpt2quality.log"
+    --json "$OUT/gpt2quality.json" 2>&1 | quiet | tee "$OUT/gpt2quality.log"
 fi
 if has gpt2run; then  # resumes the run a previous call on this machine left at a checkpoint (the run's last step)
   stop=${GPT2_STOP:-1000}
