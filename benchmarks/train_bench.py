@@ -4,8 +4,9 @@ Trade-off: each variant is timed over a few dozen steps after compile, not a who
 
 Variants: `default` (model.step's set-up: `--head auto`, its gradient floor, bf16 residual stream and hash dropout on
 CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `f32stream` (default with a
-float32 residual stream, as autocast alone leaves it), `autotune` (default with Inductor's GEMM autotuning), `plain` (nanoGPT: F.cross_entropy,
-float32 residual stream, torch's dropout, torch.compile of the whole model); `NAME:synthetic` feeds in-GPU tokens.
+float32 residual stream, as autocast alone leaves it), `autotune` (default with Inductor's GEMM autotuning), `plain`
+(nanoGPT: F.cross_entropy, float32 residual stream, torch's dropout, torch.compile of the whole model);
+`NAME:synthetic` feeds in-GPU tokens.
 
     python benchmarks/train_bench.py make-data                # here: docstrings -> parquet -> prepare
     python benchmarks/train_bench.py speed --home benchmarks/out/home --json $OUT/speed.json
@@ -273,8 +274,8 @@ def train_and_score(args, head: str, seed: int | None, tok, device) -> dict:
              tokens=args.steps * cfg.batch_tokens, val_loss=v["loss"], val_bpb=v["bpb"], val_tokens=v["n_tokens"],
              train_loss_last20=tl, train_loss_every_100=[round(float(x), 4) for x in losses[99::100]],
              seconds=time.perf_counter() - t0)
-    print(f"quality {head:6s} seed {cfg.seed} {args.steps} steps: val {v['loss']:.4f} (bpb {v['bpb']:.4f}, "
-          f"{v['n_tokens']:,} tokens) train(last 20) {tl:.4f} ({r['seconds']:.0f}s incl. compile)", flush=True)
+    print(f"quality {head:9s} seed {cfg.seed} {args.steps} steps: val {v['loss']:.4f} (bpb {v['bpb']:.4f}, "
+          f"{v['n_tokens']:,} tokens) train(last 20) {tl:.4f} ({r['seconds']:.0f}s incl. compile and eval)", flush=True)
     return r
 
 
@@ -294,7 +295,7 @@ def seed_summary(runs: list[dict]) -> list[dict]:
             row["minus_plain_se"] = (sd ** 2 / n + psd ** 2 / pn) ** 0.5 if sd is not None and psd is not None else None
         out.append(row)
         se = row.get("minus_plain_se")
-        print(f"{h:7s} {n} run(s): val {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+        print(f"{h:9s} {n} run(s): val {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
               + (f", {row['minus_plain']:+.4f} against plain" if "minus_plain" in row else "")
               + (f" (standard error {se:.4f})" if se is not None else ""), flush=True)
     return out
