@@ -14,8 +14,8 @@
 # machine: each call trains (or resumes) to
 # GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl. gpt2quality = val loss at step 1,000 of
 # QUALITY_VARIANTS (default plain,default) at QUALITY_BATCH tokens a step (default 32,768: under three passes over the
-# home's shards), the same shards and seed (QUALITY_FLOOR: the heads' gradient floor, auto or off; QUALITY_SEEDS: seeds
-# to run each variant from).
+# home's shards; one micro-batch for every run, the trainer's choice), the same shards and seed (QUALITY_FLOOR: the
+# heads' gradient floor, auto or off; QUALITY_SEEDS: seeds to run each variant from).
 # gpt2profile = the top kernels and GPU gaps of both gpt2 steps (train_bench.py profile).
 # SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
 # run first.
@@ -40,20 +40,20 @@ mkdir -p "$OUT"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } | tee "$OUT/env.txt"
 if has ce; then
-  python3 benchmarks/head_bench.py --ce-only --json "$OUT/ce.json" 2>&1 | grep -v Warning | tee "$OUT/ce.log"
+  python3 benchmarks/head_bench.py --ce-only --json "$OUT/ce.json" 2>&1 | quiet | tee "$OUT/ce.log"
 fi
 if has gemm; then  # --head gemm's tile configurations against cuBLAS + the CE kernel; the fastest feeds `speed`
-  python3 benchmarks/head_bench.py --gemm --gemm-best "$OUT/gemm_best.json" --json "$OUT/gemm.json" 2>&1 | grep -v Warning | tee "$OUT/gemm.log"
+  python3 benchmarks/head_bench.py --gemm --gemm-best "$OUT/gemm_best.json" --json "$OUT/gemm.json" 2>&1 | quiet | tee "$OUT/gemm.log"
 fi
 if has glue; then
-  python3 benchmarks/head_bench.py --glue --json "$OUT/glue.json" 2>&1 | grep -v Warning | tee "$OUT/glue.log"
+  python3 benchmarks/head_bench.py --glue --json "$OUT/glue.json" 2>&1 | quiet | tee "$OUT/glue.log"
 fi
 if has speed; then  # the card runs at its power cap: clocks beside the step rate say when it throttles
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 250 > "$OUT/smi.csv" &
   smi=$!
 fi
 has speed && python3 benchmarks/train_bench.py speed --home "$HOME_DIR" --variants "$VARIANTS" --dropouts 0.1,0.0 \
-  --gemm-config "$OUT/gemm_best.json" --json "$OUT/speed.json" 2>&1 | grep -v Warning | tee "$OUT/speed.log"
+  --gemm-config "$OUT/gemm_best.json" --json "$OUT/speed.json" 2>&1 | quiet | tee "$OUT/speed.log"
 if has speed; then
   kill $smi 2>/dev/null
   python3 - "$OUT/smi.csv" <<'PY' | tee -a "$OUT/speed.log"
@@ -91,10 +91,10 @@ if has compile; then
   c=$(mktemp -d); short cold "$c"; short warm "$c"
 fi
 if has dropout; then  # the hash dropout compiled on CUDA, its masks checked against eager
-  python3 benchmarks/dropout_probe.py 2>&1 | grep -v Warning | tee "$OUT/dropout_probe.log"
+  python3 benchmarks/dropout_probe.py 2>&1 | quiet | tee "$OUT/dropout_probe.log"
 fi
 if has ckpt; then  # what a checkpoint's submit holds the loop for, and that the files hold the submitted step
-  python3 benchmarks/ckpt_probe.py --json "$OUT/ckpt.json" 2>&1 | grep -v Warning | tee "$OUT/ckpt.log"
+  python3 benchmarks/ckpt_probe.py --json "$OUT/ckpt.json" 2>&1 | quiet | tee "$OUT/ckpt.log"
 fi
 if has gpt2; then
   python3 benchmarks/train_bench.py speed --preset gpt2 --home "$HOME_DIR" --variants "${GPT2_VARIANTS:-plain,default}" \
@@ -103,13 +103,12 @@ if has gpt2; then
 fi
 if has gpt2profile; then  # where a gpt2 micro-step's GPU time goes, default against plain (GPT2_MICRO sequences)
   python3 benchmarks/train_bench.py profile --preset gpt2 --home "$HOME_DIR" --variants plain,default \
-    --micro-batch "${GPT2_MICRO:-64}" --warmup 3 --steps 30 --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpt2profile.log"
+    --micro-batch "${GPT2_MICRO:-64}" --warmup 3 --steps 30 --out "$OUT" 2>&1 | quiet | tee "$OUT/gpt2profile.log"
 fi
 if has gpt2quality; then
-  qbatch=${QUALITY_BATCH:-32768}
   python3 benchmarks/train_bench.py quality --preset gpt2 --home "$HOME_DIR" --variants "${QUALITY_VARIANTS:-plain,default}" \
-    --steps 1000 --batch-tokens "$qbatch" --micro-batch $((qbatch / 1024 < 64 ? qbatch / 1024 : 64)) \
-    --grad-floor "${QUALITY_FLOOR:-auto}" ${QUALITY_SEEDS:+--seeds "$QUALITY_SEEDS"} \
+    --steps 1000 --batch-tokens "${QUALITY_BATCH:-32768}" --grad-floor "${QUALITY_FLOOR:-auto}" \
+    ${QUALITY_SEEDS:+--seeds "$QUALITY_SEEDS"} \
     --json "$OUT/gpt2quality.json" 2>&1 | quiet | tee "$OUT/gpt2quality.log"
 fi
 if has gpt2run; then  # resumes the run a previous call on this machine left at a checkpoint (the run's last step)

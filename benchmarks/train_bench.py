@@ -34,7 +34,8 @@ from model.evaluate import val_bpb  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.head import resolve_grad_floor, resolve_head  # noqa: E402
 from model.optim import WarmupCosine, make_optimizer  # noqa: E402
-from model.runtime import Dist, device_name, load_tokenizer, measure_peak_tflops, resolve_micro_batch  # noqa: E402
+from model.runtime import (Dist, accum_steps, device_name, load_tokenizer, measure_peak_tflops,  # noqa: E402
+                           resolve_micro_batch)
 from model.step import autocast_for, compile_step, prepare_step, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
@@ -164,7 +165,7 @@ def speed(args) -> list[dict]:
         for dropout in dropouts(args):
             cfg, train, _ = setup(args.home, dropout, args.preset, args.smoke, args.micro_batch, device)
             T, micro = cfg.model.block_size, cfg.micro_batch
-            accum = cfg.batch_tokens // (micro * T)
+            accum = accum_steps(cfg, 1)
             raw, model, opt, sched = build(cfg, head, device, 10 ** 6, args.grad_floor)
             params = list(raw.parameters())
             if data == "synthetic":  # in-GPU random tokens: the loader's ceiling
@@ -243,20 +244,21 @@ def quality(args) -> list[dict]:
     val split (every token once, the trainer's own measure); per variant the mean and spread over the seeds, and
     each variant's mean against the plain step's with the standard error of that difference."""
     device = torch.device(args.device)
+    # one set-up for every run: the same windows, and one micro-batch (given, or the trainer's choice, which divides
+    # the step's sequences) for all of them
+    cfg, train, _ = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device,
+                          args.batch_tokens)
     tok = load_tokenizer(args.home / "tokenizer" / "tokenizer.json")[0]
     results = []
     for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else [None]:
         for head in args.variants.split(","):
-            results.append(train_and_score(args, head, seed, tok, device))
+            results.append(train_and_score(args, cfg.override({"seed": seed}), train, head, tok, device))
     return results + seed_summary(results)
 
 
-def train_and_score(args, head: str, seed: int | None, tok, device) -> dict:
-    cfg, train, _ = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device,
-                          args.batch_tokens)
-    cfg = cfg.override({"seed": seed})
-    T, micro = cfg.model.block_size, cfg.micro_batch
-    accum = cfg.batch_tokens // (micro * T)
+def train_and_score(args, cfg, train, head: str, tok, device) -> dict:
+    micro = cfg.micro_batch
+    accum = accum_steps(cfg, 1)
     raw, model, opt, sched = build(cfg, head, device, args.steps, args.grad_floor)
     pf = Prefetcher(train, cfg.seed, micro, 1, 0, accum, 0, device)
     autocast = autocast_for(device)

@@ -190,6 +190,18 @@ def test_gemm_head_floor_is_exp2s_flush_at_the_offset_126_plus_f(config):
     assert (extra.abs() <= (1e-4 * want if DEV == "cuda" else want * 1e-4 + v * 2.0 ** -126)).all()
 
 
+def _f64_ce(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, v: int):
+    """(loss, grad h, grad w) of the mean cross-entropy over the first v columns, in float64 from h and w as given."""
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy((hr @ wr.t())[:, :v], t)
+    loss.backward()
+    return loss.detach(), hr.grad, wr.grad
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).norm() / ref.norm())
+
+
 def test_gemm_head_with_floor_keeps_loss_and_gradients_on_the_torch_path():
     """GemmHeadLoss with --grad-floor -24 (offset 102, W lifted by 2^70 for grad-x) against float64 autograd CE:
     what the floor drops is under 2^-24 of the target's probability, so loss and gradients barely move."""
@@ -201,16 +213,13 @@ def test_gemm_head_with_floor_keeps_loss_and_gradients_on_the_torch_path():
     w = torch.randn(vp, k, generator=g) * 1.5  # logits with std ~8: many values fall under the floor
     w[v:] = 0
     t = torch.randint(0, v, (n,), generator=g)
-    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
-    ref = torch.nn.functional.cross_entropy((hr @ wr.t())[:, :v], t)
-    ref.backward()
-    rel = lambda x, y: float((x.double() - y).norm() / y.norm())  # noqa: E731
+    ref, gh, gw = _f64_ce(h, w, t, v)
     for floor in (None, -24.0):
         a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss = G.GemmHeadLoss.apply(a, b, t, v, floor)
         loss.backward()
-        assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5 * float(ref.detach())
-        assert rel(a.grad, hr.grad) < 1e-5 and rel(b.grad, wr.grad) < 1e-5, (floor, rel(a.grad, hr.grad))
+        assert abs(float(loss.detach()) - float(ref)) < 1e-5 * float(ref)
+        assert _rel(a.grad, gh) < 1e-5 and _rel(b.grad, gw) < 1e-5, (floor, _rel(a.grad, gh))
     e, _ = G.exp_logits(h, w, t, v, kernel=False, offset2=G.offset2_for(-24.0))
     assert (e[:, :v] == 0).float().mean() > 0.05  # the floor did zero a share of the gradient
 
@@ -229,15 +238,13 @@ def test_gemm_head_bf16_gradients_stay_at_bf16_rounding_as_the_logits_spread(spr
     w = (torch.randn(vp, k, generator=g) * spread / k ** 0.5).bfloat16()  # logits with std ~spread
     z = h.double() @ w.double().t()
     t = torch.multinomial(torch.softmax(z[:, :v], 1), 1, generator=g).squeeze(1)
-    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
-    torch.nn.functional.cross_entropy((hr @ wr.t())[:, :v], t).backward()
-    rel = lambda x, y: float((x.double() - y).norm() / y.norm())  # noqa: E731
+    _, gh, gw = _f64_ce(h, w, t, v)
     a, b = h.float().requires_grad_(), w.float().requires_grad_()
     torch.nn.functional.cross_entropy((a.bfloat16() @ b.bfloat16().t())[:, :v].float(), t).backward()
-    plain = max(rel(a.grad, hr.grad), rel(b.grad, wr.grad))
+    plain = max(_rel(a.grad, gh), _rel(b.grad, gw))
     a, b = h.clone().requires_grad_(), w.float().requires_grad_()
     G.GemmHeadLoss.apply(a, b, t, v, -24.0).backward()
-    gemm = max(rel(a.grad, hr.grad), rel(b.grad, wr.grad))
+    gemm = max(_rel(a.grad, gh), _rel(b.grad, gw))
     assert gemm < 2 ** -8, (spread, gemm)
     if spread >= 4.0:
         assert gemm < plain / 2, (spread, gemm, plain)
