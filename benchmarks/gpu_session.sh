@@ -16,6 +16,7 @@
 # QUALITY_VARIANTS (default plain,default) at QUALITY_BATCH tokens a step (default 32,768: under three passes over the
 # home's shards; one micro-batch for every run, the trainer's choice), the same shards and seed (QUALITY_FLOOR: the
 # heads' gradient floor, auto or off; QUALITY_SEEDS: seeds to run each variant from).
+# gpt2attn = causal attention alone at the gpt2 shape, each kernel torch has (train_bench.py attention).
 # gpt2profile = the top kernels and GPU gaps of both gpt2 steps (train_bench.py profile).
 # SEED_HEAD: the seed run's --head; SEED_EXTRA: more trainer flags (e.g. --grad-floor off); SEED_WARMUP=N: an N-step
 # run first.
@@ -31,8 +32,8 @@ VARIANTS=${VARIANTS:-plain,default}
 SEED_HEAD=${SEED_HEAD:-auto}
 PARTS=${PARTS:-ce,speed,seed}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
-# the logs without warnings and without Inductor's autotuning tables (the autotune variant prints one per GEMM)
-quiet() { grep -v -E 'Warning|^AUTOTUNE |^strides: |^dtypes: |^  (triton_|mm |addmm )|^SingleProcess AUTOTUNE'; }
+# the logs without warnings
+quiet() { grep -v Warning; }
 mkdir -p "$OUT"
 {
   date -u +%FT%TZ
@@ -104,6 +105,10 @@ fi
 if has gpt2profile; then  # where a gpt2 micro-step's GPU time goes, default against plain (GPT2_MICRO sequences)
   python3 benchmarks/train_bench.py profile --preset gpt2 --home "$HOME_DIR" --variants plain,default \
     --micro-batch "${GPT2_MICRO:-64}" --warmup 3 --steps 30 --out "$OUT" 2>&1 | quiet | tee "$OUT/gpt2profile.log"
+fi
+if has gpt2attn; then  # causal attention alone at the gpt2 shape: each SDPA backend and flex_attention
+  python3 benchmarks/train_bench.py attention --preset gpt2 --micro-batch "${GPT2_MICRO:-16}" \
+    --json "$OUT/gpt2attn.json" 2>&1 | quiet | tee "$OUT/gpt2attn.log"
 fi
 if has gpt2quality; then
   python3 benchmarks/train_bench.py quality --preset gpt2 --home "$HOME_DIR" --variants "${QUALITY_VARIANTS:-plain,default}" \

@@ -3,9 +3,7 @@ against a plain nanoGPT-style step, side by side, on real shards; `make-data` bu
 Trade-off: each variant is timed over a few dozen steps after compile, not a whole run (gpu_session.sh's `seed`).
 
 Variants: `default` (model.step's set-up: `--head auto`, its gradient floor, bf16 residual stream and hash dropout on
-CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `f32stream` (default with a
-float32 residual stream, as autocast alone leaves it), `autotune` (default with Inductor's GEMM autotuning), `plain`
-(nanoGPT: F.cross_entropy, float32 residual stream, torch's dropout, torch.compile of the whole model);
+CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `plain` (nanoGPT: F.cross_entropy, float32 residual stream, torch's dropout, torch.compile of the whole model);
 `NAME:synthetic` feeds in-GPU tokens.
 
     python benchmarks/train_bench.py make-data                # here: docstrings -> parquet -> prepare
@@ -13,6 +11,7 @@ float32 residual stream, as autocast alone leaves it), `autotune` (default with 
     python benchmarks/train_bench.py speed --preset gpt2 --variants plain,default --json $OUT/gpt2.json
     python benchmarks/train_bench.py speed --preset gpt2 --smoke --device cpu --home HOME   # the script's CPU check
     python benchmarks/train_bench.py quality --home benchmarks/out/home --steps 400 --seeds 1,2,3
+    python benchmarks/train_bench.py attention --preset gpt2 --micro-batch 16   # each causal attention kernel alone
 """
 from __future__ import annotations
 
@@ -39,10 +38,7 @@ from model.runtime import (Dist, accum_steps, device_name, load_tokenizer, measu
 from model.step import autocast_for, compile_step, prepare_step, train_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
-VARIANTS = ("default", "plain", "fused", "gemm", "f32stream", "autotune")
-# Inductor's GEMM autotuning: Triton templates (persistent TMA ones on Hopper) against cuBLAS, each with the pointwise
-# ops after it (bias, GELU, GELU's backward) fused in where that is faster; minutes of compile on a cold cache
-AUTOTUNE = {"max_autotune": True, "triton.enable_persistent_tma_matmul": True}
+VARIANTS = ("default", "plain", "fused", "gemm")
 # --smoke: the preset shrunk to run a few steps on the CPU (the script's own check, not a measurement)
 SMOKE = dict(n_layer=2, n_embd=64, n_head=2, block_size=64, batch_tokens=512, micro_batch=2)
 
@@ -124,14 +120,7 @@ def build(cfg, name: str, device, total_steps: int, grad_floor: str = "auto"):
         raw = GPT(mcfg).to(device)
         head = resolve_head(name if name in ("fused", "gemm") else "auto", device)
         prepare_step(raw, head, resolve_grad_floor(grad_floor, head, device), device)
-        if name == "f32stream":
-            raw.stream_dtype = None
-        model, scope = compile_step(raw, cfg, device)
-        if name == "autotune" and scope:  # compiled (on CUDA): again, over the same scope, autotuned
-            if scope == "regions":
-                raw.compile_regions(options=AUTOTUNE)
-            else:
-                model = torch.compile(raw, options=AUTOTUNE)
+        model, _ = compile_step(raw, cfg, device)
     opt = make_optimizer(raw, cfg, device)
     sched = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     return raw, model, opt, sched
@@ -362,6 +351,44 @@ def micro(args) -> list[dict]:
     return out
 
 
+def attention(args) -> list[dict]:
+    """Causal attention alone at the preset's shape, forward and backward: each SDPA backend torch has here, and
+    compiled flex_attention; TFLOP/s count the causal half only (the convention FlashAttention's papers use)."""
+    import triton.testing as tt
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = torch.device("cuda")
+    m = preset(args.preset, 48_951).model
+    b, h, t, d = args.micro_batch or 16, m.n_head, m.block_size, m.n_embd // m.n_head
+    q, k, v = (torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    go = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16)
+    fwd_flop = 4 * b * h * t * t * d / 2
+    mask = create_block_mask(lambda _b, _h, qi, ki: qi >= ki, None, None, t, t, device=dev)
+    flex = torch.compile(flex_attention)
+    runs = [(n.lower(), lambda n=n: sdpa_kernel(getattr(SDPBackend, n))) for n in
+            ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")]
+    out = []
+    for name, ctx in runs + [("flex", None)]:
+        def fwd():
+            if ctx is None:
+                return flex(q, k, v, block_mask=mask)
+            with ctx():
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        try:
+            f_ms = tt.do_bench(fwd, return_mode="median")
+            fb_ms = tt.do_bench(lambda: torch.autograd.grad(fwd(), (q, k, v), go), return_mode="median")
+        except RuntimeError as e:  # a backend torch was built without, or one that refuses this shape
+            print(f"attention {name:20s} unavailable: {str(e).splitlines()[0][:160]}")
+            continue
+        r = dict(name=name, shape=[b, h, t, d], fwd_ms=f_ms, fwd_bwd_ms=fb_ms, fwd_tflops=fwd_flop / f_ms / 1e9,
+                 fwd_bwd_tflops=3.5 * fwd_flop / fb_ms / 1e9)
+        out.append(r)
+        print(f"attention {name:20s} {b}x{h}x{t}x{d}: forward {f_ms:6.3f} ms ({r['fwd_tflops']:4.0f} TFLOP/s), "
+              f"forward+backward {fb_ms:6.3f} ms ({r['fwd_bwd_tflops']:4.0f} TFLOP/s)", flush=True)
+    return out
+
+
 def profile(args) -> list[dict]:
     """Where one step's GPU time goes: the top kernels over 5 steps of each variant."""
     from torch.profiler import ProfilerActivity, profile as prof
@@ -418,9 +445,10 @@ def gpu_gaps(trace: Path, top: int = 12) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["make-data", "speed", "quality", "micro", "profile"],
+    p.add_argument("mode", choices=["make-data", "speed", "quality", "micro", "attention", "profile"],
                    help="make-data: shards here; speed: step rate; quality: val loss at equal tokens; micro: the "
-                        "output layer's pieces; profile: top kernels and GPU gaps")
+                        "output layer's pieces; attention: each attention kernel alone; profile: top kernels and "
+                        "GPU gaps")
     p.add_argument("--home", type=Path, default=OUT / "home", help="home with shards and tokenizer (default: %(default)s)")
     p.add_argument("--out", type=Path, default=OUT, help="make-data's and profile's output folder (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=48_951, help="make-data's BPE vocabulary (default: %(default)s)")
@@ -460,7 +488,8 @@ def main() -> int:
     if args.mode == "make-data":
         make_data(args.out, args.vocab, args.val_fraction)
         return 0
-    res = {"speed": speed, "quality": quality, "micro": micro, "profile": profile}[args.mode](args)
+    res = {"speed": speed, "quality": quality, "micro": micro, "attention": attention,
+           "profile": profile}[args.mode](args)
     if args.json:
         args.json.write_text(json.dumps(dict(device=device_name(torch.device(args.device)), torch=torch.__version__,
                                              date=time.strftime("%Y-%m-%d"), results=res), indent=1))

@@ -168,16 +168,16 @@ def test_train_bench_quality_runs_every_variant_on_the_same_data_and_seeds(train
     # seed and initialisation must give equal losses; --batch-tokens sets the step for all of them, --seeds repeats
     # every variant from each seed, and the summary compares the means
     out = _train_bench(train_home, tmp_path, "quality", "--steps", "3", "--batch-tokens", "256", "--seeds", "1,2",
-                       "--variants", "plain,default,f32stream,autotune")
+                       "--variants", "plain,default,gemm")
     runs = [r for r in out if "head" in r]
     assert [(r["head"], r["seed"]) for r in runs] == [(h, s) for s in (1, 2)
-                                                        for h in ("plain", "default", "f32stream", "autotune")]
+                                                        for h in ("plain", "default", "gemm")]
     for r in runs:
         assert r["batch_tokens"] == 256 and r["tokens"] == 3 * 256 and r["steps"] == 3
         assert r["val_tokens"] > 0 and 0 < r["val_bpb"] < r["val_loss"] * 2  # the whole split, every token once
     by = {(r["head"], r["seed"]): r for r in runs}
     for seed in (1, 2):
-        for v in ("default", "f32stream", "autotune"):
+        for v in ("default", "gemm"):
             assert abs(by["plain", seed]["val_loss"] - by[v, seed]["val_loss"]) < 1e-4, runs
             assert abs(by["plain", seed]["train_loss_last20"] - by[v, seed]["train_loss_last20"]) < 1e-4, runs
     assert by["plain", 1]["val_loss"] != by["plain", 2]["val_loss"]  # another seed, another run
