@@ -3,8 +3,9 @@ against a plain nanoGPT-style step, side by side, on real shards; `make-data` bu
 Trade-off: each variant is timed over a few dozen steps after compile, not a whole run (gpu_session.sh's `seed`).
 
 Variants: `default` (model.step's set-up: `--head auto`, its gradient floor, bf16 residual stream and hash dropout on
-CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `plain` (nanoGPT: F.cross_entropy, float32 residual stream, torch's dropout, torch.compile of the whole model);
-`NAME:synthetic` feeds in-GPU tokens.
+CUDA, compiled as the trainer compiles), `fused` / `gemm` (the same with that head), `plain` (nanoGPT:
+F.cross_entropy, float32 residual stream, torch's dropout, torch.compile of the whole model); `NAME:synthetic` feeds
+in-GPU tokens.
 
     python benchmarks/train_bench.py make-data                # here: docstrings -> parquet -> prepare
     python benchmarks/train_bench.py speed --home benchmarks/out/home --json $OUT/speed.json
@@ -369,7 +370,7 @@ def attention(args) -> list[dict]:
     runs = [(n.lower(), lambda n=n: sdpa_kernel(getattr(SDPBackend, n))) for n in
             ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")]
     out = []
-    for name, ctx in runs + [("flex", None)]:
+    for name, ctx in runs + [("flex", None)]:  # flex: no context, the compiled function itself
         def fwd():
             if ctx is None:
                 return flex(q, k, v, block_mask=mask)
@@ -488,8 +489,7 @@ def main() -> int:
     if args.mode == "make-data":
         make_data(args.out, args.vocab, args.val_fraction)
         return 0
-    res = {"speed": speed, "quality": quality, "micro": micro, "attention": attention,
-           "profile": profile}[args.mode](args)
+    res = dict(speed=speed, quality=quality, micro=micro, attention=attention, profile=profile)[args.mode](args)
     if args.json:
         args.json.write_text(json.dumps(dict(device=device_name(torch.device(args.device)), torch=torch.__version__,
                                              date=time.strftime("%Y-%m-%d"), results=res), indent=1))
