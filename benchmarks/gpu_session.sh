@@ -11,8 +11,8 @@
 # gpt2 = --preset gpt2's step against the plain nanoGPT-style one (524,288 tokens a step by accumulation; GPT2_MICRO
 # sets the micro-batch of both, else the trainer's choice; GPT2_VARIANTS: train_bench's variants), gpt2run = the gpt2
 # run's first 1,000 of its 19,073 steps with the default command, in calls of under 10 minutes on the same warm
-# machine: each call trains (or resumes) to
-# GPT2_STOP (default 1000) and writes its events to $OUT/gpt2run_STEP.jsonl. gpt2quality = val loss at step 1,000 of
+# machine: each call trains (or resumes) to GPT2_STOP (default 1000) and writes its events to
+# $OUT/gpt2run_STEP.jsonl. gpt2quality = val loss at step 1,000 of
 # QUALITY_VARIANTS (default plain,default) at QUALITY_BATCH tokens a step (default 32,768: under three passes over the
 # home's shards; one micro-batch for every run, the trainer's choice), the same shards and seed (QUALITY_FLOOR: the
 # heads' gradient floor, auto or off; QUALITY_SEEDS: seeds to run each variant from).

@@ -91,7 +91,7 @@ def make_data(out: Path, vocab: int, val_fraction: float) -> None:
 
 def setup(home: Path, dropout: float | None, name: str = "seed", smoke: bool = False, micro: int | None = None,
           device: torch.device | None = None, batch_tokens: int | None = None):
-    """(config, train windows, val windows): the preset (shrunk with `smoke`) at `dropout` (None: the preset's),
+    """(config, train windows, tokenizer): the preset (shrunk with `smoke`) at `dropout` (None: the preset's),
     its micro-batch `micro` or, unset, the preset's or the one the trainer would choose on `device`."""
     tok, _, vocab = load_tokenizer(home / "tokenizer" / "tokenizer.json")
     given = {"batch_tokens": batch_tokens} if batch_tokens else {}  # over --smoke's too
@@ -99,9 +99,7 @@ def setup(home: Path, dropout: float | None, name: str = "seed", smoke: bool = F
     if cfg.micro_batch is None:
         resolve_micro_batch(cfg, device or torch.device("cuda"), Dist())
     T = cfg.model.block_size
-    train = TokenWindows(find_shards(home / "shards", "train"), T, vocab, "train")
-    val = TokenWindows(find_shards(home / "shards", "val"), T, vocab, "val")
-    return cfg, train, val
+    return cfg, TokenWindows(find_shards(home / "shards", "train"), T, vocab, "train"), tok
 
 
 def build(cfg, name: str, device, total_steps: int, grad_floor: str = "auto"):
@@ -119,7 +117,7 @@ def build(cfg, name: str, device, total_steps: int, grad_floor: str = "auto"):
     else:
         mcfg.resolve_dropout_rng(device.type == "cuda")  # as the trainer does
         raw = GPT(mcfg).to(device)
-        head = resolve_head(name if name in ("fused", "gemm") else "auto", device)
+        head = resolve_head("auto" if name == "default" else name, device)
         prepare_step(raw, head, resolve_grad_floor(grad_floor, head, device), device)
         model, _ = compile_step(raw, cfg, device)
     opt = make_optimizer(raw, cfg, device)
@@ -236,9 +234,8 @@ def quality(args) -> list[dict]:
     device = torch.device(args.device)
     # one set-up for every run: the same windows, and one micro-batch (given, or the trainer's choice, which divides
     # the step's sequences) for all of them
-    cfg, train, _ = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device,
-                          args.batch_tokens)
-    tok = load_tokenizer(args.home / "tokenizer" / "tokenizer.json")[0]
+    cfg, train, tok = setup(args.home, dropouts(args)[0], args.preset, args.smoke, args.micro_batch, device,
+                            args.batch_tokens)
     results = []
     for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else [None]:
         for head in args.variants.split(","):
